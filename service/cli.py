@@ -1,0 +1,177 @@
+"""The ``lethe`` command.
+
+Bad input ends with a one-line ``lethe: error: ...`` message on stderr and exit status 2 (no
+traceback); a run that did not reach its forgetting target exits with 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+EXIT_BAD_INPUT = 2
+EXIT_TARGET_MISSED = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("lethe: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lethe", description="Make trained image classifiers forget classes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_unlearn_command(commands)
+    return parser
+
+
+def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
+    from worker.engine.config import UnlearnConfig
+    from worker.engine.methods import METHODS
+
+    defaults = UnlearnConfig()
+    p = commands.add_parser(
+        "unlearn", help="forget classes of a model package and write a new package",
+        description="Forget one or more classes of a model package (low-rank unlearning, no retain data) "
+                    "and write the merged model as a new package with a JSON report.",
+    )
+    p.add_argument("--model", required=True, metavar="PKG_DIR", help="model package folder (model.json + model.safetensors)")
+    p.add_argument("--forget", required=True, action="append", metavar="CLASS=SOURCE",
+                   help="a class to forget and its images (folder, .tar/.tar.gz, .csv/.jsonl manifest); repeatable")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="where to write the new package (must not exist or be empty)")
+    p.add_argument("--eval", dest="eval_source", metavar="SOURCE",
+                   help="labelled held-out validation images (label = parent folder or manifest 'label')")
+    p.add_argument("--retain", dest="retain_source", metavar="SOURCE", help="labelled retain images (retain methods only)")
+    p.add_argument("--method", default=defaults.method, choices=sorted(METHODS), help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--target-forget-acc", type=float, default=defaults.target_forget_acc, metavar="PERCENT",
+                   help="stop when every forget set's accuracy is at or below this (default: %(default)s)")
+    p.add_argument("--lambda", dest="l1_weight", type=float, default=defaults.l1_weight, help="L1 weight (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, 1e-2 with adapters)")
+    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--targets", default=",".join(defaults.targets),
+                   help="comma-separated layer names that get adapters, e.g. qkv,proj,fc1,fc2 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--select-on-eval", action="store_true",
+                   help="keep the checkpoint with the best (Acc_r + 100 - Acc_f)/2 on --eval that meets the target")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable files instead of failing")
+    p.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=defaults.precision, choices=["auto", "fp32", "bf16"])
+    p.add_argument("--report", metavar="FILE", help="where to write the JSON report (default: OUT_DIR/report.json)")
+    p.add_argument("--allow-miss", action="store_true",
+                   help="write the model and exit 0 even when the forgetting target was not met")
+    p.set_defaults(handler=run_unlearn)
+
+
+def run_unlearn(args: argparse.Namespace) -> int:
+    from worker.engine import EngineError, ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
+
+    try:
+        inputs = UnlearnInputs(
+            model=args.model, forget=tuple(parse_forget(item) for item in args.forget),
+            eval_source=args.eval_source, retain_source=args.retain_source,
+        )
+        config = UnlearnConfig(
+            method=args.method, seed=args.seed, lr=args.lr, l1_weight=args.l1_weight, rank=args.rank,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            batch_size=args.batch_size, max_steps=args.max_steps, target_forget_acc=args.target_forget_acc,
+            select_on_eval=args.select_on_eval, eval_every=args.eval_every, patience=args.patience,
+            skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
+        )
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise EngineError(f"{out}: output folder exists and is not empty")
+        bar = ProgressBar(sys.stderr)
+        result = unlearn(inputs, config, on_progress=bar.update)
+        bar.close()
+        report = result.report.to_dict()
+        report_path = Path(args.report) if args.report else out / "report.json"
+        if result.target_met or args.allow_miss:
+            report["weights_sha256"] = result.save(str(out))
+        write_json(report_path, report)
+    except EngineError as exc:
+        return fail(str(exc))
+    except OSError as exc:
+        return fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    print(summary_line(report), file=sys.stderr)
+    if not (result.target_met or args.allow_miss):
+        worst = max(report["forget_acc_after"].values())
+        print(f"lethe: target not met: forget-set accuracy {worst:.1f}% > {config.target_forget_acc}% after "
+              f"{report['steps_run']} steps; no model written (use --allow-miss to write it anyway)", file=sys.stderr)
+        print(report_path)
+        return EXIT_TARGET_MISSED
+    print(report_path)
+    return 0
+
+
+def parse_forget(item: str):
+    from worker.engine import ConfigError, ForgetSpec
+
+    name, sep, source = item.partition("=")
+    if not sep or not name.strip() or not source.strip():
+        raise ConfigError(f"--forget expects CLASS=SOURCE, got {item!r}")
+    return ForgetSpec(class_name=name.strip(), source=source.strip())
+
+
+def summary_line(report: dict) -> str:
+    forget = ", ".join(f"{c} {report['forget_acc_before'][c]:.1f}% -> {a:.1f}%" for c, a in report["forget_acc_after"].items())
+    line = f"forget-set accuracy: {forget}; {report['steps']} steps, {report['seconds']:.1f} s"
+    if report.get("evaluation"):
+        e = report["evaluation"]
+        line += (f"; held-out Acc_f {e['acc_f_before']:.1f} -> {e['acc_f_after']:.1f}, "
+                 f"Acc_r {e['acc_r_before']:.1f} -> {e['acc_r_after']:.1f}")
+    return line
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def fail(message: str) -> int:
+    print(f"lethe: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal (steps, loss, forget-set accuracy); plain lines otherwise."""
+
+    def __init__(self, stream: TextIO, width: int = 24) -> None:
+        self.stream, self.width = stream, width
+        self.interactive = stream.isatty()
+        self.started = time.perf_counter()
+        self.drawn = False
+
+    def update(self, progress) -> None:
+        done = int(self.width * progress.step / progress.max_steps)
+        accs = " ".join(f"{c}={a:.1f}%" for c, a in progress.forget_acc.items())
+        text = (f"[{'#' * done}{'.' * (self.width - done)}] step {progress.step}/{progress.max_steps} "
+                f"loss {progress.loss:.4g} forget acc {accs}{' (confirmed)' if progress.confirmed else ''} "
+                f"{time.perf_counter() - self.started:.0f}s")
+        if self.interactive:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn and self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

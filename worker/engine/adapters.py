@@ -1,0 +1,66 @@
+"""Low-rank adapters (PEFT LoRA) on a timm model's linear layers, and merging them back in."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from worker.engine.errors import UnsupportedModelError
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def find_target_layers(model: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Full names of the linear layers whose last name part is one of ``targets``.
+
+    ViT and Swin blocks both call the query/key/value projection ``attn.qkv``; ``proj``, ``fc1``
+    and ``fc2`` are the attention output and MLP layers. Every requested name must match.
+    """
+    linears = linear_layer_names(model)
+    found = [name for name in linears if name.rsplit(".", 1)[-1] in targets]
+    missing = [t for t in targets if not any(name.rsplit(".", 1)[-1] == t for name in found)]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no linear layers named {', '.join(map(repr, missing))}; "
+            f"its linear layers are: {describe_layers(linears)}"
+        )
+    return found
+
+
+def describe_layers(names: list[str], limit: int = 12) -> str:
+    """Layer names with block numbers folded (``blocks.*.attn.qkv``), for error messages."""
+    patterns = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in names))
+    if not patterns:
+        return "(none)"
+    shown = ", ".join(patterns[:limit])
+    return shown + (f" (+{len(patterns) - limit} more)" if len(patterns) > limit else "")
+
+
+def attach_lora(model: torch.nn.Module, layers: list[str], rank: int) -> PeftModel:
+    """Wrap ``model`` with LoRA on ``layers``; only the adapters are trainable.
+
+    A is Gaussian-initialised and B zero-initialised (paper §3.3), so the wrapped model starts
+    exactly as the original; alpha = rank makes the merged update W0 + B @ A with no extra scale.
+    The caller seeds torch's global generator beforehand: PEFT draws A from it.
+    """
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
+        target_modules=layers,
+    )
+    return get_peft_model(model, config)
+
+
+def lora_b_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if ".lora_B." in name]
+
+
+def merge_lora(model: PeftModel) -> torch.nn.Module:
+    """W' = W0 + B @ A in every adapted layer; returns the plain model, adapters discarded.
+
+    Keeping A and B next to W' would let anyone compute W0 = W' - B @ A and undo the forgetting.
+    """
+    return model.merge_and_unload()

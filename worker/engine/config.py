@@ -1,0 +1,104 @@
+"""What an unlearning run is asked to do: its inputs and its hyper-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.engine.errors import ConfigError
+from worker.engine.methods import METHODS, Method
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    """One class to forget and the images of it (its forget set)."""
+
+    class_name: str
+    source: str  # path or file:// URI of a directory, archive or manifest
+
+
+@dataclass(frozen=True)
+class UnlearnInputs:
+    """Where the run reads from. Kept apart from the config so that lineage records no local paths."""
+
+    model: str  # model package folder
+    forget: tuple[ForgetSpec, ...]
+    eval_source: str | None = None  # labelled held-out validation split (not training data)
+    retain_source: str | None = None  # labelled retain images, for the methods that use them
+
+    def __post_init__(self) -> None:
+        if not self.forget:
+            raise ConfigError("give at least one class to forget")
+        names = [f.class_name for f in self.forget]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"class given more than once: {', '.join(duplicates)}")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Hyper-parameters of one run. Defaults are the paper's (ViT-Tiny)."""
+
+    method: str = "lora-bounded"
+    seed: int = 0
+    lr: float | None = None  # None: the method's default (1e-2 with adapters, 5e-5 all weights)
+    l1_weight: float = 1e-3  # lambda on the L1 regulariser
+    rank: int = 8  # LoRA rank r; alpha = r, so the merged update is exactly B @ A
+    targets: tuple[str, ...] = ("qkv",)  # linear layers that get adapters, by their last name
+    batch_size: int = 256  # per forgotten class, or the whole forget set when smaller
+    max_steps: int = 100  # give up here; the report then says the target was not met
+    target_forget_acc: float = 1.0  # percent; stop when every forget set is at or below it
+    select_on_eval: bool = False  # the paper's early stopping on a held-out split
+    eval_every: int = 1  # steps between evaluations when selecting on the eval split
+    patience: int = 5  # evaluations without improvement (after the first that meets the target)
+    skip_bad_images: bool = False  # skip and count undecodable files instead of failing
+    device: str = "auto"  # auto: CUDA when present
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    eval_batch_size: int = field(default=512, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        checks = [
+            (self.lr is None or self.lr > 0, "lr must be positive"),
+            (self.l1_weight >= 0, "lambda (l1_weight) must be zero or positive"),
+            (self.rank >= 1, "rank must be at least 1"),
+            (bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets must name layers"),
+            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be at least 1"),
+            (self.max_steps >= 1, "max_steps must be at least 1"),
+            (0.0 <= self.target_forget_acc <= 100.0, "target_forget_acc is a percentage in [0, 100]"),
+            (self.eval_every >= 1 and self.patience >= 1, "eval_every and patience must be at least 1"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def method_spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else self.method_spec.default_lr
+
+    def check_inputs(self, inputs: UnlearnInputs) -> None:
+        """Refuse input combinations the method cannot use, before anything is loaded."""
+        if self.method_spec.uses_retain and not inputs.retain_source:
+            raise ConfigError(f"method {self.method!r} needs a retain source")
+        if not self.method_spec.uses_retain and inputs.retain_source:
+            raise ConfigError(f"method {self.method!r} uses no retain data; drop the retain source")
+        if self.select_on_eval and not inputs.eval_source:
+            raise ConfigError("select_on_eval needs a labelled evaluation source")
+
+    def to_record(self) -> dict[str, Any]:
+        """The config as recorded in reports and lineage, with the learning rate resolved."""
+        record = dataclasses.asdict(self)
+        record["lr"] = self.effective_lr
+        record["targets"] = list(self.targets)
+        return record

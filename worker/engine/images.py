@@ -1,0 +1,218 @@
+"""Image sources: one reader for forget sets, evaluation sets and retain sets.
+
+A source is a path or ``file://`` URI of
+- a directory of images, searched recursively (hidden files and folders are ignored);
+- a ``.tar``, ``.tar.gz`` or ``.tgz`` archive of images, read in place;
+- a manifest, ``.csv`` or ``.jsonl``, with a ``path`` column (relative to the manifest) and an
+  optional ``label`` column.
+An image's label is the manifest's ``label`` or else the name of its parent folder
+(``test/cat/0001.jpg`` and ``cat/0001.jpg`` are both ``cat``).
+
+Every image is decoded and resized once, up front, into one uint8 tensor, so that a bad file fails
+the run before any training starts and no step decodes anything again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from worker.engine.errors import ImageSourceError
+from worker.engine.package import InputSpec
+
+# Pillow's PPM plugin also reads PGM and PBM.
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "WEBP")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a source, not decoded yet."""
+
+    name: str  # shown in error messages: a path relative to the source
+    label: str | None
+    read_bytes: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded images: ``pixels`` is uint8 (N, C, H, W) at the card's size and channels."""
+
+    source: str
+    pixels: torch.Tensor
+    labels: tuple[str | None, ...]
+    skipped: tuple[str, ...]  # names of undecodable files, when skipping was asked for
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def label_indices(self, classes: tuple[str, ...]) -> torch.Tensor:
+        """Each image's class index; fails on a missing label or one the model does not know."""
+        unlabelled = [i for i, label in enumerate(self.labels) if label is None]
+        if unlabelled:
+            raise ImageSourceError(f"{self.source}: {len(unlabelled)} image(s) have no label (no parent folder or label column)")
+        unknown = sorted({label for label in self.labels if label not in classes})
+        if unknown:
+            raise ImageSourceError(f"{self.source}: labels not among the model's classes: {', '.join(unknown[:5])}")
+        index = {name: i for i, name in enumerate(classes)}
+        return torch.tensor([index[label] for label in self.labels], dtype=torch.long)
+
+
+def source_path(uri: str) -> Path:
+    """A local path from a plain path or a ``file://`` URI; other schemes are refused."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ImageSourceError(f"{uri}: file URIs must name a local path (file:///...)")
+        return Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter would be a Windows drive
+        raise ImageSourceError(f"{uri}: unsupported image source scheme {parsed.scheme!r} (use a path or file://)")
+    return Path(uri)
+
+
+def list_images(uri: str) -> Iterator[ImageEntry]:
+    """The images of a source, in a stable order, without decoding them."""
+    path = source_path(uri)
+    if path.is_dir():
+        return _directory_entries(path)
+    if not path.exists():
+        raise ImageSourceError(f"{uri}: no such file or directory")
+    name = path.name.lower()
+    if name.endswith(ARCHIVE_SUFFIXES):
+        return _archive_entries(path)
+    if name.endswith(MANIFEST_SUFFIXES):
+        return _manifest_entries(path)
+    raise ImageSourceError(f"{uri}: not a directory, a .tar/.tar.gz archive or a .csv/.jsonl manifest")
+
+
+def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
+    """Decode every image of a source into one uint8 tensor at the card's size and channels.
+
+    Args:
+        uri: a path or ``file://`` URI of a directory, archive or manifest.
+        spec: the model card's input specification.
+        skip_bad: skip (and list in ``skipped``) files that are not decodable images, instead of
+            failing on the first one.
+    """
+    arrays: list[np.ndarray] = []
+    labels: list[str | None] = []
+    skipped: list[str] = []
+    for entry in list_images(uri):
+        try:
+            arrays.append(_decode(entry, spec))
+        except ImageSourceError:
+            if not skip_bad:
+                raise
+            skipped.append(entry.name)
+            continue
+        labels.append(entry.label)
+    if not arrays:
+        detail = f" ({len(skipped)} undecodable file(s) skipped)" if skipped else ""
+        raise ImageSourceError(f"{uri}: no images found{detail}")
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+    return ImageSet(source=uri, pixels=pixels, labels=tuple(labels), skipped=tuple(skipped))
+
+
+def normalise(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 scaled to [0, 1] and standardised with the card's mean and std."""
+    mean = torch.tensor(spec.mean, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def _decode(entry: ImageEntry, spec: InputSpec) -> np.ndarray:
+    try:
+        data = entry.read_bytes()
+    except OSError as exc:
+        raise ImageSourceError(f"{entry.name}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+            image = image.convert(spec.channels)
+            height, width = spec.size
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageSourceError(f"{entry.name}: not a decodable JPEG/PNG/BMP/PGM/WebP image ({exc})") from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _is_hidden(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def _directory_entries(root: Path) -> Iterator[ImageEntry]:
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if _is_hidden(relative.parts):
+            continue
+        # A file directly in the source folder takes the folder's own name as its label.
+        label = relative.parent.name or root.name or None
+        yield ImageEntry(name=str(path), label=label, read_bytes=path.read_bytes)
+
+
+def _archive_entries(path: Path) -> Iterator[ImageEntry]:
+    try:
+        archive = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise ImageSourceError(f"{path}: not a readable tar archive ({exc})") from None
+    with archive:
+        try:
+            for member in archive:  # streams: .tar.gz archives are read once, front to back
+                relative = PurePosixPath(member.name)
+                if not member.isfile() or _is_hidden(relative.parts):
+                    continue
+                data = archive.extractfile(member).read()
+                yield ImageEntry(name=f"{path}:{member.name}", label=relative.parent.name or None, read_bytes=lambda d=data: d)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ImageSourceError(f"{path}: archive is corrupt ({exc})") from None
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.name.lower().endswith(".csv"):
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "path" not in reader.fieldnames:
+                    raise ImageSourceError(f"{path}: manifest has no 'path' column")
+                for line, row in enumerate(reader, start=2):
+                    yield line, row
+            else:
+                for line, text in enumerate(f, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        row = json.loads(text)
+                    except json.JSONDecodeError as exc:
+                        raise ImageSourceError(f"{path}:{line}: not a JSON object ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ImageSourceError(f"{path}:{line}: not a JSON object")
+                    yield line, row
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImageSourceError(f"{path}: cannot read manifest ({exc})") from None
+
+
+def _manifest_entries(path: Path) -> Iterator[ImageEntry]:
+    base = path.parent
+    for line, row in _manifest_rows(path):
+        relative = row.get("path")
+        if not isinstance(relative, str) or not relative:
+            raise ImageSourceError(f"{path}:{line}: row has no 'path'")
+        image_path = base / relative
+        if not image_path.is_file():
+            raise ImageSourceError(f"{path}:{line}: image {relative!r} not found")
+        label = row.get("label")
+        label = str(label) if label not in (None, "") else (image_path.parent.name or None)
+        yield ImageEntry(name=str(image_path), label=label, read_bytes=image_path.read_bytes)

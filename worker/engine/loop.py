@@ -1,0 +1,259 @@
+"""The unlearning loop: train until every forget set is forgotten, or select on a held-out split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.adapters import lora_b_matrices
+from worker.engine.config import UnlearnConfig
+from worker.engine.errors import UnlearningCancelled
+from worker.engine.images import normalise
+from worker.engine.losses import bounded_forget_loss, l1_distance, l1_norm, negative_ce_loss, random_labels_loss
+from worker.engine.metrics import accuracy, forget_retain_accuracy, predict, selection_score
+from worker.engine.package import InputSpec
+from worker.engine.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a run, as reported to the progress callback."""
+
+    step: int
+    max_steps: int
+    loss: float
+    forget_acc: dict[str, float]  # per forgotten class: the step's running estimate, or the confirmed value
+    confirmed: bool  # forget_acc comes from an eval-mode pass over the whole forget sets
+
+
+@dataclass(frozen=True)
+class ForgetData:
+    """The forget sets, prepared once: normalised on the device, one tensor per forgotten class."""
+
+    class_names: tuple[str, ...]
+    class_indices: tuple[int, ...]
+    images: tuple[torch.Tensor, ...]  # each (N_c, C, H, W) float
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """A labelled image set kept as uint8 (normalised batch by batch): evaluation or retain images."""
+
+    pixels: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) long, on the CPU
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    estimate: list[float]  # per forgotten class: accuracy on this step's training logits
+    forget_acc: list[float] | None  # per forgotten class, over the whole forget set, when checked
+    updated: bool  # False: the target was confirmed and the weights were left as they are
+
+
+@dataclass
+class LoopOutcome:
+    steps: int  # updates that produced the returned weights
+    steps_run: int  # updates applied in all
+    target_met: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # select-on-eval checkpoints
+    best_evaluation: dict[str, Any] | None = None
+    optimizer_state_bytes: int = 0
+
+
+class CyclingSampler:
+    """Batches of indices drawn without replacement, reshuffled after every pass over the set."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.size, self.generator = n, min(batch_size, n), generator
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        if self.order.numel() < self.size:
+            self.order = torch.cat([self.order, torch.randperm(self.n, generator=self.generator)])
+        batch, self.order = self.order[: self.size], self.order[self.size:]
+        return batch
+
+
+class UnlearningLoop:
+    """Trains ``model`` (adapters already attached, or every weight) against the forget sets.
+
+    Args:
+        model: the network to train, on the runtime's device, with requires_grad set on exactly
+            the parameters to train.
+        config: the run's hyper-parameters (method, lr, lambda, stop rule, selection).
+        forget: the prepared forget sets.
+        spec: the card's input specification, to normalise evaluation and retain batches.
+        runtime: device and autocast precision.
+        eval_data: the labelled held-out split, for selection on it.
+        retain_data: labelled retain images, for the methods that use them.
+        generator: seeded CPU generator for sampling and random labels.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: UnlearnConfig, forget: ForgetData, spec: InputSpec,
+                 runtime: Runtime, generator: torch.Generator, eval_data: LabelledData | None = None,
+                 retain_data: LabelledData | None = None) -> None:
+        self.model, self.config, self.forget, self.spec, self.runtime = model, config, forget, spec, runtime
+        self.eval_data, self.retain_data, self.generator = eval_data, retain_data, generator
+        self.method = config.method_spec
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trainable, lr=config.effective_lr)
+        self.initial = [p.detach().clone() for p in self.trainable] if self.method.regulariser == "weight-l1" else []
+        self.lora_b = lora_b_matrices(model) if self.method.regulariser == "lora-l1" else []
+        self.forget_samplers = [CyclingSampler(x.shape[0], config.batch_size, generator) for x in forget.images]
+        self.retain_sampler = (CyclingSampler(retain_data.labels.numel(), config.batch_size, generator)
+                               if retain_data is not None else None)
+
+    # --- one training step -------------------------------------------------------------------
+
+    def train_step(self, stop_when_forgotten: bool) -> StepResult:
+        """Forward the next batch, then one Adam step.
+
+        With ``stop_when_forgotten``, when this batch's logits put every class at or below the
+        target, the whole forget sets are checked first, on the same weights; if they confirm it,
+        no update is applied: the weights that reached the target are the ones kept.
+        """
+        self.model.train()
+        inputs, targets, sizes = self._sample_batch()
+        with self.runtime.autocast():
+            logits = self.model(inputs)
+        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses
+        forget_chunks, retain_chunk = chunks[: len(self.forget.images)], chunks[len(self.forget.images):]
+        loss = self._loss(forget_chunks, targets, retain_chunk)
+        estimate = [accuracy(c.argmax(1).cpu(), torch.full((c.shape[0],), i)) for c, i in
+                    zip(forget_chunks, self.forget.class_indices)]
+        forget_acc = None
+        if stop_when_forgotten and self.meets_target(estimate):
+            forget_acc = self.forget_accuracy()
+            if self.meets_target(forget_acc):
+                return StepResult(loss.item(), estimate, forget_acc, updated=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return StepResult(loss.item(), estimate, forget_acc, updated=True)
+
+    def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        parts = [x[s.next().to(x.device)] for x, s in zip(self.forget.images, self.forget_samplers)]
+        targets = [torch.full((p.shape[0],), i, device=self.runtime.device) for p, i in
+                   zip(parts, self.forget.class_indices)]
+        if self.retain_data is not None:
+            index = self.retain_sampler.next()
+            parts.append(normalise(self.retain_data.pixels[index].to(self.runtime.device), self.spec))
+            targets.append(self.retain_data.labels[index].to(self.runtime.device))
+        return torch.cat(parts), targets, [p.shape[0] for p in parts]
+
+    def _loss(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor],
+              retain_chunk: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        loss = torch.zeros((), device=self.runtime.device)
+        objective = self.method.forget_objective
+        if objective != "none":
+            # The mean over classes of each class's loss, so a large forget set does not drown a small one.
+            terms = [self._forget_term(logits, labels) for logits, labels in zip(forget_chunks, targets)]
+            loss = loss + torch.stack(terms).mean()
+        if retain_chunk:
+            loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
+        if self.method.regulariser == "lora-l1":
+            loss = loss + self.config.l1_weight * l1_norm(self.lora_b)
+        elif self.method.regulariser == "weight-l1":
+            loss = loss + self.config.l1_weight * l1_distance(self.trainable, self.initial)
+        return loss
+
+    def _forget_term(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        objective = self.method.forget_objective
+        if objective == "bounded":
+            return bounded_forget_loss(logits, labels)
+        if objective == "negative":
+            return negative_ce_loss(logits, labels)
+        return random_labels_loss(logits, labels, self.generator)
+
+    # --- measurements ------------------------------------------------------------------------
+
+    def forget_accuracy(self) -> list[float]:
+        return forget_set_accuracy(self.model, self.forget, self.runtime, self.config.eval_batch_size)
+
+    def evaluate_held_out(self) -> tuple[float, float]:
+        """(Acc_f, Acc_r) on the held-out split."""
+        predictions = predict(self.model, self.eval_data.pixels, self.runtime, self.config.eval_batch_size, self.spec)
+        return forget_retain_accuracy(predictions, self.eval_data.labels, list(self.forget.class_indices))
+
+    def meets_target(self, forget_acc: list[float]) -> bool:
+        return all(a <= self.config.target_forget_acc for a in forget_acc)
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> LoopOutcome:
+        """Stop rule: when a step's running estimate reaches the target, confirm on the whole
+        forget sets and stop if confirmed (see ``train_step``). With ``select_on_eval``: evaluate every ``eval_every`` steps
+        and keep the best-scoring checkpoint that meets the target (paper §4.1)."""
+        select = self.config.select_on_eval
+        outcome = LoopOutcome(steps=0, steps_run=0, target_met=False)
+        best_state: list[torch.Tensor] | None = None
+        stale = 0
+        for step in range(1, self.config.max_steps + 1):
+            if should_cancel is not None and should_cancel():
+                raise UnlearningCancelled(f"canceled at step {step}")
+            result = self.train_step(stop_when_forgotten=not select)
+            self._record(outcome, step, result, on_progress)
+            if not result.updated:
+                outcome.target_met = True
+                break
+            outcome.steps_run = step
+            if not select or (step % self.config.eval_every and step != self.config.max_steps):
+                continue
+            evaluation = self._checkpoint_evaluation(step)
+            outcome.evaluations.append(evaluation)
+            if evaluation["meets_target"] and (best_state is None or evaluation["score"] > outcome.best_evaluation["score"]):
+                best_state, outcome.best_evaluation, stale = self._snapshot(), evaluation, 0
+            elif best_state is not None:
+                stale += 1
+                if stale >= self.config.patience:
+                    break
+        outcome.steps = outcome.steps_run
+        if best_state is not None:
+            self._restore(best_state)
+            outcome.steps, outcome.target_met = outcome.best_evaluation["step"], True
+        outcome.optimizer_state_bytes = optimizer_state_bytes(self.optimizer)
+        return outcome
+
+    def _checkpoint_evaluation(self, step: int) -> dict[str, Any]:
+        forget_acc = self.forget_accuracy()
+        acc_f, acc_r = self.evaluate_held_out()
+        return {"step": step, "forget_acc": dict(zip(self.forget.class_names, forget_acc)),
+                "acc_f": acc_f, "acc_r": acc_r, "score": selection_score(acc_r, acc_f),
+                "meets_target": self.meets_target(forget_acc)}
+
+    def _record(self, outcome: LoopOutcome, step: int, result: StepResult,
+                on_progress: Callable[[Progress], None] | None) -> None:
+        confirmed = result.forget_acc is not None
+        shown = result.forget_acc if confirmed else result.estimate
+        progress = Progress(step=step, max_steps=self.config.max_steps, loss=result.loss,
+                            forget_acc=dict(zip(self.forget.class_names, shown)), confirmed=confirmed)
+        outcome.history.append({"step": step, "loss": result.loss, "forget_acc": progress.forget_acc,
+                                "confirmed": confirmed, "updated": result.updated})
+        if on_progress is not None:
+            on_progress(progress)
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.trainable]
+
+    def _restore(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.trainable, state):
+                p.copy_(saved)
+
+
+def forget_set_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Runtime, batch_size: int) -> list[float]:
+    """Each forgotten class's accuracy over its whole forget set, in eval mode."""
+    return [accuracy(predict(model, x, runtime, batch_size), torch.full((x.shape[0],), i))
+            for x, i in zip(forget.images, forget.class_indices)]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
+               for v in state.values() if torch.is_tensor(v))
