@@ -159,7 +159,7 @@ def _directory_entries(root: Path) -> Iterator[ImageEntry]:
         if _is_hidden(relative.parts):
             continue
         # A file directly in the source folder takes the folder's own name as its label.
-        label = relative.parent.name or root.name or None
+        label = relative.parent.name or root.resolve().name or None
         yield ImageEntry(name=str(path), label=label, read_bytes=path.read_bytes)
 
 
@@ -182,7 +182,7 @@ def _archive_entries(path: Path) -> Iterator[ImageEntry]:
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
             if path.name.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or "path" not in reader.fieldnames:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -46,10 +47,10 @@ class InputSpec:
             raise ModelPackageError(f"card input.channels must be one of {sorted(CHANNEL_MODES)}, got {channels!r}")
         n = CHANNEL_MODES[channels]
         size, mean, std = raw.get("size"), raw.get("mean"), raw.get("std")
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
             raise ModelPackageError(f"card input.size must be [height, width] in pixels, got {size!r}")
         for name, values in (("mean", mean), ("std", std)):
-            if not (isinstance(values, list) and len(values) == n and all(isinstance(v, (int, float)) for v in values)):
+            if not (isinstance(values, list) and len(values) == n and all(_is_number(v) for v in values)):
                 raise ModelPackageError(f"card input.{name} must list {n} numbers for {channels}, got {values!r}")
         if any(v <= 0 for v in std):
             raise ModelPackageError(f"card input.std must be positive, got {std!r}")
@@ -81,6 +82,9 @@ class ModelCard:
             raise ModelPackageError("card field 'classes' must be a non-empty list of class names")
         if len(set(classes)) != len(classes):
             raise ModelPackageError("card field 'classes' has duplicate names")
+        lineage = raw.get("lineage", [])
+        if not (isinstance(lineage, list) and all(isinstance(e, dict) for e in lineage)):
+            raise ModelPackageError("card field 'lineage' must be a list of objects")
         spec = InputSpec.from_dict(raw.get("input"))
         in_chans = kwargs.get("in_chans", 3)
         if in_chans != CHANNEL_MODES[spec.channels]:
@@ -88,7 +92,8 @@ class ModelCard:
                 f"card input.channels {spec.channels!r} gives {CHANNEL_MODES[spec.channels]} channels "
                 f"but the model takes in_chans={in_chans}"
             )
-        return cls(architecture=architecture, kwargs=dict(kwargs), classes=tuple(classes), input=spec, raw=raw)
+        return cls(architecture=architecture, kwargs=copy.deepcopy(kwargs), classes=tuple(classes), input=spec,
+                   raw=copy.deepcopy(raw))
 
     def class_index(self, name: str) -> int:
         try:
@@ -196,6 +201,9 @@ def write_package(out_dir: str | os.PathLike[str], card: dict[str, Any], state_d
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a package is as readable as any folder
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -203,6 +211,14 @@ def write_package(out_dir: str | os.PathLike[str], card: dict[str, Any], state_d
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sha256_file(out / WEIGHTS_FILE)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
 def _preview(keys: list[str], limit: int = 4) -> str:

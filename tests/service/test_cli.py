@@ -1,0 +1,83 @@
+"""The ``lethe unlearn`` command: writes a package and a report; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import EXIT_BAD_INPUT, EXIT_TARGET_MISSED, main
+from worker.engine.package import load_package
+
+
+def unlearn_args(model: Path, digits, out: Path, *extra: str) -> list[str]:
+    return ["unlearn", "--model", str(model), "--forget", f"3={digits.train_class('3')}", "--out", str(out), *extra]
+
+
+def test_unlearn_writes_the_package_and_the_report(digits_model, digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(unlearn_args(digits_model, digits, out, "--eval", f"file://{digits.test}", "--seed", "1"))
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip().splitlines()[-1] == str(out / "report.json")
+    assert "step 1/100" in captured.err and "held-out Acc_f" in captured.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_met"] and report["config"]["seed"] == 1 and report["evaluation"]["images"] > 0
+    package = load_package(out)
+    assert report["weights_sha256"] == package.weights_sha256
+    assert package.card.forgotten_classes == ["3"]
+
+
+def test_a_missed_target_writes_no_model_unless_allowed(digits_model, digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(unlearn_args(digits_model, digits, out, "--max-steps", "1")) == EXIT_TARGET_MISSED
+    assert "target not met" in capsys.readouterr().err
+    assert (out / "report.json").is_file() and not (out / "model.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_met"] is False
+
+    allowed = tmp_path / "allowed"
+    assert main(unlearn_args(digits_model, digits, allowed, "--max-steps", "1", "--allow-miss")) == 0
+    assert (allowed / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--forget", "3"], "--forget expects CLASS=SOURCE"),
+    (["--forget", "cat=/nowhere"], "'cat' is not one of the model's classes"),
+    (["--forget", "3=/nowhere/at/all"], "/nowhere/at/all: no such file or directory"),
+    (["--method", "finetune"], "needs a retain source"),
+    (["--targets", "q_proj"], "no linear layers named 'q_proj'"),
+    (["--rank", "0"], "rank must be at least 1"),
+    (["--select-on-eval"], "select_on_eval needs a labelled evaluation source"),
+])
+def test_bad_input_is_one_line_and_exit_2(change, message, digits_model, digits, tmp_path, capsys):
+    args = unlearn_args(digits_model, digits, tmp_path / "out")
+    if change[0] == "--forget":
+        args[args.index("--forget") + 1] = change[1]
+    else:
+        args += change
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lethe: error: ") and message in err[-1]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_existing_output_is_never_overwritten(digits_model, digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(unlearn_args(digits_model, digits, out)) == EXIT_BAD_INPUT
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path):
+    lethe = Path(sys.executable).with_name("lethe")
+    command = [str(lethe)] if lethe.exists() else [sys.executable, "-m", "service.cli"]
+    done = subprocess.run([*command, "unlearn", "--model", str(tmp_path / "nope"), "--forget", f"a={tmp_path}",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_BAD_INPUT
+    assert done.stderr.strip() == f"lethe: error: {tmp_path / 'nope'}: model package folder not found"
