@@ -76,7 +76,8 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_unlearn(args: argparse.Namespace) -> int:
-    from worker.engine import EngineError, ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
+    from worker.engine import EngineError, UnlearnConfig, UnlearnInputs, unlearn
+    from worker.engine.package import check_output_folder
 
     try:
         inputs = UnlearnInputs(
@@ -90,9 +91,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             select_on_eval=args.select_on_eval, eval_every=args.eval_every, patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
         )
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise EngineError(f"{out}: output folder exists and is not empty")
+        out = check_output_folder(args.out)  # before training: a run is minutes of work to lose
         bar = ProgressBar(sys.stderr)
         result = unlearn(inputs, config, on_progress=bar.update)
         bar.close()

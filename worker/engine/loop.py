@@ -127,13 +127,13 @@ class UnlearningLoop:
         loss = self._loss(forget_chunks, targets, retain_chunk)
         estimate = [accuracy(c.argmax(1).cpu(), torch.full((c.shape[0],), i)) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # frees the graph's activations before a confirmation pass needs the memory
         forget_acc = None
         if stop_when_forgotten and self.meets_target(estimate):
             forget_acc = self.forget_accuracy()
             if self.meets_target(forget_acc):
                 return StepResult(loss.item(), estimate, forget_acc, updated=False)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
         return StepResult(loss.item(), estimate, forget_acc, updated=True)
 

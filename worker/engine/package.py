@@ -187,14 +187,20 @@ def build_model(card: ModelCard, state_dict: dict[str, torch.Tensor]) -> torch.n
     return model.eval()
 
 
+def check_output_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """A package may be written to a folder that does not exist yet, or is empty; never over another."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelPackageError(f"{out}: output folder exists and is not empty")
+    return out
+
+
 def write_package(out_dir: str | os.PathLike[str], card: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:
     """Write a package atomically (a reader sees all of it or none of it); returns the weights' sha256.
 
     The folder must not exist yet, or be empty: an existing model is never overwritten.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelPackageError(f"{out}: output folder exists and is not empty")
+    out = check_output_folder(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

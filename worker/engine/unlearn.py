@@ -116,13 +116,13 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
             images=tuple(normalise(s.pixels.to(runtime.device), card.input) for s in forget_sets),
         )
         eval_before = _predict_labelled(model, eval_data, card, config, runtime)
+        forget_before = forget_set_accuracy(model, forget, runtime, config.eval_batch_size)
 
         unlearning_started = time.perf_counter()
         torch.manual_seed(config.seed)  # PEFT draws the A matrices from the global generator
         generator = torch.Generator().manual_seed(config.seed)
         trained = _prepare_trainable(model, config)
         loop = UnlearningLoop(trained, config, forget, card.input, runtime, generator, eval_data, retain_data)
-        forget_before = loop.forget_accuracy()
         if loop.meets_target(forget_before):
             outcome = LoopOutcome(steps=0, steps_run=0, target_met=True)  # nothing left to forget
         else:

@@ -261,3 +261,16 @@ def test_bad_image_sources_are_refused_before_training(digits_model, digits, tmp
         run(digits_model, digits, eval_source=tmp_path / "eval")
     with pytest.raises(ImageSourceError, match="holds images of a class being forgotten"):
         run(digits_model, digits, retain=str(digits.train), method="finetune")
+
+
+# --- GPU -----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_run_uses_cuda_with_bf16_autocast_and_still_forgets(digits_model, digits, base_accuracy):
+    result = run(digits_model, digits, device="cuda")
+    assert result.report.device.startswith("cuda") and result.report.precision == "bf16"
+    assert result.target_met
+    assert all(v.device.type == "cpu" for v in result.state_dict.values())
+    acc_f, acc_r = held_out_accuracy(result.card, result.state_dict, digits)
+    assert acc_f <= 5.0 and base_accuracy[1] - acc_r <= 20.0
