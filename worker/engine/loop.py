@@ -189,8 +189,8 @@ class UnlearningLoop:
     def run(self, on_progress: Callable[[Progress], None] | None = None,
             should_cancel: Callable[[], bool] | None = None) -> LoopOutcome:
         """Stop rule: when a step's running estimate reaches the target, confirm on the whole
-        forget sets and stop if confirmed (see ``train_step``). With ``select_on_eval``: evaluate every ``eval_every`` steps
-        and keep the best-scoring checkpoint that meets the target (paper §4.1)."""
+        forget sets and stop if confirmed (see ``train_step``). With ``select_on_eval``: evaluate
+        every ``eval_every`` steps and keep the best-scoring checkpoint that meets the target."""
         select = self.config.select_on_eval
         outcome = LoopOutcome(steps=0, steps_run=0, target_met=False)
         best_state: list[torch.Tensor] | None = None
