@@ -209,7 +209,10 @@ def write_package(out_dir: str | os.PathLike[str], card: dict[str, Any], state_d
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         umask = os.umask(0)
         os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a package is as readable as any folder
+        # mkdtemp and safetensors create private files; a package is as readable as anything else written.
+        staging.chmod(0o777 & ~umask)
+        for written in staging.iterdir():
+            written.chmod(0o666 & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -364,3 +364,4 @@ def test_a_written_package_is_as_readable_as_any_new_folder(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "out").iterdir())
