@@ -31,7 +31,111 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lethe", description="Make trained image classifiers forget classes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_unlearn_command(commands)
+    add_service_commands(commands)
     return parser
+
+
+def add_service_commands(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="run the API (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=run_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery worker that processes deletion requests")
+    worker.add_argument("--beat", action="store_true", help="also run the periodic sweep in this process")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=run_worker)
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", help="create or migrate the schema to the latest revision")
+    upgrade.set_defaults(handler=run_db_upgrade)
+
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="create a key; prints it as the last line (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", action="append", required=True,
+                        help="requests:write, requests:read, models:read, models:write or admin; repeatable")
+    create.set_defaults(handler=run_keys_create)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by name")
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(handler=run_keys_revoke)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+    from worker.celery_app import celery_for
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}", "--pool=prefork",
+            "--without-gossip", "--without-mingle"]
+    if args.beat:
+        argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
+    celery_for(settings.broker).worker_main(argv)
+    return 0
+
+
+def run_db_upgrade(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+    from service.db import upgrade_schema
+
+    settings = get_settings()
+    try:
+        upgrade_schema(settings.database)
+    except Exception as exc:  # a one-line message for any driver or migration error
+        return fail(f"database upgrade failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    print(f"database at head: {redact(settings.database)}", file=sys.stderr)
+    return 0
+
+
+def run_keys_create(args: argparse.Namespace) -> int:
+    from service.auth.service import create_key
+    from service.config import get_settings
+    from service.db import session_scope
+    from service.errors import ServiceError
+
+    try:
+        with session_scope(get_settings().database) as session:
+            row, key = create_key(session=session, name=args.name, scopes=args.scope)
+            scopes = ", ".join(row.scopes)
+    except ServiceError as exc:
+        return fail(exc.detail)
+    print(f"created API key {args.name!r} with scopes {scopes}; it is shown only once:", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    from service.auth.service import revoke_key
+    from service.config import get_settings
+    from service.db import session_scope
+    from service.errors import ServiceError
+
+    try:
+        with session_scope(get_settings().database) as session:
+            revoke_key(session=session, name=args.name)
+    except ServiceError as exc:
+        return fail(exc.detail)
+    print(f"revoked API key {args.name!r}", file=sys.stderr)
+    return 0
+
+
+def redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def add_unlearn_command(commands: argparse._SubParsersAction) -> None:

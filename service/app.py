@@ -1,0 +1,79 @@
+"""The FastAPI application: routers, error mapping, body limits, health and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.config import Settings, get_settings
+from service.db import engine_for
+from service.errors import PROBLEM_JSON, install_error_handlers, problem
+from service.registry.storage import ArtifactStore
+
+MAX_JSON_BODY = 64 * 1024  # deletion requests are small; uploads go through POST /models
+
+DESCRIPTION = """
+Make trained image classifiers forget a class (GDPR Art. 17 / CCPA erasure) by low-rank unlearning.
+
+Authenticate with `Authorization: Bearer <key>` (keys come from `lethe keys create`). Errors are
+`application/problem+json` (RFC 9457) with a stable `code`.
+"""
+
+
+def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="Lethe", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.store = ArtifactStore(settings.artifacts)
+    if enqueue is None:
+        from worker.celery_app import enqueue_request
+
+        def enqueue(request_id: str) -> None:
+            enqueue_request(settings, request_id)
+
+    app.state.enqueue = enqueue
+    install_error_handlers(app)
+
+    from service.deletion_requests.views import router as requests_router
+    from service.registry.views import router as registry_router
+
+    app.include_router(registry_router)
+    app.include_router(requests_router)
+
+    @app.middleware("http")
+    async def limit_json_bodies(request: Request, call_next):
+        length = request.headers.get("content-length")
+        is_upload = request.headers.get("content-type", "").startswith("multipart/")
+        limit = settings.max_upload_bytes + (1 << 20) if is_upload else MAX_JSON_BODY
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            body = problem(413, "payload_too_large", "Payload too large", f"request bodies are limited to {limit} bytes",
+                           instance=request.url.path)
+            return JSONResponse(body, status_code=413, media_type=PROBLEM_JSON)
+        return await call_next(request)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: database and artifact store reachable")
+    def readyz():
+        checks = {}
+        try:
+            with engine_for(settings.database).connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # readiness reports any failure rather than raising
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            app.state.store.root.mkdir(parents=True, exist_ok=True)
+            checks["artifacts"] = "ok"
+        except OSError as exc:
+            checks["artifacts"] = f"error: {exc.strerror}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    return app

@@ -1,0 +1,82 @@
+"""Deletion requests and their append-only audit trail."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from service.db import Base, UTCDateTime, utcnow
+from service.registry.models import RegisteredModel, ModelVersion, new_id
+
+
+class RequestStatus(StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    CANCELED = "canceled"
+
+
+FINISHED = frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.REJECTED, RequestStatus.CANCELED})
+
+
+class DeletionRequest(Base):
+    __tablename__ = "deletion_requests"
+    __table_args__ = (
+        UniqueConstraint("model_id", "external_id", name="uq_deletion_requests_model_external_id"),
+        UniqueConstraint("idempotency_key", name="uq_deletion_requests_idempotency_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    external_id: Mapped[str] = mapped_column(String(200))
+    model_id: Mapped[str] = mapped_column(String(36), ForeignKey("registered_models.id"))
+    forget_class: Mapped[str] = mapped_column(String(200))
+    forget_uri: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.RECEIVED, index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    at_risk_from: Mapped[datetime] = mapped_column(UTCDateTime)  # when less than 25 % of the window is left
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    extended_days: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    body_sha256: Mapped[str] = mapped_column(String(64))  # what the idempotency key was first used with
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    fulfilled_version_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("model_versions.id"))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+    model: Mapped[RegisteredModel] = relationship()
+    fulfilled_version: Mapped[ModelVersion | None] = relationship()
+    events: Mapped[list[AuditEvent]] = relationship(
+        primaryjoin="DeletionRequest.id == foreign(AuditEvent.request_id)", order_by="AuditEvent.id", viewonly=True)
+
+
+class AuditEvent(Base):
+    """Append-only: who or what did what to a request, when, from which status to which."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # No foreign key: the trail must outlive the request row.
+    request_id: Mapped[str] = mapped_column(String(36), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    event: Mapped[str] = mapped_column(String(40))
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,0 +1,82 @@
+"""Deletion-request payloads, named by role."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+
+class ForgetSetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(max_length=4096, description="file:///... inside LETHE_DATA_ROOTS: the class's images")
+
+
+class DeletionRequestCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    external_id: str = Field(min_length=1, max_length=200, description="the caller's id; unique per model")
+    model: str = Field(min_length=1, max_length=64)
+    forget_class: str = Field(min_length=1, max_length=200)
+    forget_set: ForgetSetRef
+    received_at: AwareDatetime | None = Field(None, description="when the request reached the controller; default now")
+
+
+class ExtendBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    days: int = Field(ge=1, le=60, description="added to due_at; at most 60 days in all (GDPR Art. 12(3))")
+    reason: str = Field(min_length=3, max_length=2000)
+
+
+class CancelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=2000)
+
+
+class AuditEventPublic(BaseModel):
+    at: datetime
+    actor: str
+    event: str
+    from_status: str | None
+    to_status: str | None
+    detail: dict[str, Any] | None
+
+
+class DeletionRequestAccepted(BaseModel):
+    id: str
+    status: str
+    due_at: datetime
+
+
+class DeletionRequestPublic(BaseModel):
+    id: str
+    external_id: str
+    model: str
+    forget_class: str
+    forget_set: ForgetSetRef
+    status: str
+    received_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    due_at: datetime
+    days_left: int | None = Field(description="whole days until due_at (negative when overdue); None once finished")
+    at_risk: bool
+    overdue: bool
+    extended_days: int
+    attempts: int
+    fulfilled_version: int | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    events: list[AuditEventPublic] = []
+
+
+class DeletionRequestPage(BaseModel):
+    items: list[DeletionRequestPublic]
+    next_cursor: str | None

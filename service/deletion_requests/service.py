@@ -1,0 +1,204 @@
+"""Deletion requests: accept, read, list, cancel, retry, extend. Plain functions; callers commit."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.db import on_commit, utcnow
+from service.deletion_requests.models import FINISHED, DeletionRequest, RequestStatus as S
+from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody
+from service.deletion_requests.transitions import record, transition
+from service.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
+from service.registry.models import RegisteredModel
+from service.registry.service import current_version
+from service.sources import check_data_root
+
+AT_RISK_FRACTION = 0.25  # at risk when less than this share of the window is left
+ACTIVE = (S.RECEIVED, S.QUEUED, S.RUNNING)
+
+
+def body_digest(body: DeletionRequestCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def window(received_at: datetime, days: int) -> tuple[datetime, datetime]:
+    """(due_at, at_risk_from) for a window of ``days`` from ``received_at``."""
+    due_at = received_at + timedelta(days=days)
+    return due_at, due_at - (due_at - received_at) * AT_RISK_FRACTION
+
+
+def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate, idempotency_key: str | None,
+           actor: str, enqueue) -> tuple[DeletionRequest, bool]:
+    """Accept a request (received -> queued) and enqueue it after commit; returns (request, created).
+
+    The same Idempotency-Key with the same body returns the first request; with another body, 422.
+    """
+    digest = body_digest(body)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == body.model))
+    if model is None:
+        raise InvalidInput(f"unknown model {body.model!r}")
+    _check_class(session, model, body.forget_class)
+    check_data_root(body.forget_set.uri, settings.allowed_data_roots)
+    now = utcnow()
+    received_at = body.received_at or now
+    if received_at > now + timedelta(minutes=5):
+        raise InvalidInput("received_at lies in the future")
+    due_at, at_risk_from = window(received_at, settings.deadline_days)
+    request = DeletionRequest(
+        external_id=body.external_id, model_id=model.id, forget_class=body.forget_class,
+        forget_uri=body.forget_set.uri, status=S.RECEIVED, received_at=received_at, due_at=due_at,
+        at_risk_from=at_risk_from, created_at=now, updated_at=now, idempotency_key=idempotency_key,
+        body_sha256=digest, seed=0, created_by=actor)
+    try:
+        with session.begin_nested():  # a concurrent twin may win the unique constraints
+            session.add(request)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is not None:
+            existing = _by_idempotency_key(session, idempotency_key, digest)
+            if existing is not None:
+                return existing, False
+        raise Conflict(f"model {body.model!r} already has a request with external_id {body.external_id!r}") from None
+    record(session=session, request=request, event="created", actor=actor, to_status=S.RECEIVED,
+           detail={"due_at": due_at.isoformat(), "idempotency_key": idempotency_key})
+    transition(session=session, request=request, to=S.QUEUED, actor=actor)
+    on_commit(session, lambda request_id=request.id: enqueue(request_id))
+    return request, True
+
+
+def _by_idempotency_key(session: Session, key: str, digest: str) -> DeletionRequest | None:
+    existing = session.scalar(select(DeletionRequest).where(DeletionRequest.idempotency_key == key))
+    if existing is not None and existing.body_sha256 != digest:
+        raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
+    return existing
+
+
+def _check_class(session: Session, model: RegisteredModel, forget_class: str) -> None:
+    version = current_version(session=session, model=model)
+    classes = list(version.card.get("classes", []))
+    if forget_class not in classes:
+        raise InvalidInput(f"model {model.name!r} has no class {forget_class!r}; its classes: {', '.join(classes)}")
+    pending = set(session.scalars(select(DeletionRequest.forget_class).where(
+        DeletionRequest.model_id == model.id, DeletionRequest.status.in_(ACTIVE))).all())
+    remaining = set(classes) - set(version.classes_forgotten) - pending - {forget_class}
+    if not remaining:
+        raise InvalidInput(f"forgetting {forget_class!r} would leave model {model.name!r} no class to predict")
+
+
+def get_request(*, session: Session, request_id: str) -> DeletionRequest:
+    request = session.get(DeletionRequest, request_id)
+    if request is None:
+        raise NotFound(f"no deletion request {request_id!r}")
+    return request
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    status: list[str] | None = None
+    model: str | None = None
+    at_risk: bool | None = None
+    overdue: bool | None = None
+    due_before: datetime | None = None
+
+
+def list_requests(*, session: Session, filters: RequestFilter, limit: int, cursor: str | None
+                  ) -> tuple[list[DeletionRequest], str | None]:
+    """Requests oldest first (created_at, id), ``limit`` at a time; the cursor names the last one seen."""
+    now = utcnow()
+    query = select(DeletionRequest).join(RegisteredModel, RegisteredModel.id == DeletionRequest.model_id)
+    if filters.status:
+        unknown = set(filters.status) - {s.value for s in S}
+        if unknown:
+            raise InvalidInput(f"unknown status {', '.join(sorted(unknown))}")
+        query = query.where(DeletionRequest.status.in_(filters.status))
+    if filters.model:
+        query = query.where(RegisteredModel.name == filters.model)
+    active = DeletionRequest.status.in_(ACTIVE)
+    is_overdue = and_(active, DeletionRequest.due_at < now)
+    is_at_risk = and_(active, DeletionRequest.at_risk_from <= now, DeletionRequest.due_at >= now)
+    if filters.overdue is not None:
+        query = query.where(is_overdue if filters.overdue else ~is_overdue)
+    if filters.at_risk is not None:
+        query = query.where(is_at_risk if filters.at_risk else ~is_at_risk)
+    if filters.due_before is not None:
+        query = query.where(DeletionRequest.due_at < filters.due_before)
+    if cursor:
+        created_at, last_id = decode_cursor(cursor)
+        query = query.where(or_(DeletionRequest.created_at > created_at,
+                                and_(DeletionRequest.created_at == created_at, DeletionRequest.id > last_id)))
+    rows = session.scalars(query.order_by(DeletionRequest.created_at, DeletionRequest.id).limit(limit + 1)).all()
+    page, more = rows[:limit], len(rows) > limit
+    return page, (encode_cursor(page[-1]) if more else None)
+
+
+def encode_cursor(request: DeletionRequest) -> str:
+    raw = json.dumps([request.created_at.isoformat(), request.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created_at), str(last_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput("malformed cursor") from exc
+
+
+def cancel(*, session: Session, request: DeletionRequest, actor: str, reason: str | None) -> DeletionRequest:
+    """Waiting requests are canceled at once; a running one stops at its next training step."""
+    if request.status == S.RUNNING:
+        request.cancel_requested = True
+        record(session=session, request=request, event="cancel_requested", actor=actor, detail={"reason": reason})
+        return request
+    return transition(session=session, request=request, to=S.CANCELED, actor=actor, detail={"reason": reason})
+
+
+def retry(*, session: Session, request: DeletionRequest, actor: str, enqueue) -> DeletionRequest:
+    """A failed request runs again, with a new seed."""
+    seed = secrets.randbelow(2**31)
+    transition(session=session, request=request, to=S.QUEUED, actor=actor, detail={"seed": seed, "retry": True})
+    request.seed, request.error, request.cancel_requested = seed, None, False
+    on_commit(session, lambda request_id=request.id: enqueue(request_id))
+    return request
+
+
+def extend(*, session: Session, settings: Settings, request: DeletionRequest, body: ExtendBody,
+           actor: str) -> DeletionRequest:
+    """GDPR Art. 12(3): the deadline may be extended by up to two further months, with a reason."""
+    if request.status in FINISHED:
+        raise Conflict(f"a {request.status} request has no deadline to extend", current_status=request.status)
+    if request.extended_days + body.days > settings.max_extension_days:
+        raise InvalidInput(f"extensions may add at most {settings.max_extension_days} days in all; "
+                           f"{request.extended_days} used")
+    request.extended_days += body.days
+    request.due_at, request.at_risk_from = window(request.received_at, settings.deadline_days + request.extended_days)
+    request.updated_at = utcnow()
+    record(session=session, request=request, event="extended", actor=actor,
+           detail={"days": body.days, "reason": body.reason, "due_at": request.due_at.isoformat()})
+    return request
+
+
+def deadline_state(request: DeletionRequest, now: datetime | None = None) -> tuple[int | None, bool, bool]:
+    """(days_left, at_risk, overdue); finished requests have none of them."""
+    if request.status in FINISHED:
+        return None, False, False
+    now = now or utcnow()
+    seconds = (request.due_at - now).total_seconds()
+    days_left = int(seconds // 86400)
+    overdue = seconds < 0
+    return days_left, (not overdue and now >= request.at_risk_from), overdue

@@ -1,0 +1,50 @@
+"""The one place a deletion request's status changes: allowed moves, timestamps and the audit event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.db import utcnow
+from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
+from service.errors import InvalidTransition
+
+ALLOWED: dict[str, set[str]] = {
+    S.RECEIVED: {S.QUEUED, S.REJECTED, S.CANCELED},
+    S.QUEUED: {S.RUNNING, S.COMPLETED, S.REJECTED, S.CANCELED},
+    S.RUNNING: {S.COMPLETED, S.FAILED, S.REJECTED, S.CANCELED, S.QUEUED},  # queued: lease lost, run again
+    S.FAILED: {S.QUEUED},  # retry
+    S.COMPLETED: set(),
+    S.REJECTED: set(),
+    S.CANCELED: set(),
+}
+TIMESTAMPS = {S.QUEUED: "queued_at", S.RUNNING: "started_at", S.COMPLETED: "finished_at", S.FAILED: "finished_at",
+              S.REJECTED: "finished_at", S.CANCELED: "finished_at"}
+
+
+def transition(*, session: Session, request: DeletionRequest, to: S, actor: str,
+               detail: dict[str, Any] | None = None) -> DeletionRequest:
+    """Move ``request`` to ``to`` (or fail with 409), stamp the time and append an audit event."""
+    current = request.status
+    if to not in ALLOWED[current]:
+        raise InvalidTransition(f"a {current} request cannot become {to}", current_status=current)
+    now = utcnow()
+    request.status = to
+    request.updated_at = now
+    setattr(request, TIMESTAMPS[to], now)
+    if to in (S.QUEUED, S.FAILED, S.REJECTED, S.CANCELED, S.COMPLETED):
+        request.lease_owner = request.lease_expires_at = None
+    record(session=session, request=request, event=f"status:{to}", actor=actor, from_status=current, to_status=to,
+           detail=detail)
+    return request
+
+
+def record(*, session: Session, request: DeletionRequest, event: str, actor: str, from_status: str | None = None,
+           to_status: str | None = None, detail: dict[str, Any] | None = None) -> AuditEvent:
+    """Append an audit event that changes no status (created, extended, overdue, re-checked ...)."""
+    row = AuditEvent(request_id=request.id, at=utcnow(), actor=actor, event=event, from_status=from_status,
+                     to_status=to_status, detail=detail)
+    session.add(row)
+    session.flush()
+    return row

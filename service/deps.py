@@ -1,0 +1,62 @@
+"""Request dependencies, defined once: the session (committed at the boundary), settings, auth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.auth.models import ApiKey
+from service.auth.service import authenticate, require_scope
+from service.config import Settings
+from service.db import session_factory
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """One transaction per request, committed after the view returns and before the response is sent."""
+    session = session_factory(settings.database)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+bearer = HTTPBearer(auto_error=False, description="an API key from `lethe keys create`")
+
+
+def current_key(session: SessionDep,
+                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
+    return authenticate(session=session, token=credentials.credentials if credentials else None)
+
+
+def scoped(scope: str):
+    """A dependency that needs an API key with ``scope`` (or ``admin``): 401 without a key, 403 without the scope."""
+
+    def dependency(key: Annotated[ApiKey, Depends(current_key)]) -> ApiKey:
+        require_scope(key, scope)
+        return key
+
+    return Depends(dependency)
+
+
+RequestsWriter = Annotated[ApiKey, scoped("requests:write")]
+RequestsReader = Annotated[ApiKey, scoped("requests:read")]
+ModelsWriter = Annotated[ApiKey, scoped("models:write")]
+ModelsReader = Annotated[ApiKey, scoped("models:read")]

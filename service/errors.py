@@ -1,0 +1,104 @@
+"""Domain exceptions, and their one mapping to RFC 9457 problem responses (``application/problem+json``).
+
+Service code raises these; only ``install_error_handlers`` knows about HTTP. Every problem has a
+stable machine-readable ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(Exception):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidInput(ServiceError):
+    status, code, title = 422, "invalid_input", "Invalid input"
+
+
+class NotFound(ServiceError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(ServiceError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class InvalidTransition(Conflict):
+    code, title = "invalid_transition", "Status does not allow this"
+
+
+class IdempotencyMismatch(InvalidInput):
+    code, title = "idempotency_key_reused", "Idempotency-Key reused with a different body"
+
+
+class Gone(ServiceError):
+    status, code, title = 410, "gone", "Gone"
+
+
+class Unauthenticated(ServiceError):
+    status, code, title = 401, "unauthenticated", "Authentication required"
+
+
+class Forbidden(ServiceError):
+    status, code, title = 403, "forbidden", "Missing scope"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str | None = None, **extra: Any) -> dict[str, Any]:
+    body = {"type": f"https://lethe.dev/problems/{code}", "title": title, "status": status, "detail": detail,
+            "code": code, **extra}
+    if instance:
+        body["instance"] = instance
+    return body
+
+
+def install_error_handlers(app) -> None:
+    """Map domain errors, validation errors and HTTP errors to problem+json; never a bare 500 body."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def respond(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+        body.setdefault("instance", request.url.path)
+        return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return respond(request, exc.status, problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+        return respond(request, 422, problem(422, "invalid_input", "Invalid input", detail, errors=errors))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        import logging
+
+        logging.getLogger("lethe.api").exception("unhandled error on %s", request.url.path)
+        return respond(request, 500, problem(500, "internal_error", "Internal error",
+                                             "the server failed to handle this request; it was logged"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        return respond(request, exc.status_code, problem(exc.status_code, code, str(exc.detail), str(exc.detail)),
+                       getattr(exc, "headers", None))

@@ -1,0 +1,142 @@
+"""Registry: register base models, publish versions, move the ``current`` alias, dispose of old weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db import utcnow
+from service.errors import Conflict, Gone, InvalidInput, NotFound
+from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.storage import ArtifactStore
+from service.sources import check_data_root
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+RESERVED_NAMES = {"current"}
+
+
+class InvalidModelPackage(InvalidInput):
+    code, title = "invalid_model_package", "Model package rejected"
+
+
+def check_model_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name or "") or name in RESERVED_NAMES:
+        raise InvalidInput(f"model name {name!r} must match {NAME_PATTERN.pattern} and not be 'current'")
+    return name
+
+
+def validate_package(card_bytes: bytes, weights_path: Path):
+    """Parse the card and load the weights strictly into the network it describes (422 otherwise)."""
+    from worker.engine import EngineError
+    from worker.engine.package import ModelCard, build_model, read_weights
+
+    try:
+        card = ModelCard.from_dict(json.loads(card_bytes.decode("utf-8")))
+        build_model(card, read_weights(weights_path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidModelPackage(f"card is not JSON: {exc}") from None
+    except EngineError as exc:
+        raise InvalidModelPackage(str(exc).replace(str(weights_path), "weights")) from None
+    return card
+
+
+def register_model(*, session: Session, store: ArtifactStore, name: str, card_bytes: bytes, weights_path: Path,
+                   eval_set: str | None, data_roots: list[Path]) -> ModelVersion:
+    """A new model as version 1, with ``current`` pointing at it. ``weights_path`` is moved into the store."""
+    check_model_name(name)
+    if eval_set is not None:
+        check_data_root(eval_set, data_roots)
+    if session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)):
+        raise Conflict(f"a model named {name!r} is registered already")
+    card = validate_package(card_bytes, weights_path)
+    sha256, size = store.put(weights_path)
+    model = RegisteredModel(name=name, eval_set_uri=eval_set)
+    session.add(model)
+    session.flush()
+    version = ModelVersion(model_id=model.id, version=1, sha256=sha256, size=size, card=card.raw, classes_forgotten=[])
+    session.add(version)
+    session.flush()
+    model.current_version_id = version.id
+    session.flush()
+    return version
+
+
+def get_model(*, session: Session, name: str) -> RegisteredModel:
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    if model is None:
+        raise NotFound(f"no model named {name!r}")
+    return model
+
+
+def resolve_model(*, session: Session, name: str | None) -> RegisteredModel:
+    """The named model; without a name, the only one registered."""
+    if name is not None:
+        return get_model(session=session, name=name)
+    models = session.scalars(select(RegisteredModel).limit(2)).all()
+    if len(models) != 1:
+        raise InvalidInput("several models are registered: name one with ?model=NAME" if models
+                           else "no model is registered")
+    return models[0]
+
+
+def current_version(*, session: Session, model: RegisteredModel) -> ModelVersion:
+    return session.get(ModelVersion, model.current_version_id)
+
+
+def get_version(*, session: Session, name: str, version: int) -> ModelVersion:
+    model = get_model(session=session, name=name)
+    row = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version))
+    if row is None:
+        raise NotFound(f"model {name!r} has no version {version}")
+    return row
+
+
+def weights_path(*, store: ArtifactStore, version: ModelVersion) -> Path:
+    if version.disposed_at is not None:
+        raise Gone(f"version {version.version} was superseded and its weights deleted at "
+                   f"{version.disposed_at.isoformat()}; sha256 {version.sha256} stays on record")
+    return store.path_for(version.sha256)
+
+
+def lock_model(*, session: Session, model_id: str) -> RegisteredModel:
+    """Lock the model's row for the rest of the transaction: version numbers and the alias move one at a time."""
+    return session.scalar(select(RegisteredModel).where(RegisteredModel.id == model_id).with_for_update())
+
+
+def publish_version(*, session: Session, model_id: str, sha256: str, size: int, card: dict[str, Any],
+                    classes_forgotten: list[str], metrics: dict[str, Any]) -> ModelVersion:
+    """Version n+1 and ``current`` moved to it, in the caller's transaction."""
+    model = lock_model(session=session, model_id=model_id)
+    latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)) or 0
+    previous = session.get(ModelVersion, model.current_version_id)
+    version = ModelVersion(model_id=model_id, version=latest + 1, sha256=sha256, size=size, card=card,
+                           classes_forgotten=classes_forgotten, metrics=metrics)
+    session.add(version)
+    session.flush()
+    if previous is not None:
+        previous.superseded_at = utcnow()
+    model.current_version_id = version.id
+    session.flush()
+    return version
+
+
+def dispose_superseded(*, session: Session, store: ArtifactStore, retention_hours: float) -> list[ModelVersion]:
+    """Delete the weights of versions superseded longer than the retention period; rows stay for the audit."""
+    cutoff = utcnow() - timedelta(hours=retention_hours)
+    expired = session.scalars(select(ModelVersion).where(
+        ModelVersion.superseded_at.is_not(None), ModelVersion.superseded_at <= cutoff,
+        ModelVersion.disposed_at.is_(None))).all()
+    for version in expired:
+        version.disposed_at = utcnow()
+        still_used = session.scalar(select(func.count()).select_from(ModelVersion).where(
+            ModelVersion.sha256 == version.sha256, ModelVersion.disposed_at.is_(None)))
+        if not still_used:
+            store.delete(version.sha256)
+    session.flush()
+    return expired

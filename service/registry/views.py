@@ -1,0 +1,104 @@
+"""Registry endpoints: register a base model, read the current version, list versions, download weights."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from service.deletion_requests.models import DeletionRequest
+from service.deps import ModelsReader, ModelsWriter, SessionDep, SettingsDep
+from service.errors import PayloadTooLarge
+from service.registry import service
+from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.schemas import ModelVersionList, ModelVersionPublic, RequestRef
+from service.registry.storage import ArtifactStore
+
+router = APIRouter(tags=["models"])
+
+
+def store_of(request: Request) -> ArtifactStore:
+    return request.app.state.store
+
+
+def to_public(session, model: RegisteredModel, version: ModelVersion) -> ModelVersionPublic:
+    requests = session.scalars(select(DeletionRequest).where(DeletionRequest.fulfilled_version_id == version.id)
+                               .order_by(DeletionRequest.created_at)).all()
+    disposed = version.disposed_at is not None
+    return ModelVersionPublic(
+        model=model.name, version=version.version, sha256=version.sha256, size=version.size,
+        created_at=version.created_at, current=model.current_version_id == version.id,
+        classes=list(version.card.get("classes", [])), classes_forgotten=list(version.classes_forgotten),
+        deletion_requests=[RequestRef(id=r.id, external_id=r.external_id, forget_class=r.forget_class) for r in requests],
+        metrics=version.metrics, superseded_at=version.superseded_at, disposed_at=version.disposed_at,
+        download_url=None if disposed else f"/models/{model.name}/versions/{version.version}/weights",
+    )
+
+
+@router.post("/models", status_code=201, response_model=ModelVersionPublic,
+             summary="Register a base model as version 1 (multipart: name, card, weights, optional eval_set)")
+def register_model(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+                   _key: ModelsWriter, name: Annotated[str, Form(description="^[a-z0-9][a-z0-9._-]{0,63}$, not 'current'")],
+                   card: Annotated[UploadFile, File(description="model.json")],
+                   weights: Annotated[UploadFile, File(description="model.safetensors")],
+                   eval_set: Annotated[str | None, Form(description="file:// URI of a labelled validation split")] = None,
+                   ) -> ModelVersionPublic:
+    store = store_of(request)
+    incoming = store.new_incoming()
+    try:
+        copy_limited(weights, incoming, settings.max_upload_bytes)
+        version = service.register_model(session=session, store=store, name=name, card_bytes=card.file.read(1 << 20),
+                                         weights_path=incoming, eval_set=eval_set or None,
+                                         data_roots=settings.allowed_data_roots)
+    finally:
+        incoming.unlink(missing_ok=True)
+    model = session.get(RegisteredModel, version.model_id)
+    response.headers["Location"] = f"/models/{model.name}/versions/1"
+    return to_public(session, model, version)
+
+
+def copy_limited(upload: UploadFile, target, limit: int) -> None:
+    with open(target, "wb") as out:
+        copied = 0
+        for chunk in iter(lambda: upload.file.read(1 << 20), b""):
+            copied += len(chunk)
+            if copied > limit:
+                raise PayloadTooLarge(f"weights larger than the {limit}-byte limit (LETHE_MAX_UPLOAD_BYTES)")
+            out.write(chunk)
+
+
+@router.get("/models/current", response_model=ModelVersionPublic,
+            summary="The current version of a model; ETag is its sha256 (If-None-Match gives 304)")
+def get_current(request: Request, session: SessionDep, _key: ModelsReader,
+                model: Annotated[str | None, Query(description="model name; optional when only one exists")] = None):
+    registered = service.resolve_model(session=session, name=model)
+    version = service.current_version(session=session, model=registered)
+    etag = f'"{version.sha256}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    body = to_public(session, registered, version)
+    return Response(body.model_dump_json(), media_type="application/json", headers={"ETag": etag})
+
+
+@router.get("/models/{name}/versions", response_model=ModelVersionList, summary="Every version of a model, oldest first")
+def list_versions(name: str, session: SessionDep, _key: ModelsReader) -> ModelVersionList:
+    model = service.get_model(session=session, name=name)
+    return ModelVersionList(model=model.name, versions=[to_public(session, model, v) for v in model.versions])
+
+
+@router.get("/models/{name}/versions/{version}/weights", response_class=FileResponse,
+            summary="The version's model.safetensors (Range supported; 410 once disposed of)")
+def download_weights(name: str, version: int, request: Request, session: SessionDep, _key: ModelsReader):
+    row = service.get_version(session=session, name=name, version=version)
+    path = service.weights_path(store=store_of(request), version=row)
+    return FileResponse(path, media_type="application/octet-stream", filename="model.safetensors",
+                        headers={"ETag": f'"{row.sha256}"', "X-Checksum-Sha256": row.sha256})
+
+
+@router.head("/models/{name}/versions/{version}/weights", include_in_schema=False)
+def head_weights(name: str, version: int, request: Request, session: SessionDep, _key: ModelsReader):
+    return download_weights(name, version, request, session, _key)
+
+
