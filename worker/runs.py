@@ -1,0 +1,459 @@
+"""What a worker does with a model's queue: lease it, run the engine, gate, publish, record.
+
+The database, not the broker, decides what runs. A worker leases the *model* (one run per model
+at a time, by a conditional UPDATE), takes every queued request of that model as one coalesced
+batch, renews the lease from a heartbeat thread while the engine runs, and publishes version n+1
+and moves ``current`` in one transaction. If it dies, its leases expire and ``sweep`` puts the
+requests back in the queue: a request can be delayed, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from service.config import Settings
+from service.db import session_scope, utcnow
+from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.deletion_requests.transitions import record, transition
+from service.errors import ServiceError
+from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.service import dispose_superseded, publish_version
+from service.registry.storage import ArtifactStore
+from service.sources import resolve_in_data_root
+
+log = logging.getLogger("lethe.worker")
+
+
+@dataclass
+class Batch:
+    """The requests one run serves, with what the run needs to know (ids and values, no ORM rows)."""
+
+    model_id: str
+    model_name: str
+    version_id: str
+    version: int
+    eval_set_uri: str | None
+    forgotten_earlier: list[str]  # classes the starting version has forgotten already
+    requests: dict[str, tuple[str, str, int]]  # request id -> (class, forget uri, seed)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(dict.fromkeys(c for c, _, _ in self.requests.values()))
+
+
+# --- leasing -----------------------------------------------------------------------------------
+
+def claim_batch(settings: Settings, model_id: str, worker_id: str) -> Batch | None:
+    """Lease the model and mark all its queued requests running; None when another worker holds it."""
+    with session_scope(settings.database) as session:
+        now = utcnow()
+        expires = now + timedelta(seconds=settings.lease_seconds)
+        leased = session.execute(
+            update(RegisteredModel)
+            .where(RegisteredModel.id == model_id,
+                   or_(RegisteredModel.run_lease_owner.is_(None), RegisteredModel.run_lease_expires_at < now,
+                       RegisteredModel.run_lease_owner == worker_id))
+            .values(run_lease_owner=worker_id, run_lease_expires_at=expires)
+        ).rowcount
+        if not leased:
+            return None
+        model = session.get(RegisteredModel, model_id)
+        session.refresh(model)
+        queued = session.scalars(select(DeletionRequest).where(
+            DeletionRequest.model_id == model_id, DeletionRequest.status == S.QUEUED)
+            .order_by(DeletionRequest.created_at)).all()
+        if not queued:
+            model.run_lease_owner = model.run_lease_expires_at = None
+            return None
+        version = session.get(ModelVersion, model.current_version_id)
+        for request in queued:
+            transition(session=session, request=request, to=S.RUNNING, actor=f"worker:{worker_id}",
+                       detail={"version": version.version, "batch": len(queued)})
+            request.attempts += 1
+            request.lease_owner, request.lease_expires_at = worker_id, expires
+        return Batch(model_id=model_id, model_name=model.name, version_id=version.id, version=version.version,
+                     eval_set_uri=model.eval_set_uri, forgotten_earlier=list(version.classes_forgotten),
+                     requests={r.id: (r.forget_class, r.forget_uri, r.seed) for r in queued})
+
+
+def renew_leases(settings: Settings, batch: Batch, worker_id: str) -> bool:
+    """Heartbeat: extend the model's and the requests' leases; False when the lease was lost."""
+    with session_scope(settings.database) as session:
+        expires = utcnow() + timedelta(seconds=settings.lease_seconds)
+        held = session.execute(update(RegisteredModel).where(
+            RegisteredModel.id == batch.model_id, RegisteredModel.run_lease_owner == worker_id)
+            .values(run_lease_expires_at=expires)).rowcount
+        session.execute(update(DeletionRequest).where(
+            DeletionRequest.id.in_(list(batch.requests)), DeletionRequest.lease_owner == worker_id)
+            .values(lease_expires_at=expires))
+        return bool(held)
+
+
+def release_model(session, model_id: str, worker_id: str) -> None:
+    session.execute(update(RegisteredModel).where(
+        RegisteredModel.id == model_id, RegisteredModel.run_lease_owner == worker_id)
+        .values(run_lease_owner=None, run_lease_expires_at=None))
+
+
+class Heartbeat(threading.Thread):
+    """Renews the leases every third of their length while the engine runs; notes cancellations."""
+
+    def __init__(self, settings: Settings, batch: Batch, worker_id: str) -> None:
+        super().__init__(daemon=True, name="lethe-heartbeat")
+        self.settings, self.batch, self.worker_id = settings, batch, worker_id
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.lease_seconds / 3):
+            try:
+                self.lost = not renew_leases(self.settings, self.batch, self.worker_id)
+            except Exception:  # a database hiccup: try again next beat; the lease has slack
+                log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def cancel_requested(settings: Settings, batch: Batch) -> bool:
+    with session_scope(settings.database) as session:
+        return bool(session.scalar(select(DeletionRequest.id).where(
+            DeletionRequest.id.in_(list(batch.requests)), DeletionRequest.cancel_requested.is_(True)).limit(1)))
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+def process_model(settings: Settings, model_id: str, worker_id: str) -> int:
+    """Serve the model's queue until it is empty; returns the number of batches run."""
+    runs = 0
+    while (batch := claim_batch(settings, model_id, worker_id)) is not None:
+        run_batch(settings, batch, worker_id)
+        runs += 1
+    return runs
+
+
+def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
+    from worker.engine import UnlearningCancelled
+
+    workdir = Path(tempfile.mkdtemp(prefix="lethe-run-"))
+    heartbeat = Heartbeat(settings, batch, worker_id)
+    heartbeat.start()
+    try:
+        current = materialise_version(settings, batch, workdir / "current")
+        rejected = check_sources(settings, batch, current)
+        runnable = {rid: spec for rid, spec in batch.requests.items() if rid not in rejected}
+        result = unlearn_batch(settings, batch, runnable, current, workdir, heartbeat) if runnable else None
+        finish(settings, batch, worker_id, rejected, runnable, result)
+    except UnlearningCancelled:
+        settle_cancellation(settings, batch, worker_id)
+    except Exception as exc:  # fails the run with its message; the lease is released
+        log.exception("run failed for model %s", batch.model_name)
+        settle_all(settings, batch, worker_id, S.FAILED, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # adapters never leave memory; this holds temporary files
+
+
+def check_sources(settings: Settings, batch: Batch, package: Path) -> dict[str, str]:
+    """Requests whose forget set cannot be used, with the reason: outside the data roots once
+    symlinks are resolved, missing, unreadable, or a class the version does not have."""
+    from worker.engine import EngineError
+
+    rejected = {}
+    for request_id, (cls, uri, _seed) in batch.requests.items():
+        try:
+            resolve_in_data_root(uri, settings.allowed_data_roots)
+            forget_accuracy(package, {cls: uri})
+        except ServiceError as exc:
+            rejected[request_id] = exc.detail
+        except EngineError as exc:
+            rejected[request_id] = str(exc)
+    return rejected
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    report: dict[str, Any] | None  # the engine's report; None when no training was needed
+    already_forgotten: dict[str, float]  # class -> forget-set accuracy on the current version
+    package: Path | None  # the candidate version, written under the run's folder
+    gate_errors: list[str]
+    rechecks: dict[str, Any]  # earlier classes re-checked on the candidate
+
+
+def unlearn_batch(settings: Settings, batch: Batch, runnable: dict[str, tuple[str, str, int]], current: Path,
+                  workdir: Path, heartbeat: Heartbeat) -> BatchResult:
+    """Forget the batch's classes that the current version still knows; re-check earlier ones."""
+    from worker.engine import UnlearnConfig
+
+    target = UnlearnConfig().target_forget_acc
+    specs = {cls: uri for cls, uri, _ in runnable.values()}
+    before = forget_accuracy(current, specs)
+    already = {c: acc for c, acc in before.items() if acc <= target}
+    to_forget = {c: u for c, u in specs.items() if c not in already}
+    if not to_forget:
+        return BatchResult(None, already, None, [], {})
+    seed = max(seed for _, _, seed in runnable.values())
+    report, candidate = run_engine(settings, batch, current, to_forget, seed, workdir / "candidate", heartbeat)
+    rechecks = recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target)
+    regressed = {c: r["uri"] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
+    if regressed:  # forget those again, in the same run, from the same starting version
+        report, candidate = run_engine(settings, batch, current, {**to_forget, **regressed}, seed,
+                                       workdir / "candidate-2", heartbeat)
+        for cls, check in recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target).items():
+            rechecks[cls] = {**check, "forgotten_again": cls in regressed}
+    report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
+    return BatchResult(report, already, candidate, gate_errors(settings, batch, report, target), rechecks)
+
+
+def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[str, str], seed: int, out: Path,
+               heartbeat: Heartbeat) -> tuple[dict[str, Any], Path]:
+    from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
+
+    config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None)
+    inputs = UnlearnInputs(model=str(current), forget=tuple(ForgetSpec(c, str(local_path(u))) for c, u in classes.items()),
+                           eval_source=str(local_path(batch.eval_set_uri)) if batch.eval_set_uri else None)
+    result = unlearn(inputs, config, should_cancel=lambda: heartbeat.lost or cancel_requested(settings, batch))
+    result.save(str(out))
+    report = result.report.to_dict()
+    report.pop("history", None)
+    return report, out
+
+
+def recheck_earlier(settings: Settings, batch: Batch, candidate: Path, exclude: set[str],
+                    target: float) -> dict[str, dict[str, Any]]:
+    """Every class forgotten by an earlier completed request, measured on the candidate while its
+    forget set is still readable; otherwise recorded as unverifiable."""
+    from worker.engine import EngineError
+
+    with session_scope(settings.database) as session:
+        earlier = session.execute(select(DeletionRequest.forget_class, DeletionRequest.forget_uri).where(
+            DeletionRequest.model_id == batch.model_id, DeletionRequest.status == S.COMPLETED)
+            .order_by(DeletionRequest.finished_at.desc())).all()
+    checks: dict[str, dict[str, Any]] = {}
+    for cls, uri in earlier:
+        if cls in exclude or checks.get(cls, {}).get("status") in ("forgotten", "not_forgotten"):
+            continue
+        try:
+            resolve_in_data_root(uri, settings.allowed_data_roots)
+            acc = forget_accuracy(candidate, {cls: uri})[cls]
+        except (ServiceError, EngineError):
+            checks.setdefault(cls, {"status": "unverifiable", "uri": uri})
+            continue
+        checks[cls] = {"status": "forgotten" if acc <= target else "not_forgotten", "forget_acc": acc, "uri": uri}
+    return checks
+
+
+def local_path(uri: str) -> Path:
+    from service.sources import parse_file_uri
+
+    return parse_file_uri(uri)
+
+
+def materialise_version(settings: Settings, batch: Batch, folder: Path) -> Path:
+    """The current version as a package folder the engine can read (the weights file is linked, not copied)."""
+    import json
+
+    with session_scope(settings.database) as session:
+        version = session.get(ModelVersion, batch.version_id)
+        card, sha256 = version.card, version.sha256
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps(card))
+    source = ArtifactStore(settings.artifacts).path_for(sha256)
+    try:
+        (folder / "model.safetensors").symlink_to(source)
+    except OSError:
+        shutil.copyfile(source, folder / "model.safetensors")
+    return folder
+
+
+def forget_accuracy(package: Path, specs: dict[str, str]) -> dict[str, float]:
+    """Each class's accuracy on its forget set under the given package."""
+    from worker.engine.images import normalise, read_images
+    from worker.engine.loop import ForgetData, forget_set_accuracy
+    from worker.engine.package import build_model, load_package
+    from worker.engine.runtime import pick_runtime
+
+    loaded = load_package(package)
+    runtime = pick_runtime()
+    names = list(specs)
+    indices = tuple(loaded.card.class_index(c) for c in names)
+    images = tuple(normalise(read_images(str(local_path(specs[c])), loaded.card.input).pixels.to(runtime.device),
+                             loaded.card.input) for c in names)
+    model = build_model(loaded.card, loaded.state_dict).to(runtime.device)
+    forget = ForgetData(class_names=tuple(names), class_indices=indices, images=images)
+    return dict(zip(names, forget_set_accuracy(model, forget, runtime, 256)))
+
+
+def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float) -> list[str]:
+    """Why the candidate may not be published (empty: it may)."""
+    errors = []
+    if not report["target_met"]:
+        worst = max(report["forget_acc_after"].values())
+        errors.append(f"forget-set accuracy {worst:.1f}% did not reach the {target}% target")
+    not_forgotten = [c for c, r in report.get("rechecks", {}).items() if r["status"] == "not_forgotten"]
+    if not_forgotten:
+        errors.append(f"earlier classes no longer forgotten: {', '.join(not_forgotten)}")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        if evaluation["acc_f_after"] > settings.gate_max_eval_forget_acc:
+            errors.append(f"held-out Acc_f {evaluation['acc_f_after']:.1f}% exceeds "
+                          f"{settings.gate_max_eval_forget_acc}%")
+        drop = cumulative_retain_drop(settings, batch, evaluation, forgotten=set(report["classes"]))
+        report["cumulative_retain_drop"] = drop
+        if drop > settings.gate_max_retain_drop:
+            errors.append(f"cumulative Acc_r drop {drop:.1f} points exceeds {settings.gate_max_retain_drop}")
+    return errors
+
+
+def cumulative_retain_drop(settings: Settings, batch: Batch, evaluation: dict[str, Any], forgotten: set[str]) -> float:
+    """Mean per-class accuracy of version 1 minus the candidate's, over the classes still retained."""
+    with session_scope(settings.database) as session:
+        first = session.scalar(select(ModelVersion).where(ModelVersion.model_id == batch.model_id,
+                                                          ModelVersion.version == 1))
+        base = (first.metrics or {}).get("per_class_accuracy")
+        if base is None:  # the first run measures version 1 as its "before"
+            base = evaluation["per_class_before"]
+            first.metrics = {**(first.metrics or {}), "per_class_accuracy": base}
+    gone = forgotten | set(batch.forgotten_earlier)
+    retained = [c for c, acc in evaluation["per_class_after"].items()
+                if c not in gone and acc is not None and base.get(c) is not None]
+    if not retained:
+        return 0.0
+    before = sum(base[c] for c in retained) / len(retained)
+    after = sum(evaluation["per_class_after"][c] for c in retained) / len(retained)
+    return round(before - after, 3)
+
+
+# --- recording the outcome ------------------------------------------------------------------------
+
+def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str, str],
+           runnable: dict[str, tuple[str, str, int]], result: BatchResult | None) -> None:
+    actor = f"worker:{worker_id}"
+    sha256 = size = card = None
+    if result is not None and result.package is not None and not result.gate_errors:
+        import json
+
+        store = ArtifactStore(settings.artifacts)
+        incoming = store.new_incoming()
+        shutil.move(result.package / "model.safetensors", incoming)
+        sha256, size = store.put(incoming)
+        card = json.loads((result.package / "model.json").read_text())
+    with session_scope(settings.database) as session:
+        rows = {r.id: r for r in session.scalars(select(DeletionRequest).where(
+            DeletionRequest.id.in_(list(batch.requests)))).all()}
+        for request_id, reason in rejected.items():
+            transition(session=session, request=rows[request_id], to=S.REJECTED, actor=actor, detail={"error": reason})
+            rows[request_id].error = reason
+        if result is not None:
+            settle_result(session, batch, rows, runnable, result, sha256, size, card, actor)
+        release_model(session, batch.model_id, worker_id)
+
+
+def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
+                  sha256: str | None, size: int | None, card: dict[str, Any] | None, actor: str) -> None:
+    current = session.get(ModelVersion, batch.version_id)
+    if result.report is not None and result.gate_errors:
+        for request_id in runnable:
+            row = rows[request_id]
+            transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": result.gate_errors})
+            row.error, row.metrics = "; ".join(result.gate_errors), summarise(result.report)
+        return
+    fulfilled = current
+    if result.report is not None:
+        forgotten = list(dict.fromkeys([*current.classes_forgotten, *result.report["classes"]]))
+        fulfilled = publish_version(session=session, model_id=batch.model_id, sha256=sha256, size=size,
+                                    card=card, classes_forgotten=forgotten, metrics=summarise(result.report))
+    for request_id, (cls, _uri, _seed) in runnable.items():
+        row = rows[request_id]
+        if cls in result.already_forgotten:
+            record(session=session, request=row, event="already_forgotten", actor=actor,
+                   detail={"version": current.version, "forget_acc": result.already_forgotten[cls]})
+            row.metrics = {"already_forgotten": True, "forget_acc": result.already_forgotten[cls],
+                           "version": current.version}
+        else:
+            row.metrics = summarise(result.report)
+        row.fulfilled_version_id = fulfilled.id
+        transition(session=session, request=row, to=S.COMPLETED, actor=actor, detail={"version": fulfilled.version})
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
+            "forget_acc_after", "target_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
+            "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks")
+    return {k: report[k] for k in keep if k in report}
+
+
+def settle_all(settings: Settings, batch: Batch, worker_id: str, status: S, error: str) -> None:
+    with session_scope(settings.database) as session:
+        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(batch.requests)),
+                                                                 DeletionRequest.status == S.RUNNING)):
+            transition(session=session, request=row, to=status, actor=f"worker:{worker_id}", detail={"error": error})
+            row.error = error
+        release_model(session, batch.model_id, worker_id)
+
+
+def settle_cancellation(settings: Settings, batch: Batch, worker_id: str) -> None:
+    """Canceled requests end; the others of the batch go back to the queue for the next run."""
+    with session_scope(settings.database) as session:
+        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(batch.requests)),
+                                                                 DeletionRequest.status == S.RUNNING)):
+            to = S.CANCELED if row.cancel_requested else S.QUEUED
+            transition(session=session, request=row, to=to, actor=f"worker:{worker_id}",
+                       detail={"reason": "canceled during the run" if to == S.CANCELED else "batch canceled"})
+        release_model(session, batch.model_id, worker_id)
+
+
+# --- the periodic sweep ---------------------------------------------------------------------------
+
+def sweep(settings: Settings, enqueue) -> dict[str, int]:
+    """Re-queue requests whose worker died, wake idle queues, flag deadlines, dispose of old weights."""
+    now = utcnow()
+    counts = {"requeued": 0, "woken": 0, "at_risk": 0, "overdue": 0, "disposed": 0}
+    wake: set[str] = set()
+    with session_scope(settings.database) as session:
+        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.status == S.RUNNING,
+                                                                 DeletionRequest.lease_expires_at < now)):
+            transition(session=session, request=row, to=S.QUEUED, actor="sweep",
+                       detail={"reason": f"lease of {row.lease_owner} expired"})
+            counts["requeued"] += 1
+            wake.add(row.id)
+        session.execute(update(RegisteredModel).where(RegisteredModel.run_lease_expires_at < now)
+                        .values(run_lease_owner=None, run_lease_expires_at=None))
+        # One wake-up per model with waiting work, in case its message was lost.
+        oldest_per_model: dict[str, str] = {}
+        for model_id, request_id in session.execute(select(DeletionRequest.model_id, DeletionRequest.id).where(
+                DeletionRequest.status == S.QUEUED).order_by(DeletionRequest.created_at)):
+            oldest_per_model.setdefault(model_id, request_id)
+        wake |= set(oldest_per_model.values())
+        counts["woken"] = len(wake)
+        flag_deadlines(session, now, counts)
+        counts["disposed"] = len(dispose_superseded(session=session, store=ArtifactStore(settings.artifacts),
+                                                    retention_hours=settings.retention_hours))
+    for request_id in wake:
+        enqueue(request_id)
+    return counts
+
+
+def flag_deadlines(session, now, counts: dict[str, int]) -> None:
+    """Once per request: an audit event when it becomes at risk and when it becomes overdue."""
+    active = DeletionRequest.status.in_([S.RECEIVED, S.QUEUED, S.RUNNING])
+    for row in session.scalars(select(DeletionRequest).where(active, DeletionRequest.at_risk_from <= now)):
+        flagged = {e.event for e in row.events}
+        if row.due_at < now and "overdue" not in flagged:
+            record(session=session, request=row, event="overdue", actor="sweep", detail={"due_at": row.due_at.isoformat()})
+            log.warning("deletion request %s (%s) is overdue since %s", row.id, row.external_id, row.due_at)
+            counts["overdue"] += 1
+        elif row.due_at >= now and "at_risk" not in flagged:
+            record(session=session, request=row, event="at_risk", actor="sweep", detail={"due_at": row.due_at.isoformat()})
+            log.warning("deletion request %s (%s) is at risk: due %s", row.id, row.external_id, row.due_at)
+            counts["at_risk"] += 1

@@ -1,0 +1,43 @@
+"""Celery tasks, kept thin: ids cross the queue, the database says what to do (see worker.runs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import shared_task
+
+from service.config import get_settings
+from service.db import session_scope
+from service.deletion_requests.models import DeletionRequest, RequestStatus
+from worker import runs
+from worker.celery_app import PROCESS_TASK, SWEEP_TASK, enqueue_request
+
+log = logging.getLogger("lethe.worker")
+
+
+@shared_task(name=PROCESS_TASK)
+def process_request(request_id: str) -> None:
+    """Wake-up for one request: serve its model's whole queue if no other worker is on it.
+
+    Idempotent: a redelivered or stale message finds nothing queued and returns.
+    """
+    settings = get_settings()
+    with session_scope(settings.database) as session:
+        request = session.get(DeletionRequest, request_id)
+        if request is None or request.status != RequestStatus.QUEUED:
+            return
+        model_id = request.model_id
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    runs_done = runs.process_model(settings, model_id, worker_id)
+    log.info("request %s: model %s served in %d run(s) by %s", request_id, model_id, runs_done, worker_id)
+
+
+@shared_task(name=SWEEP_TASK)
+def sweep() -> dict:
+    """Periodic: recover requests of dead workers, wake idle queues, flag deadlines, dispose of old weights."""
+    settings = get_settings()
+    counts = runs.sweep(settings, lambda request_id: enqueue_request(settings, request_id))
+    log.info("sweep: %s", counts)
+    return counts
