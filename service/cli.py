@@ -52,6 +52,14 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     upgrade = db_commands.add_parser("upgrade", help="create or migrate the schema to the latest revision")
     upgrade.set_defaults(handler=run_db_upgrade)
 
+    demo = commands.add_parser("demo", help="build a demo model, start API and worker, forget a digit end to end")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--forget", default="3", help="the digit to forget (default: %(default)s)")
+    demo.add_argument("--exit-when-done", action="store_true", help="stop the services and exit after the request")
+    demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the request")
+    demo.set_defaults(handler=run_demo)
+
     keys = commands.add_parser("keys", help="API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = key_commands.add_parser("create", help="create a key; prints it as the last line (shown once)")
@@ -85,6 +93,12 @@ def run_worker(args: argparse.Namespace) -> int:
         argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
     celery_for(settings.broker).worker_main(argv)
     return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo as demo
+
+    return demo(args.host, args.port, args.forget, args.exit_when_done, args.timeout)
 
 
 def run_db_upgrade(args: argparse.Namespace) -> int:

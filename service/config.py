@@ -54,6 +54,25 @@ class Settings(BaseSettings):
         return [Path(p).expanduser().absolute() for p in self.data_roots.split(":") if p.strip()]
 
 
+class UnlearnSettings(BaseSettings):
+    """The engine's hyper-parameters for service runs (``LETHE_UNLEARN_*``); unset: the engine's defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="LETHE_UNLEARN_", extra="ignore")
+
+    lr: float | None = Field(None, gt=0)
+    max_steps: int = Field(100, ge=1)
+    target_forget_acc: float = Field(1.0, ge=0, le=100, description="also the publish gate's forget-set target")
+    l1_weight: float = Field(1e-3, ge=0)
+    rank: int = Field(8, ge=1)
+    eval_every: int = Field(1, ge=1)
+    patience: int = Field(5, ge=1)
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+@lru_cache
+def get_unlearn_settings() -> UnlearnSettings:
+    return UnlearnSettings()

@@ -8,6 +8,8 @@ import pytest
 
 from tests.digits import DigitsData, train_digits_vit, write_digits
 
+pytest_plugins = ["tests.service_fixtures"]
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

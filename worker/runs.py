@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
-from service.config import Settings
+from service.config import Settings, get_unlearn_settings
 from service.db import session_scope, utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import record, transition
@@ -105,13 +106,15 @@ def release_model(session, model_id: str, worker_id: str) -> None:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the leases every third of their length while the engine runs; notes cancellations."""
+    """While the engine runs: renews the leases every third of their length, and answers the
+    engine's per-step "should I stop?" from the database at most once a second."""
 
     def __init__(self, settings: Settings, batch: Batch, worker_id: str) -> None:
         super().__init__(daemon=True, name="lethe-heartbeat")
         self.settings, self.batch, self.worker_id = settings, batch, worker_id
         self.stopped = threading.Event()
         self.lost = False
+        self.last_cancel_check, self.canceled = 0.0, False
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.lease_seconds / 3):
@@ -123,6 +126,20 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         self.join()
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if not self.canceled and now - self.last_cancel_check >= 1.0:
+            self.last_cancel_check = now
+            self.canceled = cancel_requested(self.settings, self.batch)
+        return self.lost or self.canceled
+
+    def on_progress(self, progress) -> None:
+        if progress.step == 1:  # one audit event, not one per step
+            with session_scope(self.settings.database) as session:
+                for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(self.batch.requests)))):
+                    record(session=session, request=row, event="training_started", actor=f"worker:{self.worker_id}",
+                           detail={"loss": progress.loss, "forget_acc": progress.forget_acc})
 
 
 def cancel_requested(settings: Settings, batch: Batch) -> bool:
@@ -193,9 +210,7 @@ class BatchResult:
 def unlearn_batch(settings: Settings, batch: Batch, runnable: dict[str, tuple[str, str, int]], current: Path,
                   workdir: Path, heartbeat: Heartbeat) -> BatchResult:
     """Forget the batch's classes that the current version still knows; re-check earlier ones."""
-    from worker.engine import UnlearnConfig
-
-    target = UnlearnConfig().target_forget_acc
+    target = get_unlearn_settings().target_forget_acc
     specs = {cls: uri for cls, uri, _ in runnable.values()}
     before = forget_accuracy(current, specs)
     already = {c: acc for c, acc in before.items() if acc <= target}
@@ -219,10 +234,14 @@ def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[st
                heartbeat: Heartbeat) -> tuple[dict[str, Any], Path]:
     from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
 
-    config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None)
+    knobs = get_unlearn_settings()
+    config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None, lr=knobs.lr,
+                           max_steps=knobs.max_steps, target_forget_acc=knobs.target_forget_acc,
+                           l1_weight=knobs.l1_weight, rank=knobs.rank, eval_every=knobs.eval_every,
+                           patience=knobs.patience)
     inputs = UnlearnInputs(model=str(current), forget=tuple(ForgetSpec(c, str(local_path(u))) for c, u in classes.items()),
                            eval_source=str(local_path(batch.eval_set_uri)) if batch.eval_set_uri else None)
-    result = unlearn(inputs, config, should_cancel=lambda: heartbeat.lost or cancel_requested(settings, batch))
+    result = unlearn(inputs, config, on_progress=heartbeat.on_progress, should_cancel=heartbeat.should_cancel)
     result.save(str(out))
     report = result.report.to_dict()
     report.pop("history", None)

@@ -1,7 +1,7 @@
 """End to end through a real worker process: request -> run -> version 2 -> current."""
 
 from service.deletion_requests.models import RequestStatus
-from tests.service.conftest import register_digits, request_body, wait_for
+from tests.service_fixtures import register_digits, request_body, wait_for
 
 
 def test_a_request_is_fulfilled_by_a_worker_and_current_moves(client, admin, digits, digits_model, start_worker):

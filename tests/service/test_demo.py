@@ -1,0 +1,25 @@
+"""``lethe demo`` on a fresh LETHE_HOME with nothing configured: it forgets a digit end to end."""
+
+import os
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_demo_forgets_a_digit_and_reports_the_new_version(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
+    env["LETHE_HOME"] = str(tmp_path / "var")
+    done = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--exit-when-done", "--port", str(free_port()),
+                           "--timeout", "300"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "request status: completed" in out
+    assert "forget-set accuracy of digit 3:" in out and "held-out Acc_r" in out
+    assert "current version: 2, sha256 " in out
+    assert (tmp_path / "var" / "demo" / "model" / "model.safetensors").is_file()

@@ -1,0 +1,189 @@
+"""Service and worker fixtures (loaded by tests/conftest.py): a fresh database of the tests' own on each backend, the app, API keys, a real worker.
+
+``backend`` runs a test against the embedded default (SQLite + Celery's SQL transport) and against
+the real Postgres + Redis on 127.0.0.1. Each test gets a new database (Postgres: created and
+dropped here) and a new LETHE_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth.service import create_key
+from service.config import Settings
+from service.db import engine_for, session_scope, upgrade_schema
+
+POSTGRES_ADMIN = os.environ.get("LETHE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LETHE_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN.replace("+psycopg", ""), connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+def redis_available() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping())
+    except Exception:
+        return False
+
+
+@dataclass
+class Backend:
+    name: str
+    env: dict[str, str]
+    settings: Settings
+    cleanup: list = field(default_factory=list)
+
+
+def create_postgres_database() -> tuple[str, callable]:
+    import psycopg
+
+    name = f"lethe_test_{uuid.uuid4().hex[:12]}"
+    admin = POSTGRES_ADMIN.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop() -> None:
+        engine_for(url).dispose()
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return url, drop
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def backend(request, tmp_path: Path, digits) -> Iterator[Backend]:
+    home = tmp_path / "home"
+    env = {"LETHE_HOME": str(home), "LETHE_DATA_ROOTS": str(digits.root), "LETHE_LEASE_SECONDS": "6",
+           "LETHE_SWEEP_SECONDS": "2"}
+    cleanup = []
+    if request.param == "postgres":
+        if os.environ.get("CI") and not postgres_available():
+            pytest.fail("Postgres is not reachable at 127.0.0.1:5432; .ci/run starts it")
+        if not (postgres_available() and redis_available()):
+            pytest.skip("needs Postgres at 127.0.0.1:5432 and Redis at 127.0.0.1:6379")
+        url, drop = create_postgres_database()
+        cleanup.append(drop)
+        env["LETHE_DATABASE_URL"] = url
+        redis_db = 1 + uuid.uuid4().int % 14  # a queue of this test's own
+        env["LETHE_BROKER_URL"] = f"{REDIS_URL}/{redis_db}"
+        import redis
+
+        redis.Redis.from_url(env["LETHE_BROKER_URL"]).flushdb()
+    settings = Settings(**{k.removeprefix("LETHE_").lower(): v for k, v in env.items()})
+    upgrade_schema(settings.database)
+    yield Backend(request.param, env, settings, cleanup)
+    engine_for(settings.database).dispose()
+    for step in cleanup:
+        step()
+
+
+@pytest.fixture
+def enqueued() -> list[str]:
+    """Request ids the app enqueued (for API tests that run no worker)."""
+    return []
+
+
+@pytest.fixture
+def client(backend: Backend, enqueued: list[str]) -> Iterator[TestClient]:
+    with TestClient(create_app(backend.settings, enqueue=enqueued.append)) as test_client:
+        yield test_client
+
+
+def make_key(settings: Settings, *scopes: str) -> dict[str, str]:
+    """Authorization headers for a new key with ``scopes``."""
+    with session_scope(settings.database) as session:
+        _row, key = create_key(session=session, name=f"key-{uuid.uuid4().hex[:8]}", scopes=list(scopes))
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def admin(backend: Backend) -> dict[str, str]:
+    return make_key(backend.settings, "admin")
+
+
+def register_digits(client: TestClient, headers: dict[str, str], package: Path, name: str = "digits",
+                    eval_set: str | None = None):
+    data = {"name": name, **({"eval_set": eval_set} if eval_set else {})}
+    with open(package / "model.json", "rb") as card, open(package / "model.safetensors", "rb") as weights:
+        return client.post("/models", headers=headers, data=data, files={"card": card, "weights": weights})
+
+
+def request_body(digits, external_id: str = "subject-1", forget_class: str = "3", model: str = "digits") -> dict:
+    return {"external_id": external_id, "model": model, "forget_class": forget_class,
+            "forget_set": {"uri": f"file://{digits.train_class(forget_class)}"}}
+
+
+class WorkerProcess:
+    """A real ``lethe worker`` process (with the periodic sweep), killable with SIGKILL."""
+
+    def __init__(self, backend: Backend, log_path: Path, beat: bool = True) -> None:
+        env = {**os.environ, **backend.env, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "service.cli", "worker", "--loglevel", "INFO"] + (["--beat"] if beat else [])
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def start_worker(backend: Backend, tmp_path: Path):
+    workers: list[WorkerProcess] = []
+
+    def start(beat: bool = True) -> WorkerProcess:
+        worker = WorkerProcess(backend, tmp_path / f"worker-{len(workers)}.log", beat=beat)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
