@@ -1,0 +1,89 @@
+"""The periodic sweep, called directly: dead workers' requests come back, deadlines are flagged
+once, superseded weights are disposed of after the retention period."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from service.db import session_scope, utcnow
+from service.deletion_requests.models import DeletionRequest
+from service.deletion_requests.transitions import transition
+from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.service import publish_version
+from tests.service_fixtures import register_digits, request_body
+from worker import runs
+
+
+def submit(client, admin, digits, **changes) -> str:
+    return client.post("/deletion-requests", headers=admin, json={**request_body(digits), **changes}).json()["id"]
+
+
+def test_a_request_whose_worker_lease_expired_is_queued_again_and_woken(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    request_id = submit(client, admin, digits)
+    with session_scope(backend.settings.database) as session:
+        row = session.get(DeletionRequest, request_id)
+        transition(session=session, request=row, to="running", actor="worker:dead")
+        row.lease_owner, row.lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
+        model = session.get(RegisteredModel, row.model_id)
+        model.run_lease_owner, model.run_lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
+    woken: list[str] = []
+    counts = runs.sweep(backend.settings, woken.append)
+    assert counts["requeued"] == 1 and woken == [request_id]
+    body = client.get(f"/deletion-requests/{request_id}", headers=admin).json()
+    assert body["status"] == "queued"
+    assert "lease of worker:dead expired" in body["events"][-1]["detail"]["reason"]
+    with session_scope(backend.settings.database) as session:
+        assert session.scalar(select(RegisteredModel.run_lease_owner)) is None
+
+
+def test_a_queued_request_is_woken_even_when_its_message_was_lost(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    first, second = submit(client, admin, digits), submit(client, admin, digits, external_id="s2", forget_class="4")
+    woken: list[str] = []
+    runs.sweep(backend.settings, woken.append)
+    assert woken == [first]  # one wake-up per model: the worker then serves the model's whole queue
+    assert second not in woken
+
+
+def test_deadlines_are_flagged_once_each(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    now = utcnow()
+    at_risk = submit(client, admin, digits, received_at=(now - timedelta(days=25)).isoformat())
+    overdue = submit(client, admin, digits, external_id="late", forget_class="4",
+                     received_at=(now - timedelta(days=31)).isoformat())
+    fresh = submit(client, admin, digits, external_id="fresh", forget_class="5")
+    first = runs.sweep(backend.settings, lambda _: None)
+    again = runs.sweep(backend.settings, lambda _: None)
+    assert (first["at_risk"], first["overdue"]) == (1, 1) and (again["at_risk"], again["overdue"]) == (0, 0)
+    events = {i: [e["event"] for e in client.get(f"/deletion-requests/{i}", headers=admin).json()["events"]]
+              for i in (at_risk, overdue, fresh)}
+    assert "at_risk" in events[at_risk] and "overdue" in events[overdue]
+    assert not {"at_risk", "overdue"} & set(events[fresh])
+
+
+def test_superseded_weights_are_deleted_after_the_retention_period_and_answer_410(
+        backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    store = client.app.state.store
+    with session_scope(backend.settings.database) as session:
+        model = session.scalar(select(RegisteredModel))
+        first = session.scalar(select(ModelVersion))
+        incoming = store.new_incoming()
+        incoming.write_bytes(b"not really weights, but another file")
+        sha256, size = store.put(incoming)
+        publish_version(session=session, model_id=model.id, sha256=sha256, size=size, card=first.card,
+                        classes_forgotten=["3"], metrics={})
+        first_sha = first.sha256
+    kept = runs.sweep(backend.settings, lambda _: None)
+    assert kept["disposed"] == 0 and store.exists(first_sha)  # within the 72 h retention
+
+    settings = backend.settings.model_copy(update={"retention_hours": 0})
+    assert runs.sweep(settings, lambda _: None)["disposed"] == 1
+    assert not store.exists(first_sha) and store.exists(sha256)
+    response = client.get("/models/digits/versions/1/weights", headers=admin)
+    assert response.status_code == 410 and response.json()["code"] == "gone"
+    listed = client.get("/models/digits/versions", headers=admin).json()["versions"]
+    assert listed[0]["sha256"] == first_sha and listed[0]["download_url"] is None and listed[0]["disposed_at"]
