@@ -24,8 +24,11 @@ def store_of(request: Request) -> ArtifactStore:
 
 
 def to_public(session, model: RegisteredModel, version: ModelVersion) -> ModelVersionPublic:
-    requests = session.scalars(select(DeletionRequest).where(DeletionRequest.fulfilled_version_id == version.id)
-                               .order_by(DeletionRequest.created_at)).all()
+    # A version incorporates every erasure fulfilled by it or by an earlier version of its chain.
+    requests = session.scalars(
+        select(DeletionRequest).join(ModelVersion, ModelVersion.id == DeletionRequest.fulfilled_version_id)
+        .where(ModelVersion.model_id == model.id, ModelVersion.version <= version.version)
+        .order_by(DeletionRequest.finished_at, DeletionRequest.id)).all()
     disposed = version.disposed_at is not None
     return ModelVersionPublic(
         model=model.name, version=version.version, sha256=version.sha256, size=version.size,

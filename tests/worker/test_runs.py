@@ -104,6 +104,7 @@ def test_twenty_requests_over_five_classes_with_two_workers_give_sequential_vers
     assert numbers == list(range(1, len(numbers) + 1))
     current = client.get("/models/current", headers=admin).json()
     assert set(classes) <= set(current["classes_forgotten"])
+    assert {r["external_id"] for r in current["deletion_requests"]} == {b["external_id"] for b in bodies}
     # Every completed request's class is forgotten in every version from the one that fulfilled it on.
     for version in versions(backend):
         fulfilled_here = [r for r in results if r["fulfilled_version"] == version.version]
