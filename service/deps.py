@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.auth.models import ApiKey
 from service.auth.service import authenticate, require_scope
 from service.config import Settings
-from service.db import session_factory
+from service.db import session_scope
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -24,15 +24,8 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """One transaction per request, committed after the view returns and before the response is sent."""
-    session = session_factory(settings.database)()
-    try:
+    with session_scope(settings.database) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
