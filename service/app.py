@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -21,6 +21,57 @@ Make trained image classifiers forget a class (GDPR Art. 17 / CCPA erasure) by l
 Authenticate with `Authorization: Bearer <key>` (keys come from `lethe keys create`). Errors are
 `application/problem+json` (RFC 9457) with a stable `code`.
 """
+
+
+class BodySizeLimit:
+    """413 for request bodies over the limit, whether announced by Content-Length or sent chunked.
+
+    JSON bodies are small, so one without a Content-Length is read here (up to the limit) and
+    replayed to the app; uploads are counted again while they are copied (registry views).
+    """
+
+    def __init__(self, app, json_limit: int, upload_limit: int) -> None:
+        self.app, self.json_limit, self.upload_limit = app, json_limit, upload_limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        is_upload = headers.get(b"content-type", b"").startswith(b"multipart/")
+        limit = self.upload_limit if is_upload else self.json_limit
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                return await self.reject(scope, send, limit)
+            return await self.app(scope, receive, send)
+        if is_upload:
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self.reject(scope, send, limit)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def reject(scope, send, limit: int) -> None:
+        body = problem(413, "payload_too_large", "Payload too large", f"request bodies are limited to {limit} bytes",
+                       instance=scope.get("path"))
+        await JSONResponse(body, status_code=413, media_type=PROBLEM_JSON)(scope, None, send)
 
 
 def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] | None = None) -> FastAPI:
@@ -43,16 +94,7 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.include_router(registry_router)
     app.include_router(requests_router)
 
-    @app.middleware("http")
-    async def limit_json_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        is_upload = request.headers.get("content-type", "").startswith("multipart/")
-        limit = settings.max_upload_bytes + (1 << 20) if is_upload else MAX_JSON_BODY
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            body = problem(413, "payload_too_large", "Payload too large", f"request bodies are limited to {limit} bytes",
-                           instance=request.url.path)
-            return JSONResponse(body, status_code=413, media_type=PROBLEM_JSON)
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, json_limit=MAX_JSON_BODY, upload_limit=settings.max_upload_bytes + (1 << 20))
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     def healthz() -> dict:

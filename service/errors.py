@@ -89,6 +89,13 @@ def install_error_handlers(app) -> None:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
         return respond(request, 422, problem(422, "invalid_input", "Invalid input", detail, errors=errors))
 
+    from sqlalchemy.exc import DataError
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError):
+        return respond(request, 422, problem(422, "invalid_input", "Invalid input",
+                                             "a value could not be stored or compared (e.g. a NUL character)"))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         import logging

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+NO_NUL = r"^[^\x00]*$"  # Postgres text cannot hold NUL
 
 
 class ForgetSetRef(BaseModel):
@@ -17,24 +19,37 @@ class ForgetSetRef(BaseModel):
 class DeletionRequestCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    external_id: str = Field(min_length=1, max_length=200, description="the caller's id; unique per model")
-    model: str = Field(min_length=1, max_length=64)
-    forget_class: str = Field(min_length=1, max_length=200)
+    external_id: str = Field(min_length=1, max_length=200, pattern=NO_NUL, description="the caller's id; unique per model")
+    model: str = Field(min_length=1, max_length=64, pattern=NO_NUL)
+    forget_class: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     forget_set: ForgetSetRef
     received_at: AwareDatetime | None = Field(None, description="when the request reached the controller; default now")
+
+    @field_validator("received_at")
+    @classmethod
+    def _plausible_time(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            value = value.astimezone(timezone.utc)
+        except OverflowError:
+            raise ValueError("received_at is out of range") from None
+        if value.year < 1970:
+            raise ValueError("received_at must be after 1970")
+        return value
 
 
 class ExtendBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     days: int = Field(ge=1, le=60, description="added to due_at; at most 60 days in all (GDPR Art. 12(3))")
-    reason: str = Field(min_length=3, max_length=2000)
+    reason: str = Field(min_length=3, max_length=2000, pattern=NO_NUL)
 
 
 class CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(None, max_length=2000)
+    reason: str | None = Field(None, max_length=2000, pattern=NO_NUL)
 
 
 class AuditEventPublic(BaseModel):

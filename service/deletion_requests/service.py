@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,7 +19,7 @@ from service.db import on_commit, utcnow
 from service.deletion_requests.models import FINISHED, DeletionRequest, RequestStatus as S
 from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody
 from service.deletion_requests.transitions import record, transition
-from service.errors import Conflict, IdempotencyMismatch, InvalidInput, NotFound
+from service.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidTransition, NotFound
 from service.registry.models import RegisteredModel
 from service.registry.service import current_version
 from service.sources import check_data_root
@@ -101,6 +102,10 @@ def _check_class(session: Session, model: RegisteredModel, forget_class: str) ->
 
 
 def get_request(*, session: Session, request_id: str) -> DeletionRequest:
+    try:
+        request_id = str(uuid.UUID(request_id))
+    except ValueError:
+        raise NotFound(f"no deletion request {request_id!r}") from None
     request = session.get(DeletionRequest, request_id)
     if request is None:
         raise NotFound(f"no deletion request {request_id!r}")
@@ -154,7 +159,10 @@ def encode_cursor(request: DeletionRequest) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created_at, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), str(last_id)
+        created_at = datetime.fromisoformat(created_at)
+        if created_at.tzinfo is None:
+            raise ValueError("naive")
+        return created_at, str(uuid.UUID(str(last_id)))
     except (ValueError, TypeError) as exc:
         raise InvalidInput("malformed cursor") from exc
 
@@ -170,6 +178,9 @@ def cancel(*, session: Session, request: DeletionRequest, actor: str, reason: st
 
 def retry(*, session: Session, request: DeletionRequest, actor: str, enqueue) -> DeletionRequest:
     """A failed request runs again, with a new seed."""
+    if request.status != S.FAILED:  # running -> queued exists for lost leases, not for callers
+        raise InvalidTransition(f"only a failed request can be retried; this one is {request.status}",
+                                current_status=request.status)
     seed = secrets.randbelow(2**31)
     transition(session=session, request=request, to=S.QUEUED, actor=actor, detail={"seed": seed, "retry": True})
     request.seed, request.error, request.cancel_requested = seed, None, False
@@ -199,6 +210,7 @@ def deadline_state(request: DeletionRequest, now: datetime | None = None) -> tup
         return None, False, False
     now = now or utcnow()
     seconds = (request.due_at - now).total_seconds()
-    days_left = int(seconds // 86400)
     overdue = seconds < 0
+    # "12 days left" counts whole days still available; "3 days overdue" whole days late (at least 1).
+    days_left = -max(1, int(-seconds // 86400)) if overdue else int(seconds // 86400)
     return days_left, (not overdue and now >= request.at_risk_from), overdue

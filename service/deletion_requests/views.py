@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
+from pydantic import AwareDatetime
 
 from service.deletion_requests import service
 from service.deletion_requests.models import DeletionRequest
@@ -21,6 +21,7 @@ from service.deletion_requests.schemas import (
 )
 from service.deps import RequestsReader, RequestsWriter, SessionDep, SettingsDep
 from service.registry.models import ModelVersion
+from service.registry.service import NAME_PATTERN
 
 router = APIRouter(prefix="/deletion-requests", tags=["deletion requests"])
 
@@ -57,9 +58,9 @@ def submit(body: DeletionRequestCreate, request: Request, response: Response, se
 @router.get("", response_model=DeletionRequestPage, summary="Requests, oldest first, with filters and a cursor")
 def list_requests(session: SessionDep, _key: RequestsReader,
                   status: Annotated[list[str] | None, Query()] = None,
-                  model: Annotated[str | None, Query(max_length=64)] = None,
+                  model: Annotated[str | None, Query(pattern=NAME_PATTERN.pattern)] = None,
                   at_risk: bool | None = None, overdue: bool | None = None,
-                  due_before: datetime | None = None,
+                  due_before: AwareDatetime | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 50,
                   cursor: Annotated[str | None, Query(max_length=500)] = None) -> DeletionRequestPage:
     filters = service.RequestFilter(status=status, model=model, at_risk=at_risk, overdue=overdue, due_before=due_before)

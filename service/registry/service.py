@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
@@ -57,8 +58,12 @@ def register_model(*, session: Session, store: ArtifactStore, name: str, card_by
     card = validate_package(card_bytes, weights_path)
     sha256, size = store.put(weights_path)
     model = RegisteredModel(name=name, eval_set_uri=eval_set)
-    session.add(model)
-    session.flush()
+    try:
+        with session.begin_nested():  # a concurrent registration of the same name may win
+            session.add(model)
+            session.flush()
+    except IntegrityError:
+        raise Conflict(f"a model named {name!r} is registered already") from None
     version = ModelVersion(model_id=model.id, version=1, sha256=sha256, size=size, card=card.raw, classes_forgotten=[])
     session.add(version)
     session.flush()
@@ -68,6 +73,8 @@ def register_model(*, session: Session, store: ArtifactStore, name: str, card_by
 
 
 def get_model(*, session: Session, name: str) -> RegisteredModel:
+    if not NAME_PATTERN.fullmatch(name or ""):
+        raise NotFound(f"no model named {name!r}")  # not a valid name: never stored
     model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
     if model is None:
         raise NotFound(f"no model named {name!r}")
@@ -79,9 +86,10 @@ def resolve_model(*, session: Session, name: str | None) -> RegisteredModel:
     if name is not None:
         return get_model(session=session, name=name)
     models = session.scalars(select(RegisteredModel).limit(2)).all()
-    if len(models) != 1:
-        raise InvalidInput("several models are registered: name one with ?model=NAME" if models
-                           else "no model is registered")
+    if not models:
+        raise NotFound("no model is registered")
+    if len(models) > 1:
+        raise InvalidInput("several models are registered: name one with ?model=NAME")
     return models[0]
 
 

@@ -173,8 +173,10 @@ def build_model(card: ModelCard, state_dict: dict[str, torch.Tensor]) -> torch.n
         raise ModelPackageError(f"unknown timm architecture {card.architecture!r}")
     try:
         model = timm.create_model(card.architecture, pretrained=False, num_classes=len(card.classes), **card.kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise ModelPackageError(f"cannot build {card.architecture} with kwargs {card.kwargs}: {exc}") from None
+    except Exception as exc:  # arbitrary kwargs reach timm's constructors: any failure is the card's
+
+        raise ModelPackageError(f"cannot build {card.architecture} with kwargs {card.kwargs}: "
+                                f"{type(exc).__name__}: {exc}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
