@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lethe: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last resort: one line, never a traceback
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"lethe: internal error: {type(exc).__name__}: {first_line}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +157,7 @@ def redact(url: str) -> str:
 
 
 def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
-    from worker.engine.config import UnlearnConfig
+    from worker.engine.config import DEVICES, PRECISIONS, UnlearnConfig
     from worker.engine.methods import METHODS
 
     defaults = UnlearnConfig()
@@ -185,8 +189,8 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--patience", type=int, default=defaults.patience)
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable files instead of failing")
-    p.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=defaults.precision, choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", default=defaults.device, choices=DEVICES)
+    p.add_argument("--precision", default=defaults.precision, choices=PRECISIONS)
     p.add_argument("--report", metavar="FILE", help="where to write the JSON report (default: OUT_DIR/report.json)")
     p.add_argument("--allow-miss", action="store_true",
                    help="write the model and exit 0 even when the forgetting target was not met")
@@ -210,13 +214,15 @@ def run_unlearn(args: argparse.Namespace) -> int:
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
         )
         out = check_output_folder(args.out)  # before training: a run is minutes of work to lose
+        report_path = report_location(args.report, out)
         bar = ProgressBar(sys.stderr)
         result = unlearn(inputs, config, on_progress=bar.update)
         bar.close()
         report = result.report.to_dict()
-        report_path = Path(args.report) if args.report else out / "report.json"
         if result.target_met or args.allow_miss:
             report["weights_sha256"] = result.save(str(out))
+        elif not args.report:  # no model: keep OUT_DIR free for the next attempt
+            report_path = out.with_name(out.name + ".report.json")
         write_json(report_path, report)
     except EngineError as exc:
         return fail(str(exc))
@@ -231,6 +237,18 @@ def run_unlearn(args: argparse.Namespace) -> int:
         return EXIT_TARGET_MISSED
     print(report_path)
     return 0
+
+
+def report_location(report: str | None, out: Path) -> Path:
+    """Where the report goes: ``--report`` (never over an existing file) or OUT_DIR/report.json."""
+    from worker.engine import ConfigError
+
+    if report is None:
+        return out / "report.json"
+    path = Path(report)
+    if path.exists():
+        raise ConfigError(f"{path}: the report file exists already; choose another --report")
+    return path
 
 
 def parse_forget(item: str):

@@ -297,20 +297,9 @@ def materialise_version(settings: Settings, batch: Batch, folder: Path) -> Path:
 
 def forget_accuracy(package: Path, specs: dict[str, str]) -> dict[str, float]:
     """Each class's accuracy on its forget set under the given package."""
-    from worker.engine.images import normalise, read_images
-    from worker.engine.loop import ForgetData, forget_set_accuracy
-    from worker.engine.package import build_model, load_package
-    from worker.engine.runtime import pick_runtime
+    from worker.engine import ForgetSpec, forget_set_accuracies
 
-    loaded = load_package(package)
-    runtime = pick_runtime()
-    names = list(specs)
-    indices = tuple(loaded.card.class_index(c) for c in names)
-    images = tuple(normalise(read_images(str(local_path(specs[c])), loaded.card.input).pixels.to(runtime.device),
-                             loaded.card.input) for c in names)
-    model = build_model(loaded.card, loaded.state_dict).to(runtime.device)
-    forget = ForgetData(class_names=tuple(names), class_indices=indices, images=images)
-    return dict(zip(names, forget_set_accuracy(model, forget, runtime, 256)))
+    return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(local_path(u))) for c, u in specs.items()))
 
 
 def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float) -> list[str]:

@@ -34,14 +34,22 @@ def test_unlearn_writes_the_package_and_the_report(digits_model, digits, tmp_pat
 def test_a_missed_target_writes_no_model_unless_allowed(digits_model, digits, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(unlearn_args(digits_model, digits, out, "--max-steps", "1")) == EXIT_TARGET_MISSED
-    assert "target not met" in capsys.readouterr().err
-    assert (out / "report.json").is_file() and not (out / "model.safetensors").exists()
-    report = json.loads((out / "report.json").read_text())
-    assert report["target_met"] is False
+    captured = capsys.readouterr()
+    assert "target not met" in captured.err
+    report_path = tmp_path / "out.report.json"  # beside OUT_DIR, which stays free for the next attempt
+    assert captured.out.strip().splitlines()[-1] == str(report_path) and not out.exists()
+    assert json.loads(report_path.read_text())["target_met"] is False
 
-    allowed = tmp_path / "allowed"
-    assert main(unlearn_args(digits_model, digits, allowed, "--max-steps", "1", "--allow-miss")) == 0
-    assert (allowed / "model.safetensors").is_file()
+    assert main(unlearn_args(digits_model, digits, out, "--max-steps", "1", "--allow-miss")) == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_an_existing_report_file_is_never_overwritten(digits_model, digits, tmp_path, capsys):
+    card = digits_model / "model.json"
+    before = card.read_text()
+    assert main(unlearn_args(digits_model, digits, tmp_path / "out", "--report", str(card))) == EXIT_BAD_INPUT
+    assert "the report file exists already" in capsys.readouterr().err
+    assert card.read_text() == before
 
 
 @pytest.mark.parametrize("change, message", [

@@ -11,12 +11,13 @@ from worker.engine.errors import (
     EngineError,
     ImageSourceError,
     ModelPackageError,
+    NumericalError,
     UnlearningCancelled,
     UnsupportedModelError,
 )
 from worker.engine.loop import Progress
 from worker.engine.methods import METHODS
-from worker.engine.unlearn import EvaluationReport, UnlearnReport, UnlearnResult, unlearn
+from worker.engine.unlearn import EvaluationReport, UnlearnReport, UnlearnResult, forget_set_accuracies, unlearn
 
 __all__ = [
     "METHODS",
@@ -26,6 +27,7 @@ __all__ = [
     "ForgetSpec",
     "ImageSourceError",
     "ModelPackageError",
+    "NumericalError",
     "Progress",
     "UnlearnConfig",
     "UnlearnInputs",
@@ -33,5 +35,6 @@ __all__ = [
     "UnlearnResult",
     "UnlearningCancelled",
     "UnsupportedModelError",
+    "forget_set_accuracies",
     "unlearn",
 ]

@@ -43,8 +43,9 @@ def describe_layers(names: list[str], limit: int = 12) -> str:
 def attach_lora(model: torch.nn.Module, layers: list[str], rank: int) -> PeftModel:
     """Wrap ``model`` with LoRA on ``layers``; only the adapters are trainable.
 
-    A is Gaussian-initialised and B zero-initialised (paper §3.3), so the wrapped model starts
-    exactly as the original; alpha = rank makes the merged update W0 + B @ A with no extra scale.
+    A is randomly initialised (PEFT's default, Kaiming-uniform, as ``LoraConfig(r=8)`` in method.md)
+    and B zero-initialised (paper §3.3), so the wrapped model starts exactly as the original;
+    alpha = rank makes the merged update W0 + B @ A with no extra scale.
     The caller seeds torch's global generator beforehand: PEFT draws A from it.
     """
     config = LoraConfig(

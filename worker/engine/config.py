@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +65,9 @@ class UnlearnConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         checks = [
-            (self.lr is None or self.lr > 0, "lr must be positive"),
-            (self.l1_weight >= 0, "lambda (l1_weight) must be zero or positive"),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr must be a positive number"),
+            (math.isfinite(self.l1_weight) and self.l1_weight >= 0, "lambda (l1_weight) must be zero or positive"),
+            (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
             (self.rank >= 1, "rank must be at least 1"),
             (bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets must name layers"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be at least 1"),

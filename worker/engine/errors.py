@@ -25,5 +25,9 @@ class UnsupportedModelError(EngineError):
     """A model the method cannot adapt (no linear layers with the requested names)."""
 
 
+class NumericalError(EngineError):
+    """The loss became non-finite: the run stops before any weight is corrupted."""
+
+
 class UnlearningCancelled(Exception):
     """The caller asked the run to stop; nothing was written."""

@@ -139,14 +139,23 @@ def _decode(entry: ImageEntry, spec: InputSpec) -> np.ndarray:
         raise ImageSourceError(f"{entry.name}: cannot read ({exc.strerror or exc})") from None
     try:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
-            image = image.convert(spec.channels)
+            image = to_8_bit(image).convert(spec.channels)
             height, width = spec.size
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageSourceError(f"{entry.name}: not a decodable JPEG/PNG/BMP/PGM/WebP image ({exc})") from None
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey images (PNG, PGM) scaled to 8 bits; Pillow's own conversion would clip them to white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        shift = 8 if values.max(initial=0) > 255 else 0
+        return Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8), mode="L")
+    return image
 
 
 def _is_hidden(parts: tuple[str, ...]) -> bool:
@@ -154,10 +163,13 @@ def _is_hidden(parts: tuple[str, ...]) -> bool:
 
 
 def _directory_entries(root: Path) -> Iterator[ImageEntry]:
+    real_root = root.resolve()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
         if _is_hidden(relative.parts):
             continue
+        if not path.resolve().is_relative_to(real_root):
+            raise ImageSourceError(f"{path}: links outside the source folder {root}")
         # A file directly in the source folder takes the folder's own name as its label.
         label = relative.parent.name or root.resolve().name or None
         yield ImageEntry(name=str(path), label=label, read_bytes=path.read_bytes)
@@ -200,17 +212,20 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
                     if not isinstance(row, dict):
                         raise ImageSourceError(f"{path}:{line}: not a JSON object")
                     yield line, row
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ImageSourceError(f"{path}: cannot read manifest ({exc})") from None
 
 
 def _manifest_entries(path: Path) -> Iterator[ImageEntry]:
     base = path.parent
+    real_base = base.resolve()
     for line, row in _manifest_rows(path):
         relative = row.get("path")
         if not isinstance(relative, str) or not relative:
             raise ImageSourceError(f"{path}:{line}: row has no 'path'")
         image_path = base / relative
+        if not image_path.resolve().is_relative_to(real_base):  # absolute paths, '..' and links out
+            raise ImageSourceError(f"{path}:{line}: {relative!r} is outside the manifest's folder")
         if not image_path.is_file():
             raise ImageSourceError(f"{path}:{line}: image {relative!r} not found")
         label = row.get("label")

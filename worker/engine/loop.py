@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from worker.engine.adapters import lora_b_matrices
 from worker.engine.config import UnlearnConfig
-from worker.engine.errors import UnlearningCancelled
+from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
 from worker.engine.losses import bounded_forget_loss, l1_distance, l1_norm, negative_ce_loss, random_labels_loss
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict, selection_score
@@ -67,7 +67,8 @@ class LoopOutcome:
 
 
 class CyclingSampler:
-    """Batches of indices drawn without replacement, reshuffled after every pass over the set."""
+    """Batches of distinct indices, reshuffled after every pass; a pass's remainder smaller than a
+    batch is dropped (the next pass covers those images again)."""
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
         self.n, self.size, self.generator = n, min(batch_size, n), generator
@@ -75,7 +76,7 @@ class CyclingSampler:
 
     def next(self) -> torch.Tensor:
         if self.order.numel() < self.size:
-            self.order = torch.cat([self.order, torch.randperm(self.n, generator=self.generator)])
+            self.order = torch.randperm(self.n, generator=self.generator)
         batch, self.order = self.order[: self.size], self.order[self.size:]
         return batch
 
@@ -127,6 +128,8 @@ class UnlearningLoop:
         loss = self._loss(forget_chunks, targets, retain_chunk)
         estimate = [accuracy(c.argmax(1).cpu(), torch.full((c.shape[0],), i)) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
+        if not torch.isfinite(loss):
+            raise NumericalError(f"the loss became {loss.item()} at this step; lower the learning rate or lambda")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # frees the graph's activations before a confirmation pass needs the memory
         forget_acc = None

@@ -13,7 +13,8 @@ def bounded_forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
     logits: (N, K) float; labels: (N,) long. Returns a scalar.
     """
-    return 1.0 / F.cross_entropy(logits, labels)
+    # A confident model can give CE == 0 in fp32 on its own training images; 1/0 would poison Adam.
+    return 1.0 / F.cross_entropy(logits, labels).clamp_min(1e-6)
 
 
 def negative_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

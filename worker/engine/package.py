@@ -26,7 +26,9 @@ from worker.engine.errors import ConfigError, ModelPackageError
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
-CHANNEL_MODES = {"RGB": 3, "L": 1}  # card ``input.channels`` -> number of image channels
+CHANNEL_MODES = {"RGB": 3, "L": 1}
+FORBIDDEN_KWARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                              "pretrained_strict", "features_only"})  # card ``input.channels`` -> number of image channels
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,17 @@ class ModelCard:
             raise ModelPackageError("card field 'kwargs' must be an object")
         if "num_classes" in kwargs or "pretrained" in kwargs:
             raise ModelPackageError("card kwargs may not set num_classes (it is len(classes)) or pretrained")
+        loaders = sorted(FORBIDDEN_KWARGS & set(kwargs))
+        if loaders:  # these make timm read files (checkpoint_path is a torch.load of a pickle)
+            raise ModelPackageError(f"card kwargs may not set {', '.join(loaders)}: weights come from model.safetensors only")
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
             raise ModelPackageError("card field 'classes' must be a non-empty list of class names")
         if len(set(classes)) != len(classes):
             raise ModelPackageError("card field 'classes' has duplicate names")
         lineage = raw.get("lineage", [])
-        if not (isinstance(lineage, list) and all(isinstance(e, dict) for e in lineage)):
-            raise ModelPackageError("card field 'lineage' must be a list of objects")
+        if not (isinstance(lineage, list) and all(isinstance(e, dict) for e in lineage)
+                and all(_is_names(e.get("classes_forgotten", [])) for e in lineage)):
+            raise ModelPackageError("card field 'lineage' must be a list of objects (classes_forgotten: names)")
         spec = InputSpec.from_dict(raw.get("input"))
         in_chans = kwargs.get("in_chans", 3)
         if in_chans != CHANNEL_MODES[spec.channels]:
@@ -166,18 +172,40 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
 
 
 def build_model(card: ModelCard, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Build the card's timm network (never pretrained) and load the weights strictly."""
+    """Build the card's timm network (never pretrained), load the weights strictly, and check that
+    an input of the card's size goes through it.
+
+    The network is first built on the ``meta`` device (no memory) to compare its shapes with the
+    weights, so a card asking for an enormous network fails before allocating it.
+    """
     import timm  # deferred: importing timm costs ~1 s and card validation does not need it
 
     if not timm.is_model(card.architecture):
         raise ModelPackageError(f"unknown timm architecture {card.architecture!r}")
+    with torch.device("meta"):
+        skeleton = _create(timm, card)
+    _check_fit(card, skeleton.state_dict(), state_dict)
+    model = _create(timm, card)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
     try:
-        model = timm.create_model(card.architecture, pretrained=False, num_classes=len(card.classes), **card.kwargs)
-    except Exception as exc:  # arbitrary kwargs reach timm's constructors: any failure is the card's
+        with torch.no_grad():
+            model(torch.zeros(1, CHANNEL_MODES[card.input.channels], *card.input.size))
+    except Exception as exc:  # e.g. input.size disagreeing with kwargs.img_size
+        raise ModelPackageError(f"a {card.input.size[0]}x{card.input.size[1]} {card.input.channels} input does not "
+                                f"go through {card.architecture} with the card's kwargs: {type(exc).__name__}: {exc}") from None
+    return model
 
+
+def _create(timm, card: ModelCard) -> torch.nn.Module:
+    try:
+        return timm.create_model(card.architecture, pretrained=False, num_classes=len(card.classes), **card.kwargs)
+    except Exception as exc:  # arbitrary kwargs reach timm's constructors: any failure is the card's
         raise ModelPackageError(f"cannot build {card.architecture} with kwargs {card.kwargs}: "
                                 f"{type(exc).__name__}: {exc}") from None
-    expected = model.state_dict()
+
+
+def _check_fit(card: ModelCard, expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
@@ -185,8 +213,6 @@ def build_model(card: ModelCard, state_dict: dict[str, torch.Tensor]) -> torch.n
         parts = [f"{label} {_preview(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
         raise ModelPackageError(f"weights do not fit {card.architecture} with the card's kwargs: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
 
 
 def check_output_folder(out_dir: str | os.PathLike[str]) -> Path:
@@ -222,6 +248,10 @@ def write_package(out_dir: str | os.PathLike[str], card: dict[str, Any], state_d
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sha256_file(out / WEIGHTS_FILE)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _is_int(value: Any) -> bool:

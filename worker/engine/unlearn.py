@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import timm  # noqa: F401  (imported here, not inside the run: its import would count as the run's memory)
 import torch
 
 from worker.engine.adapters import attach_lora, find_target_layers, merge_lora
-from worker.engine.config import UnlearnConfig, UnlearnInputs
+from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
 from worker.engine.images import ImageSet, normalise, read_images
 from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
@@ -41,7 +42,7 @@ class UnlearnReport:
     config: dict[str, Any]
     classes: list[str]
     forget_set_size: dict[str, int]
-    skipped_images: list[str]
+    skipped_images: dict[str, list[str]]  # per source ("forget:<class>", "eval", "retain"), when skipping
     steps: int
     steps_run: int
     seconds: float  # adapters attached -> merged: the unlearning itself
@@ -104,8 +105,12 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         card = package.card
         class_indices = tuple(card.class_index(f.class_name) for f in inputs.forget)
         forget_sets = [read_images(f.source, card.input, skip_bad=config.skip_bad_images) for f in inputs.forget]
-        eval_data = _labelled(inputs.eval_source, card, config, runtime) if inputs.eval_source else None
-        retain_data = _labelled(inputs.retain_source, card, config, runtime) if inputs.retain_source else None
+        skipped = {f"forget:{f.class_name}": list(s.skipped) for f, s in zip(inputs.forget, forget_sets) if s.skipped}
+        eval_data = _labelled(inputs.eval_source, "eval", card, config, runtime, skipped) if inputs.eval_source else None
+        retain_data = (_labelled(inputs.retain_source, "retain", card, config, runtime, skipped)
+                       if inputs.retain_source else None)
+        if eval_data is not None:
+            _check_covers(inputs.eval_source, eval_data, card, class_indices)
         if retain_data is not None and torch.isin(retain_data.labels, torch.tensor(class_indices)).any():
             raise ImageSourceError(f"{inputs.retain_source}: the retain source holds images of a class being forgotten")
 
@@ -119,9 +124,10 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_before = forget_set_accuracy(model, forget, runtime, config.eval_batch_size)
 
         unlearning_started = time.perf_counter()
-        torch.manual_seed(config.seed)  # PEFT draws the A matrices from the global generator
         generator = torch.Generator().manual_seed(config.seed)
-        trained = _prepare_trainable(model, config)
+        with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator; leave the caller's alone
+            torch.manual_seed(config.seed)
+            trained = _prepare_trainable(model, config)
         loop = UnlearningLoop(trained, config, forget, card.input, runtime, generator, eval_data, retain_data)
         if loop.meets_target(forget_before):
             outcome = LoopOutcome(steps=0, steps_run=0, target_met=True)  # nothing left to forget
@@ -132,18 +138,16 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         merged.eval()
         seconds = time.perf_counter() - unlearning_started
 
+        state_dict = _in_input_dtypes(merged, package.state_dict)
         forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
         eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
-        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in merged.state_dict().items()}
-    if state_dict.keys() != package.state_dict.keys():
-        raise RuntimeError("merged model's keys differ from the input's")  # a bug, not bad input
 
     report = UnlearnReport(
         method=config.method,
         config=config.to_record(),
         classes=list(forget.class_names),
         forget_set_size={f.class_name: len(s) for f, s in zip(inputs.forget, forget_sets)},
-        skipped_images=[name for s in forget_sets for name in s.skipped],
+        skipped_images=skipped,
         steps=outcome.steps,
         steps_run=outcome.steps_run,
         seconds=round(seconds, 3),
@@ -156,7 +160,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_acc_before=dict(zip(forget.class_names, forget_before)),
         forget_acc_after=dict(zip(forget.class_names, forget_after)),
         target_forget_acc=config.target_forget_acc,
-        target_met=outcome.target_met and loop.meets_target(forget_after),
+        target_met=loop.meets_target(forget_after),  # judged on the weights returned, however the run ended
         parent_sha256=package.weights_sha256,
         evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices),
         selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations}
@@ -176,6 +180,27 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
     return UnlearnResult(report=report, card=card.with_lineage(lineage), state_dict=state_dict)
 
 
+def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
+                          batch_size: int = 512) -> dict[str, float]:
+    """Each class's accuracy (%) on its forget set under a model package, in eval mode: the check
+    a service runs before training (already forgotten?) and on later versions (still forgotten?).
+
+    Args:
+        model: model package folder.
+        forget: the classes and their image sources.
+        device: "auto", "cpu" or "cuda".
+        batch_size: images per forward pass.
+    """
+    runtime = pick_runtime(device, "auto")
+    package = load_package(model)
+    card = package.card
+    indices = tuple(card.class_index(f.class_name) for f in forget)
+    images = tuple(normalise(read_images(f.source, card.input).pixels.to(runtime.device), card.input) for f in forget)
+    network = build_model(card, package.state_dict).to(runtime.device)
+    data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
+    return dict(zip(data.class_names, forget_set_accuracy(network, data, runtime, batch_size)))
+
+
 def _prepare_trainable(model: torch.nn.Module, config: UnlearnConfig) -> torch.nn.Module:
     """Attach adapters (only they train), or unfreeze every weight for the full-model methods."""
     if config.method_spec.adapters:
@@ -185,10 +210,36 @@ def _prepare_trainable(model: torch.nn.Module, config: UnlearnConfig) -> torch.n
     return model
 
 
-def _labelled(source: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime) -> LabelledData:
+def _labelled(source: str, role: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime,
+              skipped: dict[str, list[str]]) -> LabelledData:
     images: ImageSet = read_images(source, card.input, skip_bad=config.skip_bad_images)
     labels = images.label_indices(card.classes)
+    if images.skipped:
+        skipped[role] = list(images.skipped)
     return LabelledData(pixels=images.pixels.to(runtime.device), labels=labels)
+
+
+def _in_input_dtypes(merged: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged weights in the input's dtypes (an fp16 package stays fp16), loaded back into
+    ``merged`` so that what is measured afterwards is what gets written."""
+    state = merged.state_dict()
+    if state.keys() != original.keys():
+        raise RuntimeError("merged model's keys differ from the input's")  # a bug, not bad input
+    cast = {k: v.detach().to("cpu", dtype=original[k].dtype).contiguous() for k, v in state.items()}
+    if any(v.dtype != state[k].dtype for k, v in cast.items()):
+        merged.load_state_dict(cast)
+    return cast
+
+
+def _check_covers(source: str, data: LabelledData, card: ModelCard, forgotten: tuple[int, ...]) -> None:
+    """An evaluation split must hold images of every class being forgotten and of some other class,
+    or Acc_f / Acc_r would be reported for nothing."""
+    present = set(data.labels.tolist())
+    missing = [card.classes[i] for i in forgotten if i not in present]
+    if missing:
+        raise ImageSourceError(f"{source}: the evaluation source has no images of {', '.join(missing)}")
+    if not present - set(forgotten):
+        raise ImageSourceError(f"{source}: the evaluation source has no images of the classes kept")
 
 
 def _predict_labelled(model: torch.nn.Module, data: LabelledData | None, card: ModelCard, config: UnlearnConfig,

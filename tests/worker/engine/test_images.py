@@ -357,3 +357,28 @@ def test_files_in_a_relative_source_folder_take_its_name(tmp_path, monkeypatch):
     write(tmp_path / "cat" / "1.png", image_bytes())
     monkeypatch.chdir(tmp_path / "cat")
     assert read_images(".", RGB).labels == ("cat",)
+
+
+def test_a_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    pixels = np.full((8, 8), 32768, dtype=np.uint16)
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "1.png")
+    assert read_images(str(folder), GREY).pixels.unique().tolist() == [128]
+
+
+def test_manifest_rows_may_not_leave_the_manifest_folder(tmp_path):
+    write(tmp_path / "outside" / "1.png", image_bytes())
+    (tmp_path / "set").mkdir()
+    for row in (str(tmp_path / "outside" / "1.png"), "../outside/1.png"):
+        (tmp_path / "set" / "m.csv").write_text(f"path\n{row}\n")
+        with pytest.raises(ImageSourceError, match="outside the manifest's folder"):
+            read_images(str(tmp_path / "set" / "m.csv"), RGB)
+
+
+def test_a_directory_source_may_not_link_outside_itself(tmp_path):
+    write(tmp_path / "outside" / "1.png", image_bytes())
+    (tmp_path / "set" / "cat").mkdir(parents=True)
+    (tmp_path / "set" / "cat" / "1.png").symlink_to(tmp_path / "outside" / "1.png")
+    with pytest.raises(ImageSourceError, match="links outside the source folder"):
+        read_images(str(tmp_path / "set"), RGB)

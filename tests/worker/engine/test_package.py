@@ -365,3 +365,15 @@ def test_a_written_package_is_as_readable_as_any_new_folder(tmp_path):
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "out").iterdir())
+
+
+def test_kwargs_that_make_timm_read_files_are_refused():
+    with pytest.raises(ModelPackageError, match="may not set checkpoint_path"):
+        ModelCard.from_dict(with_kwargs(checkpoint_path="/etc/passwd"))
+
+
+def test_an_input_size_the_network_cannot_take_is_refused_at_load(tmp_path):
+    package = make_package(tmp_path / "pkg", raw_card=with_input(size=[16, 16]))
+    loaded = load_package(package)
+    with pytest.raises(ModelPackageError, match="16x16 L input does not go through"):
+        build_model(loaded.card, loaded.state_dict)

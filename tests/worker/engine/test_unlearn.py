@@ -201,10 +201,11 @@ def test_the_evaluation_block_has_per_class_accuracy_before_and_after(digits_mod
 # --- baselines -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def retain_manifest(digits: DigitsData, tmp_path_factory) -> str:
-    """A labelled retain source: a manifest of the other digits' training images."""
-    path = tmp_path_factory.mktemp("retain") / "retain.csv"
-    rows = [f"{p},{p.parent.name}" for p in sorted(digits.train.rglob("*.png")) if p.parent.name != FORGET]
+def retain_manifest(digits: DigitsData) -> str:
+    """A labelled retain source: a manifest of the other digits' training images (paths relative to it)."""
+    path = digits.root / "retain.csv"
+    rows = [f"{p.relative_to(digits.root)},{p.parent.name}" for p in sorted(digits.train.rglob("*.png"))
+            if p.parent.name != FORGET]
     path.write_text("path,label\n" + "\n".join(rows) + "\n")
     return str(path)
 
@@ -274,3 +275,52 @@ def test_on_a_gpu_the_run_uses_cuda_with_bf16_autocast_and_still_forgets(digits_
     assert all(v.device.type == "cpu" for v in result.state_dict.values())
     acc_f, acc_r = held_out_accuracy(result.card, result.state_dict, digits)
     assert acc_f <= 5.0 and base_accuracy[1] - acc_r <= 20.0
+
+
+# --- review regressions ----------------------------------------------------------------------------
+
+def test_an_overconfident_model_never_gets_non_finite_weights(digits_model, digits, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = load_file(str(digits_model / "model.safetensors"))
+    weights["head.bias"] = weights["head.bias"].clone()
+    weights["head.bias"][CLASSES.index(FORGET)] = 60.0  # CE on its images is exactly 0 in fp32
+    package = tmp_path / "confident"
+    package.mkdir()
+    save_file(weights, str(package / "model.safetensors"))
+    (package / "model.json").write_text((digits_model / "model.json").read_text())
+    result = run(package, digits, max_steps=3)
+    assert all(torch.isfinite(v).all() for v in result.state_dict.values())
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.report.history)
+
+
+def test_reaching_the_target_on_the_last_allowed_step_counts_as_met(default_runs, digits_model, digits):
+    steps = default_runs[0].report.steps
+    result = run(digits_model, digits, seed=SEEDS[0], max_steps=steps)
+    assert result.report.steps_run == steps and result.target_met
+
+
+def test_an_evaluation_source_without_the_forgotten_class_is_refused(digits_model, digits, tmp_path):
+    import shutil
+
+    shutil.copytree(digits.test / "5", tmp_path / "eval" / "5")
+    with pytest.raises(ImageSourceError, match="has no images of 3"):
+        run(digits_model, digits, eval_source=tmp_path / "eval")
+
+
+def test_a_half_precision_package_stays_half_precision(digits_model, digits, tmp_path):
+    from safetensors.torch import save_file
+
+    package = tmp_path / "fp16"
+    package.mkdir()
+    save_file({k: v.half() for k, v in load_file(str(digits_model / "model.safetensors")).items()},
+              str(package / "model.safetensors"))
+    (package / "model.json").write_text((digits_model / "model.json").read_text())
+    result = run(package, digits)
+    assert {v.dtype for v in result.state_dict.values()} == {torch.float16}
+    assert result.target_met  # measured on the fp16 weights that are written
+
+
+def test_seeds_outside_64_bits_are_refused():
+    with pytest.raises(ConfigError, match="seed"):
+        UnlearnConfig(seed=2**70)
