@@ -1,20 +1,22 @@
 """Service and worker fixtures (loaded by tests/conftest.py): a fresh database of the tests' own on each backend, the app, API keys, a real worker.
 
 ``backend`` runs a test against the embedded default (SQLite + Celery's SQL transport) and against
-the real Postgres + Redis on 127.0.0.1. Each test gets a new database (Postgres: created and
-dropped here) and a new LETHE_HOME.
+the real Postgres + Redis on 127.0.0.1. The suite creates (and drops) a Postgres database of its
+own, migrated once; every test starts from empty tables, an empty Redis db, a fresh SQLite copy
+and a new LETHE_HOME.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from service.db import engine_for, session_scope, upgrade_schema
 
 POSTGRES_ADMIN = os.environ.get("LETHE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LETHE_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_TEST_DB = 13
 
 
 def postgres_available() -> bool:
@@ -53,7 +56,6 @@ class Backend:
     name: str
     env: dict[str, str]
     settings: Settings
-    cleanup: list = field(default_factory=list)
 
 
 def create_postgres_database() -> tuple[str, callable]:
@@ -73,31 +75,58 @@ def create_postgres_database() -> tuple[str, callable]:
     return url, drop
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One database of the suite's own, migrated once; each test starts from empty tables."""
+    if os.environ.get("CI") and not (postgres_available() and redis_available()):
+        pytest.fail("Postgres (127.0.0.1:5432) or Redis (127.0.0.1:6379) is not reachable; .ci/run starts them")
+    if not (postgres_available() and redis_available()):
+        pytest.skip("needs Postgres at 127.0.0.1:5432 and Redis at 127.0.0.1:6379")
+    url, drop = create_postgres_database()
+    upgrade_schema(url)
+    yield url
+    drop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """An embedded database migrated once; each test gets a copy."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "lethe.db"
+    url = f"sqlite:///{path}"
+    upgrade_schema(url)
+    engine_for(url).dispose()
+    return path
+
+
+def empty_tables(url: str) -> None:
+    from sqlalchemy import text
+
+    from service.db import Base
+
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    with engine_for(url).begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
 @pytest.fixture(params=["embedded", "postgres"])
 def backend(request, tmp_path: Path, digits) -> Iterator[Backend]:
     home = tmp_path / "home"
+    home.mkdir()
     env = {"LETHE_HOME": str(home), "LETHE_DATA_ROOTS": str(digits.root), "LETHE_LEASE_SECONDS": "6",
            "LETHE_SWEEP_SECONDS": "2"}
-    cleanup = []
     if request.param == "postgres":
-        if os.environ.get("CI") and not postgres_available():
-            pytest.fail("Postgres is not reachable at 127.0.0.1:5432; .ci/run starts it")
-        if not (postgres_available() and redis_available()):
-            pytest.skip("needs Postgres at 127.0.0.1:5432 and Redis at 127.0.0.1:6379")
-        url, drop = create_postgres_database()
-        cleanup.append(drop)
-        env["LETHE_DATABASE_URL"] = url
-        redis_db = 1 + uuid.uuid4().int % 14  # a queue of this test's own
-        env["LETHE_BROKER_URL"] = f"{REDIS_URL}/{redis_db}"
         import redis
 
+        env["LETHE_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        empty_tables(env["LETHE_DATABASE_URL"])
+        env["LETHE_BROKER_URL"] = f"{REDIS_URL}/{REDIS_TEST_DB}"  # a queue of the suite's own, emptied per test
         redis.Redis.from_url(env["LETHE_BROKER_URL"]).flushdb()
+    else:
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), home / "lethe.db")
     settings = Settings(**{k.removeprefix("LETHE_").lower(): v for k, v in env.items()})
-    upgrade_schema(settings.database)
-    yield Backend(request.param, env, settings, cleanup)
-    engine_for(settings.database).dispose()
-    for step in cleanup:
-        step()
+    yield Backend(request.param, env, settings)
+    if request.param == "embedded":
+        engine_for(settings.database).dispose()
 
 
 @pytest.fixture
