@@ -88,11 +88,15 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.state.enqueue = enqueue
     install_error_handlers(app)
 
+    from service.dashboard.views import html_error, router as dashboard_router, static_files
     from service.deletion_requests.views import router as requests_router
     from service.registry.views import router as registry_router
 
     app.include_router(registry_router)
     app.include_router(requests_router)
+    app.include_router(dashboard_router)
+    app.mount("/dashboard/static", static_files, name="dashboard-static")
+    app.state.html_error = html_error
 
     app.add_middleware(BodySizeLimit, json_limit=MAX_JSON_BODY, upload_limit=settings.max_upload_bytes + (1 << 20))
 

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(120, ge=2, description="a worker's lease on a run; renewed by its heartbeat")
     sweep_seconds: float = Field(30.0, gt=0, description="how often the periodic sweep runs")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest accepted weights upload")
+    dashboard_refresh_seconds: float = Field(15.0, ge=1, description="how often the requests table refreshes itself")
+    dashboard_session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a dashboard login lasts this long")
 
     @field_validator("home")
     @classmethod

@@ -148,6 +148,7 @@ def report(client: httpx.Client, base: str, location: str, result: dict, key: st
     say(f"  {base}/models/current?model={DEMO_MODEL}")
     say(f"  {base}{current['download_url']}")
     say(f"  {base}/docs   (the OpenAPI schema)")
+    say(f"  {base}/dashboard   (the ops dashboard: log in with the key below)")
     say(f"API key for these URLs (admin scope): {key}")
 
 

@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from service.auth.models import ApiKey
 from service.auth.service import authenticate, require_scope
 from service.config import Settings
+from service.dashboard.models import DashboardSession
+from service.dashboard.service import current_login
 from service.db import session_scope
 
 
@@ -53,3 +55,14 @@ RequestsWriter = Annotated[ApiKey, scoped("requests:write")]
 RequestsReader = Annotated[ApiKey, scoped("requests:read")]
 ModelsWriter = Annotated[ApiKey, scoped("models:write")]
 ModelsReader = Annotated[ApiKey, scoped("models:read")]
+
+
+SESSION_COOKIE = "lethe_session"
+
+
+def dashboard_login(request: Request, session: SessionDep) -> DashboardSession:
+    """The dashboard's login (a session cookie, not a bearer key); without one, a redirect to its login page."""
+    return current_login(session=session, token=request.cookies.get(SESSION_COOKIE))
+
+
+DashboardLogin = Annotated[DashboardSession, Depends(dashboard_login)]

@@ -50,6 +50,12 @@ class Unauthenticated(ServiceError):
     status, code, title = 401, "unauthenticated", "Authentication required"
 
 
+class LoginRequired(Unauthenticated):
+    """The dashboard's answer to a missing or expired login: a redirect to its login page."""
+
+    code, title = "login_required", "Login required"
+
+
 class Forbidden(ServiceError):
     status, code, title = 403, "forbidden", "Missing scope"
 
@@ -75,6 +81,9 @@ def install_error_handlers(app) -> None:
 
     def respond(request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
         body.setdefault("instance", request.url.path)
+        html_error = getattr(request.app.state, "html_error", None)
+        if html_error is not None and request.url.path.startswith("/dashboard"):
+            return html_error(request, status, body)  # people, not programs, read the dashboard's errors
         return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
     @app.exception_handler(ServiceError)

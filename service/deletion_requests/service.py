@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -121,10 +121,9 @@ class RequestFilter:
     due_before: datetime | None = None
 
 
-def list_requests(*, session: Session, filters: RequestFilter, limit: int, cursor: str | None
-                  ) -> tuple[list[DeletionRequest], str | None]:
-    """Requests oldest first (created_at, id), ``limit`` at a time; the cursor names the last one seen."""
-    now = utcnow()
+def filtered(filters: RequestFilter, now: datetime | None = None) -> Select:
+    """The requests matching ``filters`` (joined to their model): the one definition of each filter."""
+    now = now or utcnow()
     query = select(DeletionRequest).join(RegisteredModel, RegisteredModel.id == DeletionRequest.model_id)
     if filters.status:
         unknown = set(filters.status) - {s.value for s in S}
@@ -142,6 +141,13 @@ def list_requests(*, session: Session, filters: RequestFilter, limit: int, curso
         query = query.where(is_at_risk if filters.at_risk else ~is_at_risk)
     if filters.due_before is not None:
         query = query.where(DeletionRequest.due_at < filters.due_before)
+    return query
+
+
+def list_requests(*, session: Session, filters: RequestFilter, limit: int, cursor: str | None
+                  ) -> tuple[list[DeletionRequest], str | None]:
+    """Requests oldest first (created_at, id), ``limit`` at a time; the cursor names the last one seen."""
+    query = filtered(filters)
     if cursor:
         created_at, last_id = decode_cursor(cursor)
         query = query.where(or_(DeletionRequest.created_at > created_at,

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
+from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Gone, InvalidInput, NotFound
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.storage import ArtifactStore
@@ -95,6 +96,14 @@ def resolve_model(*, session: Session, name: str | None) -> RegisteredModel:
 
 def current_version(*, session: Session, model: RegisteredModel) -> ModelVersion:
     return session.get(ModelVersion, model.current_version_id)
+
+
+def incorporated_requests(*, session: Session, version: ModelVersion) -> list[DeletionRequest]:
+    """The erasures a version carries: those fulfilled by it or by an earlier version of its chain."""
+    return list(session.scalars(
+        select(DeletionRequest).join(ModelVersion, ModelVersion.id == DeletionRequest.fulfilled_version_id)
+        .where(ModelVersion.model_id == version.model_id, ModelVersion.version <= version.version)
+        .order_by(DeletionRequest.finished_at, DeletionRequest.id)))
 
 
 def get_version(*, session: Session, name: str, version: int) -> ModelVersion:

@@ -6,9 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
-from sqlalchemy import select
 
-from service.deletion_requests.models import DeletionRequest
 from service.deps import ModelsReader, ModelsWriter, SessionDep, SettingsDep
 from service.errors import PayloadTooLarge
 from service.registry import service
@@ -24,11 +22,7 @@ def store_of(request: Request) -> ArtifactStore:
 
 
 def to_public(session, model: RegisteredModel, version: ModelVersion) -> ModelVersionPublic:
-    # A version incorporates every erasure fulfilled by it or by an earlier version of its chain.
-    requests = session.scalars(
-        select(DeletionRequest).join(ModelVersion, ModelVersion.id == DeletionRequest.fulfilled_version_id)
-        .where(ModelVersion.model_id == model.id, ModelVersion.version <= version.version)
-        .order_by(DeletionRequest.finished_at, DeletionRequest.id)).all()
+    requests = service.incorporated_requests(session=session, version=version)
     disposed = version.disposed_at is not None
     return ModelVersionPublic(
         model=model.name, version=version.version, sha256=version.sha256, size=version.size,

@@ -1,0 +1,1 @@
+"""The ops dashboard: server-rendered pages over the deletion requests and the model registry."""
