@@ -16,7 +16,7 @@ from service.auth.service import authenticate, hash_key, require_scope
 from service.dashboard.models import DashboardSession
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus
-from service.deletion_requests.service import ACTIVE, RequestFilter, deadline_state, filtered
+from service.deletion_requests.service import RequestFilter, deadline_state, filtered
 from service.errors import Forbidden, InvalidInput, LoginRequired
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import incorporated_requests
@@ -294,6 +294,3 @@ def model_chains(*, session: Session) -> list[ModelChain]:
         chains.append(ModelChain(model, rows[::-1], retain_chart(measured)))
     return chains
 
-
-def active_request_count(*, session: Session) -> int:
-    return session.scalar(select(func.count()).where(DeletionRequest.status.in_(ACTIVE)))
