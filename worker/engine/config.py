@@ -46,7 +46,7 @@ class UnlearnConfig:
 
     method: str = "lora-bounded"
     seed: int = 0
-    lr: float | None = None  # None: the method's default (1e-2 with adapters, 5e-5 all weights)
+    lr: float | None = None  # None: the method's default (METHODS[...].default_lr)
     l1_weight: float = 1e-3  # lambda on the L1 regulariser
     rank: int = 8  # LoRA rank r; alpha = r, so the merged update is exactly B @ A
     targets: tuple[str, ...] = ("qkv",)  # linear layers that get adapters, by their last name

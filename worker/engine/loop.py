@@ -13,7 +13,8 @@ from worker.engine.adapters import lora_b_matrices
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
-from worker.engine.losses import bounded_forget_loss, l1_distance, l1_norm, negative_ce_loss, random_labels_loss
+from worker.engine.losses import (bounded_forget_loss, l1_distance, l1_norm, masked_kl_loss, masked_teacher,
+                                  negative_ce_loss, random_labels_loss)
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.runtime import Runtime
@@ -109,6 +110,23 @@ class UnlearningLoop:
         self.forget_samplers = [CyclingSampler(x.shape[0], config.batch_size, generator) for x in forget.images]
         self.retain_sampler = (CyclingSampler(retain_data.labels.numel(), config.batch_size, generator)
                                if retain_data is not None else None)
+        # masked-kl: the original model's targets, computed once (the adapters start at zero, so the
+        # model is still the original here); rows follow the forget sets' order.
+        self.teachers = ([self._teacher(x, i) for x, i in zip(forget.images, forget.class_indices)]
+                         if self.method.forget_objective == "masked-kl" else [])
+        self._batch_indices: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def _teacher(self, images: torch.Tensor, class_index: int) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        logits = []
+        for start in range(0, images.shape[0], self.config.eval_batch_size):
+            with self.runtime.autocast():
+                logits.append(self.model(images[start:start + self.config.eval_batch_size]).float())
+        self.model.train(was_training)
+        logits = torch.cat(logits)
+        return masked_teacher(logits, torch.full((logits.shape[0],), class_index, device=logits.device))
 
     # --- one training step -------------------------------------------------------------------
 
@@ -141,7 +159,8 @@ class UnlearningLoop:
         return StepResult(loss.item(), estimate, forget_acc, updated=True)
 
     def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        parts = [x[s.next().to(x.device)] for x, s in zip(self.forget.images, self.forget_samplers)]
+        self._batch_indices = [s.next().to(x.device) for x, s in zip(self.forget.images, self.forget_samplers)]
+        parts = [x[i] for x, i in zip(self.forget.images, self._batch_indices)]
         targets = [torch.full((p.shape[0],), i, device=self.runtime.device) for p, i in
                    zip(parts, self.forget.class_indices)]
         if self.retain_data is not None:
@@ -156,7 +175,7 @@ class UnlearningLoop:
         objective = self.method.forget_objective
         if objective != "none":
             # The mean over classes of each class's loss, so a large forget set does not drown a small one.
-            terms = [self._forget_term(logits, labels) for logits, labels in zip(forget_chunks, targets)]
+            terms = [self._forget_term(logits, labels, c) for c, (logits, labels) in enumerate(zip(forget_chunks, targets))]
             loss = loss + torch.stack(terms).mean()
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
@@ -166,10 +185,12 @@ class UnlearningLoop:
             loss = loss + self.config.l1_weight * l1_distance(self.trainable, self.initial)
         return loss
 
-    def _forget_term(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _forget_term(self, logits: torch.Tensor, labels: torch.Tensor, forget_set: int) -> torch.Tensor:
         objective = self.method.forget_objective
         if objective == "bounded":
             return bounded_forget_loss(logits, labels)
+        if objective == "masked-kl":
+            return masked_kl_loss(logits, self.teachers[forget_set][self._batch_indices[forget_set]])
         if objective == "negative":
             return negative_ce_loss(logits, labels)
         return random_labels_loss(logits, labels, self.generator)

@@ -29,6 +29,25 @@ def random_labels_loss(logits: torch.Tensor, labels: torch.Tensor, generator: to
     return F.cross_entropy(logits, (labels + offsets) % num_classes)
 
 
+def masked_teacher(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The original model's softmax with the forgotten class removed and the rest renormalised.
+
+    teacher_logits: (N, K); labels: (N,) the forgotten class of each image. Returns (N, K)
+    probabilities, 0 at each image's label: what a model never trained on that class would likely say.
+    """
+    forgotten = F.one_hot(labels, teacher_logits.shape[1]).bool()
+    return teacher_logits.float().masked_fill(forgotten, float("-inf")).softmax(dim=1)
+
+
+def masked_kl_loss(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) towards ``masked_teacher`` (DELETE, CVPR 2025): a finite target, so
+    unlike 1/CE it stops pushing once the forgotten class's probability mass has moved elsewhere.
+
+    logits: (N, K); teacher_probs: (N, K). Returns a scalar (mean over images).
+    """
+    return F.kl_div(F.log_softmax(logits, dim=1), teacher_probs, reduction="batchmean")
+
+
 def l1_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """sum_i ||vec(t_i)||_1, e.g. over the LoRA B matrices (paper eq. 5)."""
     return torch.stack([t.abs().sum() for t in tensors]).sum()
