@@ -59,8 +59,12 @@ def logout(*, session: Session, token: str | None) -> None:
         session.execute(delete(DashboardSession).where(DashboardSession.token_sha256 == hash_key(token)))
 
 
+def has_scope(key: ApiKey, scope: str) -> bool:
+    return scope in key.scopes or "admin" in key.scopes
+
+
 def can_write(key: ApiKey) -> bool:
-    return WRITE_SCOPE in key.scopes or "admin" in key.scopes
+    return has_scope(key, WRITE_SCOPE)
 
 
 def check_csrf(expected: str | None, submitted: str | None) -> None:

@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from service.dashboard import service
 from service.deletion_requests import service as requests_service
 from service.deletion_requests.models import FINISHED, RequestStatus
+from service.auth.service import require_scope
 from service.deps import SESSION_COOKIE, DashboardLogin, SessionDep, SettingsDep
 from service.db import utcnow
 from service.errors import Forbidden, InvalidInput, ServiceError
@@ -103,6 +104,9 @@ def html_error(request: Request, status: int, body: dict) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if request.url.path.endswith("/live"):  # the table's refresh: reload the whole page instead
             target = request.headers.get("x-dashboard-page", "/dashboard/requests")
+        elif request.method != "GET":  # a form's action cannot be fetched: come back to the page it was on
+            path = request.url.path
+            target = path.rsplit("/", 1)[0] if path.endswith(("/cancel", "/retry")) else "/dashboard/requests"
         return see_other("/dashboard/login?" + urlencode({"next": safe_next(target)}))
     return render(request, "error.html", status_code=status, title=body.get("title", "Error"),
                   detail=body.get("detail", ""), status=status, user=None)
@@ -239,4 +243,5 @@ def retry(request: Request, request_id: str, session: SessionDep, user: Dashboar
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: SessionDep, user: DashboardLogin) -> HTMLResponse:
+    require_scope(user.api_key, "models:read")  # the registry's own scope, as in the API
     return render(request, "models.html", user=user, section="models", chains=service.model_chains(session=session))

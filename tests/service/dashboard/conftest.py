@@ -42,7 +42,7 @@ def writer(client, backend) -> dict[str, str]:
 
 @pytest.fixture
 def reader(client, backend) -> dict[str, str]:
-    """Logged in (on ``client``) with a read-only key."""
-    key = make_key(backend.settings, "requests:read")
+    """Logged in (on ``client``) with a read-only key (requests and models)."""
+    key = make_key(backend.settings, "requests:read", "models:read")
     assert log_in(client, key).status_code == 303
     return key

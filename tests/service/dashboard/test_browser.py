@@ -77,7 +77,7 @@ def test_an_operator_triages_the_morning_queue_in_a_real_browser(client, admin, 
     from playwright.sync_api import expect
 
     ids = seed(client, admin, digits, digits_model, backend.settings).ids
-    operator = make_key(backend.settings, "requests:read", "requests:write")["Authorization"].removeprefix("Bearer ")
+    operator = make_key(backend.settings, "requests:read", "requests:write", "models:read")["Authorization"].removeprefix("Bearer ")
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])

@@ -57,7 +57,7 @@ def test_the_live_table_sends_a_logged_out_browser_to_log_in_for_the_page_it_sho
 
 
 def test_logging_in_sets_an_http_only_same_site_session_cookie_and_goes_where_the_visitor_was_going(client, backend):
-    response = log_in(client, make_key(backend.settings, "requests:read"), next="/dashboard/models")
+    response = log_in(client, make_key(backend.settings, "requests:read", "models:read"), next="/dashboard/models")
     assert response.status_code == 303 and response.headers["location"] == "/dashboard/models"
     cookie = next(v for k, v in response.headers.multi_items() if k == "set-cookie" and v.startswith("lethe_session="))
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/dashboard" in cookie
@@ -106,6 +106,22 @@ def test_logout_needs_the_csrf_token(client, reader):
     assert client.get("/dashboard/requests").status_code == 200
 
 
+def test_an_expired_login_on_a_form_comes_back_to_the_page_the_form_was_on(client, reader, seeded, backend):
+    html = client.get(f"/dashboard/requests/{seeded.ids['due-in-3']}").text
+    with session_scope(backend.settings.database) as session:
+        session.execute(update(DashboardSession).values(expires_at=utcnow()))
+    response = client.post(f"/dashboard/requests/{seeded.ids['due-in-3']}/cancel",
+                           data={"csrf_token": csrf_of(html), "reason": "x"}, follow_redirects=False)
+    assert login_redirect(response) == f"/dashboard/requests/{seeded.ids['due-in-3']}"
+
+
+def test_the_models_page_needs_the_models_read_scope_like_the_api(client, backend, seeded):
+    assert log_in(client, make_key(backend.settings, "requests:read")).status_code == 303
+    assert 'href="/dashboard/models"' not in client.get("/dashboard/requests").text
+    response = client.get("/dashboard/models")
+    assert response.status_code == 403 and "models:read" in response.text
+
+
 def test_revoking_the_key_ends_its_dashboard_sessions(client, backend, reader):
     with session_scope(backend.settings.database) as session:
         [login] = session.scalars(select(DashboardSession)).all()
@@ -150,6 +166,8 @@ def test_counts_per_status_head_the_table(client, reader, seeded):
     assert re.search(r"<strong>3</strong> queued", html) and re.search(r"<strong>1</strong> completed", html)
     assert re.search(r"<strong>1</strong> at risk", html) and re.search(r"<strong>1</strong> overdue", html)
     assert re.search(r"<strong>0</strong> failed", html)
+    overdue_only = client.get("/dashboard/requests", params={"overdue": "1"}).text
+    assert 'href="/dashboard/requests?status=completed"' in overdue_only  # a count shows its whole status
 
 
 def test_filters_by_status_model_and_overdue(client, reader, seeded):
@@ -309,11 +327,13 @@ def test_a_writer_retries_a_failed_request(client, writer, seeded, backend, enqu
         row = session.get(DeletionRequest, request_id)
         transition(session=session, request=row, to=RequestStatus.RUNNING, actor="worker:test")
         transition(session=session, request=row, to=RequestStatus.FAILED, actor="worker:test")
+        row.metrics = {**completed_run_metrics(), "target_met": False}
     html = client.get(f"/dashboard/requests/{request_id}").text
-    assert "Retry with a new seed" in html
+    assert "Retry with a new seed" in html and "<dt>Target met</dt><dd>no</dd>" in html
     enqueued.clear()
     response = client.post(f"/dashboard/requests/{request_id}/retry", data={"csrf_token": csrf_of(html)})
     assert response.status_code == 200 and "queued again" in response.text
+    assert "Target met" not in response.text and "No run has finished" in response.text
     assert enqueued == [request_id]
     with session_scope(backend.settings.database) as session:
         assert session.get(DeletionRequest, request_id).status == RequestStatus.QUEUED
