@@ -45,8 +45,12 @@ def authenticate(*, session: Session, token: str | None) -> ApiKey:
     return row
 
 
+def has_scope(key: ApiKey, scope: str) -> bool:
+    return scope in key.scopes or "admin" in key.scopes
+
+
 def require_scope(key: ApiKey, scope: str) -> None:
-    if scope not in key.scopes and "admin" not in key.scopes:
+    if not has_scope(key, scope):
         raise Forbidden(f"this endpoint needs the {scope!r} scope", required_scope=scope)
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from service.auth.models import ApiKey
-from service.auth.service import authenticate, hash_key, require_scope
+from service.auth.service import authenticate, has_scope, hash_key, require_scope
 from service.dashboard.models import DashboardSession
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus
@@ -57,10 +57,6 @@ def current_login(*, session: Session, token: str | None) -> DashboardSession:
 def logout(*, session: Session, token: str | None) -> None:
     if token:
         session.execute(delete(DashboardSession).where(DashboardSession.token_sha256 == hash_key(token)))
-
-
-def has_scope(key: ApiKey, scope: str) -> bool:
-    return scope in key.scopes or "admin" in key.scopes
 
 
 def can_write(key: ApiKey) -> bool:

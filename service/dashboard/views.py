@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 from service.dashboard import service
 from service.deletion_requests import service as requests_service
 from service.deletion_requests.models import FINISHED, RequestStatus
-from service.auth.service import require_scope
+from service.auth.service import has_scope, require_scope
 from service.deps import SESSION_COOKIE, DashboardLogin, SessionDep, SettingsDep
 from service.db import utcnow
 from service.errors import Forbidden, InvalidInput, ServiceError
@@ -26,6 +26,7 @@ from service.registry.service import NAME_PATTERN
 
 HERE = Path(__file__).parent
 LOGIN_CSRF_COOKIE = "lethe_login_csrf"
+MODELS_SCOPE = "models:read"
 # Everything the pages load comes from this app: no CDNs, no inline script or style.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -62,6 +63,8 @@ templates.env.globals.update(statuses=[s.value for s in RequestStatus])
 
 def render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
     context.setdefault("refresh_seconds", request.app.state.settings.dashboard_refresh_seconds)
+    user = context.get("user")
+    context["can_read_models"] = user is not None and has_scope(user.api_key, MODELS_SCOPE)
     response = templates.TemplateResponse(request, name, context, status_code=status_code)
     response.headers.update(SECURITY_HEADERS)
     return response
@@ -243,5 +246,5 @@ def retry(request: Request, request_id: str, session: SessionDep, user: Dashboar
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: SessionDep, user: DashboardLogin) -> HTMLResponse:
-    require_scope(user.api_key, "models:read")  # the registry's own scope, as in the API
+    require_scope(user.api_key, MODELS_SCOPE)  # the registry's own scope, as in the API
     return render(request, "models.html", user=user, section="models", chains=service.model_chains(session=session))

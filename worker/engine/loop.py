@@ -15,7 +15,7 @@ from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
 from worker.engine.losses import (bounded_forget_loss, l1_distance, l1_norm, masked_kl_loss, masked_teacher,
                                   negative_ce_loss, random_labels_loss)
-from worker.engine.metrics import accuracy, forget_retain_accuracy, predict, selection_score
+from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.runtime import Runtime
 
@@ -116,16 +116,8 @@ class UnlearningLoop:
                          if self.method.forget_objective == "masked-kl" else [])
         self._batch_indices: list[torch.Tensor] = []
 
-    @torch.no_grad()
     def _teacher(self, images: torch.Tensor, class_index: int) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        logits = []
-        for start in range(0, images.shape[0], self.config.eval_batch_size):
-            with self.runtime.autocast():
-                logits.append(self.model(images[start:start + self.config.eval_batch_size]).float())
-        self.model.train(was_training)
-        logits = torch.cat(logits)
+        logits = eval_logits(self.model, images, self.runtime, self.config.eval_batch_size)
         return masked_teacher(logits, torch.full((logits.shape[0],), class_index, device=logits.device))
 
     # --- one training step -------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from worker.engine.images import normalise
@@ -10,24 +12,31 @@ from worker.engine.runtime import Runtime
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int,
-            spec: InputSpec | None = None) -> torch.Tensor:
-    """Predicted class of each image, in eval mode: (N, C, H, W) -> (N,) long on the CPU.
+def eval_logits(model: torch.nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int,
+                spec: InputSpec | None = None,
+                each: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits) -> torch.Tensor:
+    """The model's fp32 logits in eval mode, batch by batch, each batch mapped by ``each``: (N, C, H, W) -> (N, ...).
 
     With ``spec``, ``images`` are uint8 pixels normalised batch by batch; without, they are
     already the model's input (as the forget sets are, prepared once for training).
     """
     was_training = model.training
     model.eval()
-    predictions = []
+    outputs = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].to(runtime.device)
         if spec is not None:
             batch = normalise(batch, spec)
         with runtime.autocast():
-            predictions.append(model(batch).argmax(dim=1).cpu())
+            outputs.append(each(model(batch).float()))
     model.train(was_training)
-    return torch.cat(predictions)
+    return torch.cat(outputs)
+
+
+def predict(model: torch.nn.Module, images: torch.Tensor, runtime: Runtime, batch_size: int,
+            spec: InputSpec | None = None) -> torch.Tensor:
+    """Predicted class of each image, in eval mode: (N, C, H, W) -> (N,) long on the CPU."""
+    return eval_logits(model, images, runtime, batch_size, spec, each=lambda logits: logits.argmax(dim=1).cpu())
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
