@@ -182,7 +182,8 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, 1e-2 with adapters)")
     p.add_argument("--rank", type=int, default=defaults.rank)
     p.add_argument("--targets", default=",".join(defaults.targets),
-                   help="comma-separated layer names that get adapters, e.g. qkv,proj,fc1,fc2 (default: %(default)s)")
+                   help="comma-separated layers that get adapters: last names (qkv,proj,fc1,fc2) in every block, or full names "
+                        "(blocks.5.attn.qkv) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--select-on-eval", action="store_true",
                    help="keep the checkpoint with the best (Acc_r + 100 - Acc_f)/2 on --eval that meets the target")

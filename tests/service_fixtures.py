@@ -29,7 +29,7 @@ from service.db import engine_for, session_scope, upgrade_schema
 
 POSTGRES_ADMIN = os.environ.get("LETHE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LETHE_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_TEST_DB = 13
+REDIS_TEST_DB = int(os.environ.get("LETHE_TEST_REDIS_DB", "13"))  # parallel suites on one Redis: give each its own
 
 
 def postgres_available() -> bool:

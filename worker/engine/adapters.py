@@ -15,20 +15,27 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def find_target_layers(model: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Full names of the linear layers whose last name part is one of ``targets``.
+    """Full names of the linear layers that ``targets`` name.
 
-    ViT and Swin blocks both call the query/key/value projection ``attn.qkv``; ``proj``, ``fc1``
-    and ``fc2`` are the attention output and MLP layers. Every requested name must match.
+    A target without a dot names a layer by its last name part, in every block: ViT and Swin
+    blocks both call the query/key/value projection ``attn.qkv``; ``proj``, ``fc1`` and ``fc2`` are
+    the attention output and MLP layers. A dotted target names layers by the end of their full name
+    (``blocks.5.attn.qkv``: that block only). Every target must match at least one linear layer.
     """
     linears = linear_layer_names(model)
-    found = [name for name in linears if name.rsplit(".", 1)[-1] in targets]
-    missing = [t for t in targets if not any(name.rsplit(".", 1)[-1] == t for name in found)]
+    missing = [t for t in targets if not any(_names(name, t) for name in linears)]
     if missing:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no linear layers named {', '.join(map(repr, missing))}; "
             f"its linear layers are: {describe_layers(linears)}"
         )
-    return found
+    return [name for name in linears if any(_names(name, t) for t in targets)]
+
+
+def _names(layer: str, target: str) -> bool:
+    if "." not in target:
+        return layer.rsplit(".", 1)[-1] == target
+    return layer == target or layer.endswith("." + target)
 
 
 def describe_layers(names: list[str], limit: int = 12) -> str:

@@ -49,7 +49,7 @@ class UnlearnConfig:
     lr: float | None = None  # None: the method's default (METHODS[...].default_lr)
     l1_weight: float = 1e-3  # lambda on the L1 regulariser
     rank: int = 8  # LoRA rank r; alpha = r, so the merged update is exactly B @ A
-    targets: tuple[str, ...] = ("qkv",)  # linear layers that get adapters, by their last name
+    targets: tuple[str, ...] = ("qkv",)  # layers that get adapters: a last name ("qkv") or a full one ("blocks.5.attn.qkv")
     batch_size: int = 256  # per forgotten class, or the whole forget set when smaller
     max_steps: int = 100  # give up here; the report then says the target was not met
     target_forget_acc: float = 1.0  # percent; stop when every forget set is at or below it

@@ -13,8 +13,8 @@ from worker.engine.adapters import lora_b_matrices
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
-from worker.engine.losses import (bounded_forget_loss, l1_distance, l1_norm, masked_kl_loss, masked_teacher,
-                                  negative_ce_loss, random_labels_loss)
+from worker.engine.losses import (adversarial_neighbours, bounded_forget_loss, l1_distance, l1_norm, masked_kl_loss,
+                                  masked_teacher, negative_ce_loss, random_labels_loss)
 from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.runtime import Runtime
@@ -114,11 +114,27 @@ class UnlearningLoop:
         # model is still the original here); rows follow the forget sets' order.
         self.teachers = ([self._teacher(x, i) for x, i in zip(forget.images, forget.class_indices)]
                          if self.method.forget_objective == "masked-kl" else [])
+        # neighbours: adversarial neighbours of every forget image on the original model, and the
+        # original's masked softmax on them, computed once for the same reason.
+        self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
+                           if self.method.neighbours else [])
+        self.neighbour_teachers = [self._teacher(n, i) for n, i in zip(self.neighbours, forget.class_indices)]
         self._batch_indices: list[torch.Tensor] = []
 
     def _teacher(self, images: torch.Tensor, class_index: int) -> torch.Tensor:
         logits = eval_logits(self.model, images, self.runtime, self.config.eval_batch_size)
         return masked_teacher(logits, torch.full((logits.shape[0],), class_index, device=logits.device))
+
+    def _neighbours(self, images: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Each forget image pushed toward the class the original ranks first after the forgotten one."""
+        std = torch.tensor(self.spec.std)
+        self.model.eval()
+        with self.runtime.autocast():
+            moved = [adversarial_neighbours(self.model, images[start:start + self.config.eval_batch_size],
+                                            teacher[start:start + self.config.eval_batch_size].argmax(1), std)
+                     for start in range(0, images.shape[0], self.config.eval_batch_size)]
+        self.model.train()
+        return torch.cat(moved)
 
     # --- one training step -------------------------------------------------------------------
 
@@ -133,9 +149,11 @@ class UnlearningLoop:
         inputs, targets, sizes = self._sample_batch()
         with self.runtime.autocast():
             logits = self.model(inputs)
-        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses
-        forget_chunks, retain_chunk = chunks[: len(self.forget.images)], chunks[len(self.forget.images):]
-        loss = self._loss(forget_chunks, targets, retain_chunk)
+        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, retain
+        forgets, neighbours = len(self.forget.images), len(self.neighbours)
+        forget_chunks = chunks[:forgets]
+        neighbour_chunks, retain_chunk = chunks[forgets:forgets + neighbours], chunks[forgets + neighbours:]
+        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks)
         estimate = [accuracy(c.argmax(1).cpu(), torch.full((c.shape[0],), i)) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
         if not torch.isfinite(loss):
@@ -155,6 +173,7 @@ class UnlearningLoop:
         parts = [x[i] for x, i in zip(self.forget.images, self._batch_indices)]
         targets = [torch.full((p.shape[0],), i, device=self.runtime.device) for p, i in
                    zip(parts, self.forget.class_indices)]
+        parts += [n[i] for n, i in zip(self.neighbours, self._batch_indices)]
         if self.retain_data is not None:
             index = self.retain_sampler.next()
             parts.append(normalise(self.retain_data.pixels[index].to(self.runtime.device), self.spec))
@@ -162,12 +181,16 @@ class UnlearningLoop:
         return torch.cat(parts), targets, [p.shape[0] for p in parts]
 
     def _loss(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor],
-              retain_chunk: tuple[torch.Tensor, ...]) -> torch.Tensor:
+              retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         loss = torch.zeros((), device=self.runtime.device)
         objective = self.method.forget_objective
         if objective != "none":
             # The mean over classes of each class's loss, so a large forget set does not drown a small one.
             terms = [self._forget_term(logits, labels, c) for c, (logits, labels) in enumerate(zip(forget_chunks, targets))]
+            loss = loss + torch.stack(terms).mean()
+        if neighbour_chunks:
+            terms = [masked_kl_loss(logits, teacher[i]) for logits, teacher, i in
+                     zip(neighbour_chunks, self.neighbour_teachers, self._batch_indices)]
             loss = loss + torch.stack(terms).mean()
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])

@@ -48,6 +48,28 @@ def masked_kl_loss(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.T
     return F.kl_div(F.log_softmax(logits, dim=1), teacher_probs, reduction="batchmean")
 
 
+def adversarial_neighbours(model: torch.nn.Module, images: torch.Tensor, towards: torch.Tensor, std: torch.Tensor,
+                           *, eps: float = 8 / 255, steps: int = 5) -> torch.Tensor:
+    """Targeted PGD (L-inf, in pixel units): images moved toward the class ``towards`` on ``model``.
+
+    images: (N, C, H, W) normalised inputs; towards: (N,) class per image; std: (C,) the card's
+    std, so that ``eps`` is a pixel-space radius. Returns (N, C, H, W) normalised inputs within
+    eps of ``images`` (not clamped to the valid pixel range: they probe the boundary, not the data).
+    The caller puts ``model`` in eval mode and wants no gradients on its weights.
+    """
+    radius = (eps / std).view(1, -1, 1, 1).to(images.device)
+    stride = radius * 2.5 / steps  # the usual PGD step: each step can cross 40% of the ball
+    moved = images.clone()
+    for _ in range(steps):
+        moved.requires_grad_(True)
+        loss = F.cross_entropy(model(moved).float(), towards)
+        (grad,) = torch.autograd.grad(loss, moved)
+        with torch.no_grad():
+            moved = moved - stride * grad.sign()  # descend: toward the target class
+            moved = images + (moved - images).clamp(-radius, radius)
+    return moved.detach()
+
+
 def l1_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """sum_i ||vec(t_i)||_1, e.g. over the LoRA B matrices (paper eq. 5)."""
     return torch.stack([t.abs().sum() for t in tensors]).sum()

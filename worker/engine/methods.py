@@ -2,7 +2,8 @@
 
 The product's method is ``lora-bounded`` (Poppi et al., ICPR 2024, eq. 8). The others are the
 paper's baselines and ablations (its Table 1), kept for the benchmarks; ``lora-kl`` is a
-retain-free candidate of ours (same adapters, a finite-target loss), judged by the benchmarks.
+retain-free candidate of ours (same adapters, a finite-target loss), and ``lora-adv`` adds to it
+the same term on adversarial neighbours of the forget images; the benchmarks judge them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Method:
     uses_retain: bool  # adds cross-entropy on a labelled retain source
     default_lr: float  # the paper's learning rate for this family
     summary: str
+    neighbours: bool = False  # also hold the original's (masked) softmax on adversarial neighbours
 
 
 METHODS: dict[str, Method] = {
@@ -32,6 +34,9 @@ METHODS: dict[str, Method] = {
                "LoRA on the target layers; 1/CE(forget) + lambda*sum|B| (the paper's method)"),
         Method("lora-kl", True, "masked-kl", "lora-l1", False, 3e-3,
                "LoRA on the target layers; KL to the original softmax without the class + lambda*sum|B|"),
+        Method("lora-adv", True, "masked-kl", "lora-l1", False, 3e-3,
+               "lora-kl, plus the same KL on adversarial neighbours of the forget images (PGD toward other classes)",
+               neighbours=True),
         Method("ng-lora", True, "negative", "lora-l1", False, 1e-2,
                "LoRA on the target layers; -CE(forget) + lambda*sum|B|"),
         Method("ng-l1", False, "negative", "weight-l1", False, 5e-5,

@@ -29,6 +29,17 @@ def test_qkv_proj_fc1_fc2_targets_every_linear_layer_of_each_block():
                       for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
 
 
+def test_a_dotted_target_names_the_layers_of_one_block_only():
+    assert find_target_layers(tiny_vit(), ("blocks.1.attn.qkv",)) == ["blocks.1.attn.qkv"]
+    assert find_target_layers(tiny_vit(), ("1.attn.qkv", "fc2")) == ["blocks.0.mlp.fc2", "blocks.1.attn.qkv",
+                                                                     "blocks.1.mlp.fc2"]
+
+
+def test_a_dotted_target_that_matches_no_layer_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"no linear layers named 'blocks\.7\.attn\.qkv'"):
+        find_target_layers(tiny_vit(), ("qkv", "blocks.7.attn.qkv"))
+
+
 def test_swin_attention_qkv_layers_are_targeted():
     assert find_target_layers(tiny_swin(), ("qkv",)) == ["layers.0.blocks.0.attn.qkv", "layers.1.blocks.0.attn.qkv"]
 
