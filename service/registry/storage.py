@@ -46,3 +46,9 @@ class ArtifactStore:
 
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Readiness: the folder exists (or can be made) and takes a file; OSError otherwise."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready-"):
+            pass
