@@ -48,7 +48,7 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser("worker", help="run a Celery worker that processes deletion requests")
     worker.add_argument("--beat", action="store_true", help="also run the periodic sweep in this process")
     worker.add_argument("--concurrency", type=int, default=1)
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", default=None, help="default: LETHE_LOG_LEVEL (INFO)")
     worker.set_defaults(handler=run_worker)
 
     db = commands.add_parser("db", help="database schema")
@@ -80,18 +80,25 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.config import get_settings
+    from service.logs import configure_logging
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    configure_logging(get_settings())
+    # uvicorn's records go through our handler; the app logs one access line per request itself
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
     from service.config import get_settings
+    from service.logs import configure_logging
     from worker.celery_app import celery_for
 
     settings = get_settings()
+    configure_logging(settings, level=args.loglevel)  # Celery calls it again (setup_logging signal)
     settings.home.mkdir(parents=True, exist_ok=True)
-    argv = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}", "--pool=prefork",
+    loglevel = (args.loglevel or settings.log_level).upper()
+    argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={args.concurrency}", "--pool=prefork",
             "--without-gossip", "--without-mingle"]
     if args.beat:
         argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]

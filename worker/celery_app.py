@@ -1,16 +1,22 @@
-"""The Celery application, built from settings; and the one function that enqueues work."""
+"""The Celery application, built from settings; the one function that enqueues work; worker logging.
+
+A message carries the id of the API request that enqueued it (a header), and the worker sets it
+for the task's log lines: an erasure can be followed from its HTTP request to the run that served it.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from celery import Celery
+from celery import Celery, signals
 
 from service.config import Settings, get_settings
+from service.logs import configure_logging, current_request_id, request_id_var, sane_request_id
 
 QUEUE = "lethe"
 PROCESS_TASK = "lethe.process_request"
 SWEEP_TASK = "lethe.sweep"
+REQUEST_ID_HEADER = "lethe_request_id"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,4 +47,22 @@ def enqueue_request(settings: Settings, request_id: str) -> None:
     """Wake a worker for this request. Called only after the request's transaction committed."""
     if settings.broker.startswith("sqla+sqlite:///"):
         settings.home.mkdir(parents=True, exist_ok=True)
-    celery_for(settings.broker).send_task(PROCESS_TASK, args=[request_id], queue=QUEUE)
+    headers = {REQUEST_ID_HEADER: current_request_id()} if current_request_id() else None
+    celery_for(settings.broker).send_task(PROCESS_TASK, args=[request_id], queue=QUEUE, headers=headers)
+
+
+@signals.setup_logging.connect
+def _configure_worker_logging(loglevel=None, **_) -> None:
+    """Celery leaves logging alone when this signal has a receiver: ours, in text or JSON."""
+    configure_logging(get_settings(), level=loglevel or None)
+
+
+@signals.task_prerun.connect
+def _enter_request_context(task=None, **_) -> None:
+    # A task without the header (the beat's sweep) gets an id of its own: its wake-ups carry it on.
+    request_id_var.set(sane_request_id(task.request.get(REQUEST_ID_HEADER) if task is not None else None))
+
+
+@signals.task_postrun.connect
+def _leave_request_context(**_) -> None:
+    request_id_var.set(None)

@@ -31,7 +31,8 @@ def process_request(request_id: str) -> None:
         model_id = request.model_id
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     runs_done = runs.process_model(settings, model_id, worker_id)
-    log.info("request %s: model %s served in %d run(s) by %s", request_id, model_id, runs_done, worker_id)
+    log.info("request %s: model %s served in %d run(s) by %s", request_id, model_id, runs_done, worker_id,
+             extra={"deletion_request": request_id, "model_id": model_id, "runs": runs_done, "worker": worker_id})
 
 
 @shared_task(name=SWEEP_TASK)
