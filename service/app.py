@@ -1,17 +1,19 @@
-"""The FastAPI application: routers, error mapping, body limits, health and readiness."""
+"""The FastAPI application: routers, error mapping, body limits, request ids, health, readiness and metrics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Settings, get_settings
-from service.db import engine_for
 from service.errors import PROBLEM_JSON, install_error_handlers, problem
-from service.registry.storage import ArtifactStore
+from service.logs import RequestLogging
+from service.metrics import HttpMetricsMiddleware, make_registry
+from service.readiness import check_broker, check_database, run_checks
+from service.registry.storage import artifact_store
 
 MAX_JSON_BODY = 64 * 1024  # deletion requests are small; uploads go through POST /models
 
@@ -78,7 +80,7 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     settings = settings or get_settings()
     app = FastAPI(title="Lethe", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
-    app.state.store = ArtifactStore(settings.artifacts)
+    app.state.store = artifact_store(settings)
     if enqueue is None:
         from worker.celery_app import enqueue_request
 
@@ -98,28 +100,35 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.mount("/dashboard/static", static_files, name="dashboard-static")
     app.state.html_error = html_error
 
+    registry, http_metrics = make_registry(settings)
+    # The last added runs first: request ids and access lines cover everything, 413s included.
     app.add_middleware(BodySizeLimit, json_limit=MAX_JSON_BODY, upload_limit=settings.max_upload_bytes + (1 << 20))
+    app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
+    app.add_middleware(RequestLogging)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: database and artifact store reachable")
+    @app.get("/readyz", tags=["health"], summary="Readiness: database, broker and artifact store reachable")
     def readyz():
-        checks = {}
-        try:
-            with engine_for(settings.database).connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:  # readiness reports any failure rather than raising
-            checks["database"] = f"error: {type(exc).__name__}"
-        try:
-            app.state.store.root.mkdir(parents=True, exist_ok=True)
-            checks["artifacts"] = "ok"
-        except OSError as exc:
-            checks["artifacts"] = f"error: {exc.strerror}"
+        """200 when every check passes, else 503; each check's outcome either way. Answers within a few
+        seconds even when a backend hangs. No key needed, like /healthz."""
+        checks = run_checks({"database": lambda: check_database(settings.database),
+                             "broker": lambda: check_broker(settings.broker),
+                             "artifacts": app.state.store.check})
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                             status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text format. No key needed, like /healthz: it shows counts, never a request.
+
+        Requests by status, at risk, overdue, pending work, run durations and current versions are
+        read from the database at scrape time (the same on every replica); HTTP counters and latency
+        are this process's own.
+        """
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

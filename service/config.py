@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.registry.storage import S3Location, split_s3_uri
 
 
 class Settings(BaseSettings):
@@ -21,8 +25,13 @@ class Settings(BaseSettings):
     home: Path = Field(Path("./var"), description="where embedded state lives")
     database_url: str | None = Field(None, description="postgresql+psycopg://... in production")
     broker_url: str | None = Field(None, description="redis://... in production")
-    artifacts_uri: str | None = Field(None, description="folder for model versions")
-    data_roots: str = Field("", description="colon-separated folders forget-set URIs may point into")
+    artifacts_uri: str | None = Field(None, description="model versions: a folder, or s3://bucket/prefix (endpoint "
+                                        "and credentials from the AWS_* variables boto3 reads)")
+    artifacts_redirect: bool = Field(False, description="S3 store: weights downloads answer 307 to a presigned URL")
+    artifacts_presign_seconds: int = Field(300, ge=1, le=7 * 24 * 3600, description="how long a presigned URL works")
+    data_roots: str = Field("", description="where forget and eval sets may live: comma-separated folders and "
+                                            "s3://bucket/prefix URIs (a list without commas or s3:// may "
+                                            "still separate folders by colons, the older form)")
     deadline_days: int = Field(30, ge=1, description="legal deadline: due_at = received_at + this")
     max_extension_days: int = Field(60, ge=0, description="GDPR Art. 12(3): up to two more months")
     gate_max_retain_drop: float = Field(5.0, ge=0, description="publish gate: cumulative Acc_r drop, points")
@@ -33,6 +42,34 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest accepted weights upload")
     dashboard_refresh_seconds: float = Field(15.0, ge=1, description="how often the requests table refreshes itself")
     dashboard_session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a dashboard login lasts this long")
+    log_format: Literal["text", "json"] = Field("text", description="json: one object per line, for log shippers")
+    log_level: str = Field("INFO", description="the root logger's level: DEBUG, INFO, WARNING, ERROR")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return value.upper()
+
+    @field_validator("artifacts_uri")
+    @classmethod
+    def _folder_or_s3(cls, value: str | None) -> str | None:
+        if value and value.startswith("s3://"):
+            split_s3_uri(value)  # ValueError: a malformed URI fails at start-up, not at the first upload
+        elif value and "://" in value:
+            raise ValueError(f"LETHE_ARTIFACTS_URI is a folder or an s3://bucket/prefix URI, not {value!r}")
+        return value
+
+    @field_validator("data_roots")
+    @classmethod
+    def _valid_s3_roots(cls, value: str) -> str:
+        for root in split_roots(value):
+            if root.startswith("s3://"):
+                split_s3_uri(root)
+            elif "://" in root:
+                raise ValueError(f"a data root is a folder or an s3://bucket/prefix URI, not {root!r}")
+        return value
 
     @field_validator("home")
     @classmethod
@@ -48,12 +85,23 @@ class Settings(BaseSettings):
         return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
 
     @property
-    def artifacts(self) -> Path:
+    def artifacts(self) -> Path | None:
+        """The folder store's root; None when the artifacts live on S3 (see ``artifact_store``)."""
+        if self.artifacts_uri and self.artifacts_uri.startswith("s3://"):
+            return None
         return Path(self.artifacts_uri).expanduser().resolve() if self.artifacts_uri else self.home / "artifacts"
 
     @property
-    def allowed_data_roots(self) -> list[Path]:
-        return [Path(p).expanduser().absolute() for p in self.data_roots.split(":") if p.strip()]
+    def allowed_data_roots(self) -> list[Path | S3Location]:
+        return [split_s3_uri(root) if root.startswith("s3://") else Path(root).expanduser().absolute()
+                for root in split_roots(self.data_roots)]
+
+
+def split_roots(value: str) -> list[str]:
+    """``LETHE_DATA_ROOTS`` as a list: comma-separated, or colon-separated folders (the older form;
+    only when the value has no comma and no ``s3://``, since an S3 URI holds a colon)."""
+    separator = "," if "," in value or "://" in value else ":"
+    return [part.strip() for part in value.split(separator) if part.strip()]
 
 
 class UnlearnSettings(BaseSettings):

@@ -28,8 +28,8 @@ from service.deletion_requests.transitions import record, transition
 from service.errors import ServiceError
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import dispose_superseded, publish_version
-from service.registry.storage import ArtifactStore
-from service.sources import resolve_in_data_root
+from service.registry.storage import artifact_store
+from service.sources import LocalSources
 
 log = logging.getLogger("lethe.worker")
 
@@ -165,23 +165,39 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lethe-run-"))
     heartbeat = Heartbeat(settings, batch, worker_id)
     heartbeat.start()
+    fields, started, outcome = run_fields(batch, worker_id), time.monotonic(), "finished"
+    log.info("run started: model %s version %d, %d request(s)", batch.model_name, batch.version,
+             len(batch.requests), extra=fields)
     try:
         current = materialise_version(settings, batch, workdir / "current")
-        rejected = check_sources(settings, batch, current)
+        sources = LocalSources(settings.allowed_data_roots, workdir / "sources")  # s3:// sets are downloaded here
+        rejected = check_sources(batch, current, sources)
         runnable = {rid: spec for rid, spec in batch.requests.items() if rid not in rejected}
-        result = unlearn_batch(settings, batch, runnable, current, workdir, heartbeat) if runnable else None
+        result = unlearn_batch(settings, batch, runnable, current, workdir, heartbeat, sources) if runnable else None
         finish(settings, batch, worker_id, rejected, runnable, result)
     except UnlearningCancelled:
+        outcome = "canceled"
         settle_cancellation(settings, batch, worker_id)
     except Exception as exc:  # fails the run with its message; the lease is released
-        log.exception("run failed for model %s", batch.model_name)
+        outcome = "failed"
+        log.exception("run failed for model %s", batch.model_name, extra=fields)
         settle_all(settings, batch, worker_id, S.FAILED, error=f"{type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)  # adapters never leave memory; this holds temporary files
+        # (the version's weights, downloaded forget sets, the candidate)
+        seconds = round(time.monotonic() - started, 3)
+        log.info("run %s: model %s in %.1f s", outcome, batch.model_name, seconds,
+                 extra={**fields, "outcome": outcome, "seconds": seconds})
 
 
-def check_sources(settings: Settings, batch: Batch, package: Path) -> dict[str, str]:
+def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:
+    """What a run's log lines carry (``extra=``: fields of their own in JSON logs)."""
+    return {"model": batch.model_name, "version": batch.version, "deletion_requests": list(batch.requests),
+            "classes": batch.classes, "worker": worker_id}
+
+
+def check_sources(batch: Batch, package: Path, sources: LocalSources) -> dict[str, str]:
     """Requests whose forget set cannot be used, with the reason: outside the data roots once
     symlinks are resolved, missing, unreadable, or a class the version does not have."""
     from worker.engine import EngineError
@@ -189,8 +205,7 @@ def check_sources(settings: Settings, batch: Batch, package: Path) -> dict[str, 
     rejected = {}
     for request_id, (cls, uri, _seed) in batch.requests.items():
         try:
-            resolve_in_data_root(uri, settings.allowed_data_roots)
-            forget_accuracy(package, {cls: uri})
+            forget_accuracy(package, {cls: uri}, sources)
         except ServiceError as exc:
             rejected[request_id] = exc.detail
         except EngineError as exc:
@@ -208,30 +223,31 @@ class BatchResult:
 
 
 def unlearn_batch(settings: Settings, batch: Batch, runnable: dict[str, tuple[str, str, int]], current: Path,
-                  workdir: Path, heartbeat: Heartbeat) -> BatchResult:
+                  workdir: Path, heartbeat: Heartbeat, sources: LocalSources) -> BatchResult:
     """Forget the batch's classes that the current version still knows; re-check earlier ones."""
     target = get_unlearn_settings().target_forget_acc
     specs = {cls: uri for cls, uri, _ in runnable.values()}
-    before = forget_accuracy(current, specs)
+    before = forget_accuracy(current, specs, sources)
     already = {c: acc for c, acc in before.items() if acc <= target}
     to_forget = {c: u for c, u in specs.items() if c not in already}
     if not to_forget:
         return BatchResult(None, already, None, [], {})
     seed = max(seed for _, _, seed in runnable.values())
-    report, candidate = run_engine(settings, batch, current, to_forget, seed, workdir / "candidate", heartbeat)
-    rechecks = recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target)
+    report, candidate = run_engine(settings, batch, current, to_forget, seed, workdir / "candidate", heartbeat, sources)
+    rechecks = recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target, sources=sources)
     regressed = {c: r["uri"] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
     if regressed:  # forget those again, in the same run, from the same starting version
         report, candidate = run_engine(settings, batch, current, {**to_forget, **regressed}, seed,
-                                       workdir / "candidate-2", heartbeat)
-        for cls, check in recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target).items():
+                                       workdir / "candidate-2", heartbeat, sources)
+        for cls, check in recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target,
+                                          sources=sources).items():
             rechecks[cls] = {**check, "forgotten_again": cls in regressed}
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
     return BatchResult(report, already, candidate, gate_errors(settings, batch, report, target), rechecks)
 
 
 def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[str, str], seed: int, out: Path,
-               heartbeat: Heartbeat) -> tuple[dict[str, Any], Path]:
+               heartbeat: Heartbeat, sources: LocalSources) -> tuple[dict[str, Any], Path]:
     from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
 
     knobs = get_unlearn_settings()
@@ -239,8 +255,9 @@ def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[st
                            max_steps=knobs.max_steps, target_forget_acc=knobs.target_forget_acc,
                            l1_weight=knobs.l1_weight, rank=knobs.rank, eval_every=knobs.eval_every,
                            patience=knobs.patience)
-    inputs = UnlearnInputs(model=str(current), forget=tuple(ForgetSpec(c, str(local_path(u))) for c, u in classes.items()),
-                           eval_source=str(local_path(batch.eval_set_uri)) if batch.eval_set_uri else None)
+    inputs = UnlearnInputs(model=str(current),
+                           forget=tuple(ForgetSpec(c, str(sources.path(u))) for c, u in classes.items()),
+                           eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None)
     result = unlearn(inputs, config, on_progress=heartbeat.on_progress, should_cancel=heartbeat.should_cancel)
     result.save(str(out))
     report = result.report.to_dict()
@@ -249,7 +266,7 @@ def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[st
 
 
 def recheck_earlier(settings: Settings, batch: Batch, candidate: Path, exclude: set[str],
-                    target: float) -> dict[str, dict[str, Any]]:
+                    target: float, sources: LocalSources) -> dict[str, dict[str, Any]]:
     """Every class forgotten by an earlier completed request, measured on the candidate while its
     forget set is still readable; otherwise recorded as unverifiable."""
     from worker.engine import EngineError
@@ -263,8 +280,7 @@ def recheck_earlier(settings: Settings, batch: Batch, candidate: Path, exclude: 
         if cls in exclude or checks.get(cls, {}).get("status") in ("forgotten", "not_forgotten"):
             continue
         try:
-            resolve_in_data_root(uri, settings.allowed_data_roots)
-            acc = forget_accuracy(candidate, {cls: uri})[cls]
+            acc = forget_accuracy(candidate, {cls: uri}, sources)[cls]
         except (ServiceError, EngineError):
             checks.setdefault(cls, {"status": "unverifiable", "uri": uri})
             continue
@@ -272,14 +288,9 @@ def recheck_earlier(settings: Settings, batch: Batch, candidate: Path, exclude: 
     return checks
 
 
-def local_path(uri: str) -> Path:
-    from service.sources import parse_file_uri
-
-    return parse_file_uri(uri)
-
-
 def materialise_version(settings: Settings, batch: Batch, folder: Path) -> Path:
-    """The current version as a package folder the engine can read (the weights file is linked, not copied)."""
+    """The current version as a package folder the engine can read: the weights linked from a folder store,
+    downloaded (and checked against their sha256) from S3."""
     import json
 
     with session_scope(settings.database) as session:
@@ -287,19 +298,16 @@ def materialise_version(settings: Settings, batch: Batch, folder: Path) -> Path:
         card, sha256 = version.card, version.sha256
     folder.mkdir(parents=True)
     (folder / "model.json").write_text(json.dumps(card))
-    source = ArtifactStore(settings.artifacts).path_for(sha256)
-    try:
-        (folder / "model.safetensors").symlink_to(source)
-    except OSError:
-        shutil.copyfile(source, folder / "model.safetensors")
+    artifact_store(settings).fetch(sha256, folder / "model.safetensors")
     return folder
 
 
-def forget_accuracy(package: Path, specs: dict[str, str]) -> dict[str, float]:
-    """Each class's accuracy on its forget set under the given package."""
+def forget_accuracy(package: Path, specs: dict[str, str], sources: LocalSources) -> dict[str, float]:
+    """Each class's accuracy on its forget set under the given package (OutsideDataRoots, UnreadableSource
+    or the engine's error when a set cannot be read)."""
     from worker.engine import ForgetSpec, forget_set_accuracies
 
-    return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(local_path(u))) for c, u in specs.items()))
+    return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(sources.path(u))) for c, u in specs.items()))
 
 
 def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float) -> list[str]:
@@ -351,7 +359,7 @@ def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str,
     if result is not None and result.package is not None and not result.gate_errors:
         import json
 
-        store = ArtifactStore(settings.artifacts)
+        store = artifact_store(settings)
         incoming = store.new_incoming()
         shutil.move(result.package / "model.safetensors", incoming)
         sha256, size = store.put(incoming)
@@ -371,6 +379,8 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
                   sha256: str | None, size: int | None, card: dict[str, Any] | None, actor: str) -> None:
     current = session.get(ModelVersion, batch.version_id)
     if result.report is not None and result.gate_errors:
+        log.warning("model %s: the candidate missed the publish gate: %s", batch.model_name,
+                    "; ".join(result.gate_errors), extra={"model": batch.model_name, "gate": result.gate_errors})
         for request_id in runnable:
             row = rows[request_id]
             transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": result.gate_errors})
@@ -381,6 +391,10 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
         forgotten = list(dict.fromkeys([*current.classes_forgotten, *result.report["classes"]]))
         fulfilled = publish_version(session=session, model_id=batch.model_id, sha256=sha256, size=size,
                                     card=card, classes_forgotten=forgotten, metrics=summarise(result.report))
+        log.info("model %s: version %d published, forgetting %s", batch.model_name, fulfilled.version,
+                 ", ".join(result.report["classes"]),
+                 extra={"model": batch.model_name, "published_version": fulfilled.version, "sha256": sha256,
+                        "deletion_requests": list(runnable), "training_seconds": result.report.get("seconds")})
     for request_id, (cls, _uri, _seed) in runnable.items():
         row = rows[request_id]
         if cls in result.already_forgotten:
@@ -445,7 +459,7 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
         wake |= set(oldest_per_model.values())
         counts["woken"] = len(wake)
         flag_deadlines(session, now, counts)
-        counts["disposed"] = len(dispose_superseded(session=session, store=ArtifactStore(settings.artifacts),
+        counts["disposed"] = len(dispose_superseded(session=session, store=artifact_store(settings),
                                                     retention_hours=settings.retention_hours))
     for request_id in wake:
         enqueue(request_id)

@@ -17,7 +17,7 @@ from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Gone, InvalidInput, NotFound
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.storage import ArtifactStore
-from service.sources import check_data_root
+from service.sources import Root, check_data_root
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"current"}
@@ -49,8 +49,9 @@ def validate_package(card_bytes: bytes, weights_path: Path):
 
 
 def register_model(*, session: Session, store: ArtifactStore, name: str, card_bytes: bytes, weights_path: Path,
-                   eval_set: str | None, data_roots: list[Path]) -> ModelVersion:
-    """A new model as version 1, with ``current`` pointing at it. ``weights_path`` is moved into the store."""
+                   eval_set: str | None, data_roots: list[Root]) -> ModelVersion:
+    """A new model as version 1, with ``current`` pointing at it. ``weights_path`` goes into the store
+    (stored and verified before the row that names it is written)."""
     check_model_name(name)
     if eval_set is not None:
         check_data_root(eval_set, data_roots)
@@ -114,11 +115,11 @@ def get_version(*, session: Session, name: str, version: int) -> ModelVersion:
     return row
 
 
-def weights_path(*, store: ArtifactStore, version: ModelVersion) -> Path:
+def check_weights_kept(*, version: ModelVersion) -> None:
+    """410 once a superseded version's weights were deleted; its row (and sha256) stays."""
     if version.disposed_at is not None:
         raise Gone(f"version {version.version} was superseded and its weights deleted at "
                    f"{version.disposed_at.isoformat()}; sha256 {version.sha256} stays on record")
-    return store.path_for(version.sha256)
 
 
 def lock_model(*, session: Session, model_id: str) -> RegisteredModel:

@@ -1,21 +1,132 @@
-"""Artifact storage: weights files content-addressed by sha256, written atomically."""
+"""Artifact storage: weights content-addressed by sha256, in a local folder or on S3-compatible storage.
+
+Both stores keep ``<sha[:2]>/<sha>.safetensors`` (under the S3 URI's prefix) and store a file
+whole and verified or not at all: ``put`` returns only once the object under the final name holds
+exactly the bytes whose sha256 it names. A version becomes visible to readers only when the
+registry row naming it commits, which is after ``put`` returned. ``artifact_store(settings)`` is the
+one place that chooses the store (``LETHE_ARTIFACTS_URI``: a folder, or ``s3://bucket/prefix`` with
+the endpoint and credentials boto3 reads from the usual ``AWS_*`` variables).
+"""
 
 from __future__ import annotations
 
+import base64
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+CHUNK = 1 << 20
+SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest PutObject; larger files go up as a multipart upload
+NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 
-class ArtifactStore:
-    """``root/<sha[:2]>/<sha>.safetensors``; a file appears under its final name complete or not at all."""
+class ArtifactError(OSError):
+    """The store cannot keep or give back an artifact (unreachable, refused, or a checksum mismatch)."""
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """(hex sha256, size) of a local file."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """``s3://bucket/key``; ``key`` has no leading or trailing slash ('' is the whole bucket)."""
+
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def split_s3_uri(uri: str) -> S3Location:
+    """``s3://bucket/key`` -> S3Location; ValueError for anything else (the key is taken literally)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not BUCKET_PATTERN.fullmatch(bucket):
+        raise ValueError(f"{uri!r}: {bucket!r} is not an S3 bucket name")
+    if any(c in key for c in "\x00?#") or len(key) > 1024:
+        raise ValueError(f"{uri!r}: an S3 key has no query, fragment or NUL and at most 1024 characters")
+    return S3Location(bucket, key.strip("/"))
+
+
+@dataclass
+class Download:
+    """An artifact's bytes (or a byte range of them) being read: iterate ``chunks``, then ``close()``."""
+
+    chunks: Iterator[bytes]
+    length: int  # bytes that ``chunks`` yields
+    close: Callable[[], None]
+
+
+class ArtifactStore(ABC):
+    """Weights files content-addressed by sha256; a file appears under its final name complete or not at all."""
+
+    def key_for(self, sha256: str) -> str:
+        return f"{sha256[:2]}/{sha256}.safetensors"
+
+    @abstractmethod
+    def exists(self, sha256: str) -> bool: ...
+
+    @abstractmethod
+    def new_incoming(self) -> Path:
+        """A fresh local temporary file to write an upload or a new version into, before ``put``."""
+
+    @abstractmethod
+    def put(self, source: Path) -> tuple[str, int]:
+        """Store a local file (consumed: moved or uploaded, then removed); returns (sha256, size)."""
+
+    @abstractmethod
+    def fetch(self, sha256: str, target: Path) -> None:
+        """The artifact as a local file at ``target`` (a new path), for the engine to read."""
+
+    @abstractmethod
+    def open(self, sha256: str, first: int = 0, last: int | None = None) -> Download:
+        """Bytes ``first`` to ``last`` (inclusive; None: to the end); FileNotFoundError when absent."""
+
+    @abstractmethod
+    def delete(self, sha256: str) -> None: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Readiness: the store is reachable and writable; OSError (with a short ``strerror``) otherwise."""
+
+    def local_path(self, sha256: str) -> Path | None:
+        """The artifact's file when the store is a local folder (served directly); None otherwise."""
+        return None
+
+    def presigned_url(self, sha256: str, seconds: int) -> str | None:
+        """A URL that downloads the artifact without credentials for ``seconds``; None where the store has none."""
+        return None
+
+
+class FolderStore(ArtifactStore):
+    """``root/<sha[:2]>/<sha>.safetensors``; files are renamed into place from ``root/.incoming``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
     def path_for(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / f"{sha256}.safetensors"
+        return self.root / self.key_for(sha256)
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
@@ -30,11 +141,7 @@ class ArtifactStore:
 
     def put(self, source: Path) -> tuple[str, int]:
         """Move a file written under ``new_incoming()`` into place; returns (sha256, size)."""
-        digest = hashlib.sha256()
-        with open(source, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        sha256, size = digest.hexdigest(), source.stat().st_size
+        sha256, size = sha256_of(source)
         target = self.path_for(sha256)
         if target.is_file():
             source.unlink()  # same content stored already
@@ -44,6 +151,31 @@ class ArtifactStore:
             os.replace(source, target)
         return sha256, size
 
+    def fetch(self, sha256: str, target: Path) -> None:
+        source = self.path_for(sha256)
+        if not source.is_file():
+            raise FileNotFoundError(f"artifact {sha256} is not in the store")
+        try:
+            target.symlink_to(source)  # versions are immutable: a link is as good as a copy
+        except OSError:
+            shutil.copyfile(source, target)
+
+    def open(self, sha256: str, first: int = 0, last: int | None = None) -> Download:
+        f = open(self.path_for(sha256), "rb")
+        size = os.fstat(f.fileno()).st_size
+        last = size - 1 if last is None else min(last, size - 1)
+        f.seek(first)
+
+        def chunks(left: int = last - first + 1) -> Iterator[bytes]:
+            while left > 0 and (chunk := f.read(min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+        return Download(chunks(), max(0, last - first + 1), f.close)
+
+    def local_path(self, sha256: str) -> Path:
+        return self.path_for(sha256)
+
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
 
@@ -52,3 +184,175 @@ class ArtifactStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready-"):
             pass
+
+
+AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+_clients: dict[tuple, object] = {}
+
+
+def s3_client():
+    """A boto3 S3 client configured from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+
+    One per process and environment: clients are thread-safe but their connections must not cross
+    a fork (Celery's pool processes make their own), and building one takes a while.
+    """
+    key = (os.getpid(), *(os.environ.get(name) for name in AWS_VARIABLES))
+    if key not in _clients:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(signature_version="s3v4", connect_timeout=5, read_timeout=60,
+                        retries={"max_attempts": 3, "mode": "standard"})
+        _clients[key] = boto3.session.Session().client("s3", config=config)
+    return _clients[key]
+
+
+def is_not_found(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in NOT_FOUND
+
+
+class S3Store(ArtifactStore):
+    """``s3://bucket/prefix/<sha[:2]>/<sha>.safetensors``.
+
+    An object is written by one PutObject (a multipart upload above 5 GiB), which S3 makes visible
+    only once complete, carrying the sha256 computed beforehand so that the server refuses a body
+    that does not match it. ``put`` then verifies the stored object (the server's SHA-256 checksum
+    where it keeps one, otherwise its bytes read back) before returning, so a registry row never
+    names an object that is partial or wrong.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", client=None) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.client = client if client is not None else s3_client()
+
+    def __repr__(self) -> str:
+        return f"S3Store(s3://{self.bucket}/{self.prefix})"
+
+    def key_for(self, sha256: str) -> str:
+        key = super().key_for(sha256)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def exists(self, sha256: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key_for(sha256))
+            return True
+        except Exception as exc:
+            if is_not_found(exc):
+                return False
+            raise
+
+    def new_incoming(self) -> Path:
+        """A temporary file in the system's temporary folder (TMPDIR), where runs write their candidates too."""
+        fd, name = tempfile.mkstemp(prefix="lethe-upload-", suffix=".part")
+        os.close(fd)
+        return Path(name)
+
+    def put(self, source: Path) -> tuple[str, int]:
+        """Upload a local file under its sha256 unless an intact copy is there already; the file is removed."""
+        try:
+            sha256, size = sha256_of(source)
+            key = self.key_for(sha256)
+            if not self._holds(key, sha256, size):
+                with open(source, "rb") as body:
+                    self._upload(body, key, sha256, size)
+                if not self._holds(key, sha256, size):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+                    raise ArtifactError(errno.EIO, f"s3://{self.bucket}/{key} does not match its sha256 after upload")
+        finally:
+            source.unlink(missing_ok=True)
+        return sha256, size
+
+    def _upload(self, body, key: str, sha256: str, size: int) -> None:
+        if size <= SINGLE_PUT_LIMIT:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
+                                   ContentType="application/octet-stream", Metadata={"sha256": sha256},
+                                   ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode())
+        else:  # each part carries its own SHA-256 checksum; the object appears when the upload completes
+            self.client.upload_fileobj(body, self.bucket, key, ExtraArgs={
+                "ContentType": "application/octet-stream", "Metadata": {"sha256": sha256},
+                "ChecksumAlgorithm": "SHA256"})
+
+    def _holds(self, key: str, sha256: str, size: int) -> bool:
+        """The object under ``key`` exists with this size and sha256."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except Exception as exc:
+            if is_not_found(exc):
+                return False
+            raise
+        if head["ContentLength"] != size:
+            return False
+        checksum = head.get("ChecksumSHA256")
+        if checksum and "-" not in checksum:  # "...-N" is a multipart checksum of checksums, not the file's
+            return checksum == base64.b64encode(bytes.fromhex(sha256)).decode()
+        digest = hashlib.sha256()
+        body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        try:
+            for chunk in body.iter_chunks(CHUNK):
+                digest.update(chunk)
+        finally:
+            body.close()
+        return digest.hexdigest() == sha256
+
+    def fetch(self, sha256: str, target: Path) -> None:
+        """Download to ``target`` (through a temporary name) and check the bytes against the sha256."""
+        partial = target.with_name(target.name + ".part")
+        try:
+            self.client.download_file(self.bucket, self.key_for(sha256), str(partial))
+        except Exception as exc:
+            partial.unlink(missing_ok=True)
+            if is_not_found(exc):
+                raise FileNotFoundError(f"artifact {sha256} is not in {self!r}") from None
+            raise
+        if sha256_of(partial)[0] != sha256:
+            partial.unlink()
+            raise ArtifactError(errno.EIO, f"artifact {sha256} downloaded from {self!r} does not match its sha256")
+        os.replace(partial, target)
+
+    def open(self, sha256: str, first: int = 0, last: int | None = None) -> Download:
+        ranged = {} if first == 0 and last is None else {"Range": f"bytes={first}-{'' if last is None else last}"}
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key_for(sha256), **ranged)
+        except Exception as exc:
+            if is_not_found(exc):
+                raise FileNotFoundError(f"artifact {sha256} is not in {self!r}") from None
+            raise
+        body = response["Body"]
+        return Download(body.iter_chunks(CHUNK), response["ContentLength"], body.close)
+
+    def delete(self, sha256: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key_for(sha256))
+
+    def check(self) -> None:
+        """Readiness: the bucket answers HeadBucket with these credentials."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            reason = {"404": "bucket not found", "NoSuchBucket": "bucket not found",
+                      "403": "access denied", "AccessDenied": "access denied"}.get(code, f"S3 {code}")
+            raise ArtifactError(errno.EIO, reason) from None
+        except BotoCoreError as exc:  # no endpoint, no credentials, a timeout
+            raise ArtifactError(errno.EIO, f"S3 unreachable ({type(exc).__name__})") from None
+
+    def presigned_url(self, sha256: str, seconds: int) -> str:
+        return self.client.generate_presigned_url("get_object", ExpiresIn=seconds, Params={
+            "Bucket": self.bucket, "Key": self.key_for(sha256),
+            "ResponseContentType": "application/octet-stream",
+            "ResponseContentDisposition": 'attachment; filename="model.safetensors"'})
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    """The store ``LETHE_ARTIFACTS_URI`` names: ``s3://bucket/prefix``, or a folder (default ``$LETHE_HOME/artifacts``).
+
+    The one place that chooses: the API (``app.state.store``) and the workers both call it.
+    """
+    if settings.artifacts_uri and settings.artifacts_uri.startswith("s3://"):
+        location = split_s3_uri(settings.artifacts_uri)
+        return S3Store(location.bucket, location.key)
+    return FolderStore(settings.artifacts)

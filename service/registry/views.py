@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from service.deps import ModelsReader, ModelsWriter, SessionDep, SettingsDep
 from service.errors import PayloadTooLarge
@@ -86,16 +86,71 @@ def list_versions(name: str, session: SessionDep, _key: ModelsReader) -> ModelVe
 
 
 @router.get("/models/{name}/versions/{version}/weights", response_class=FileResponse,
-            summary="The version's model.safetensors (Range supported; 410 once disposed of)")
-def download_weights(name: str, version: int, request: Request, session: SessionDep, _key: ModelsReader):
+            summary="The version's model.safetensors (Range supported; If-None-Match gives 304; 410 once "
+                    "disposed of; 307 to a presigned URL with LETHE_ARTIFACTS_REDIRECT on an S3 store)")
+def download_weights(name: str, version: int, request: Request, session: SessionDep, settings: SettingsDep,
+                     _key: ModelsReader):
     row = service.get_version(session=session, name=name, version=version)
-    path = service.weights_path(store=store_of(request), version=row)
-    return FileResponse(path, media_type="application/octet-stream", filename="model.safetensors",
-                        headers={"ETag": f'"{row.sha256}"', "X-Checksum-Sha256": row.sha256})
+    service.check_weights_kept(version=row)
+    store = store_of(request)
+    headers = {"ETag": f'"{row.sha256}"', "X-Checksum-Sha256": row.sha256}
+    if headers["ETag"] in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    if (path := store.local_path(row.sha256)) is not None:
+        return FileResponse(path, media_type="application/octet-stream", filename="model.safetensors", headers=headers)
+    if settings.artifacts_redirect and request.method == "GET":  # HEAD: a presigned GET URL would refuse it
+        url = store.presigned_url(row.sha256, settings.artifacts_presign_seconds)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={**headers, "Cache-Control": "no-store"})
+    return stream_weights(request, store, row, headers)
+
+
+def stream_weights(request: Request, store, row: ModelVersion, headers: dict[str, str]) -> Response:
+    """The weights from a remote store, in chunks, with one byte range when asked for one (as FileResponse does)."""
+    headers = {**headers, "Accept-Ranges": "bytes", "Content-Disposition": 'attachment; filename="model.safetensors"'}
+    byte_range = parse_range(request.headers.get("range"), row.size)
+    if byte_range == "unsatisfiable":
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{row.size}"})
+    first, last = byte_range or (0, row.size - 1)
+    status = 206 if byte_range else 200
+    if byte_range:
+        headers["Content-Range"] = f"bytes {first}-{last}/{row.size}"
+    if request.method == "HEAD":
+        return Response(status_code=status, media_type="application/octet-stream",
+                        headers={**headers, "Content-Length": str(last - first + 1)})
+    download = store.open(row.sha256, first, last if byte_range else None)
+
+    def chunks():
+        try:
+            yield from download.chunks
+        finally:
+            download.close()
+
+    return StreamingResponse(chunks(), status_code=status, media_type="application/octet-stream",
+                             headers={**headers, "Content-Length": str(download.length)})
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=`` range as (first, last), "unsatisfiable", or None for the whole file (no header,
+    several ranges, or one that does not parse: RFC 9110 lets a server ignore those)."""
+    if not header or not header.strip().lower().startswith("bytes=") or "," in header:
+        return None
+    start, _, end = header.strip()[6:].partition("-")
+    try:
+        if not start.strip():  # suffix: the last N bytes
+            suffix = int(end)
+            return (max(0, size - suffix), size - 1) if suffix > 0 and size else "unsatisfiable"
+        first, last = int(start), int(end) if end.strip() else size - 1
+    except ValueError:
+        return None
+    if first < 0 or last < first:
+        return None
+    return (first, min(last, size - 1)) if first < size else "unsatisfiable"
 
 
 @router.head("/models/{name}/versions/{version}/weights", include_in_schema=False)
-def head_weights(name: str, version: int, request: Request, session: SessionDep, _key: ModelsReader):
-    return download_weights(name, version, request, session, _key)
+def head_weights(name: str, version: int, request: Request, session: SessionDep, settings: SettingsDep,
+                 _key: ModelsReader):
+    return download_weights(name, version, request, session, settings, _key)
 
 
