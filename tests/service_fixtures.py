@@ -4,10 +4,16 @@
 the real Postgres + Redis on 127.0.0.1. The suite creates (and drops) a Postgres database of its
 own, migrated once; every test starts from empty tables, an empty Redis db, a fresh SQLite copy
 and a new LETHE_HOME.
+
+``s3`` is a fresh bucket on a real S3 protocol server (moto's, started once per session on a free
+port of 127.0.0.1); ``with_s3(backend, s3)`` is a backend whose artifacts live in that bucket and
+whose data roots also allow ``s3://bucket/forget-sets``. A test module overrides ``backend`` with
+it to run the same fixtures (client, admin, start_worker) against S3.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -123,10 +129,73 @@ def backend(request, tmp_path: Path, digits) -> Iterator[Backend]:
         redis.Redis.from_url(env["LETHE_BROKER_URL"]).flushdb()
     else:
         shutil.copyfile(request.getfixturevalue("sqlite_template"), home / "lethe.db")
-    settings = Settings(**{k.removeprefix("LETHE_").lower(): v for k, v in env.items()})
+    settings = settings_from(env)
     yield Backend(request.param, env, settings)
     if request.param == "embedded":
         engine_for(settings.database).dispose()
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """The settings a process with these ``LETHE_*`` variables reads."""
+    return Settings(**{k.removeprefix("LETHE_").lower(): v for k, v in env.items() if k.startswith("LETHE_")})
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real S3 protocol server for the session (moto in server mode, in a thread); its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per S3 request in every failure report
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    env: dict[str, str]  # the AWS_* variables that reach the server, for worker processes too
+    client: object
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def upload_folder(self, folder: Path, prefix: str) -> str:
+        """Every file under ``folder`` to ``prefix/<relative path>``; returns ``s3://bucket/prefix``."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.client.upload_file(str(path), self.bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        return self.uri(prefix)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return sorted(item["Key"] for item in listed.get("Contents", []))
+
+
+@pytest.fixture
+def s3(moto_server: str, monkeypatch) -> S3:
+    """A new, empty bucket; this process's AWS_* variables point boto3 at the server (and nowhere else)."""
+    from service.registry.storage import s3_client
+
+    env = {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "lethe-test", "AWS_SECRET_ACCESS_KEY": "lethe-test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = s3_client()
+    bucket = f"lethe-test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    return S3(moto_server, bucket, env, client)
+
+
+def with_s3(backend: Backend, s3: S3) -> Backend:
+    """The same database and queue, with artifacts in ``s3://bucket/artifacts`` and ``s3://bucket/forget-sets``
+    added to the data roots."""
+    env = {**backend.env, **s3.env, "LETHE_ARTIFACTS_URI": s3.uri("artifacts"),
+           "LETHE_DATA_ROOTS": f"{backend.env['LETHE_DATA_ROOTS']},{s3.uri('forget-sets')}"}
+    return Backend(backend.name, env, settings_from(env))
 
 
 @pytest.fixture
@@ -160,16 +229,17 @@ def register_digits(client: TestClient, headers: dict[str, str], package: Path, 
         return client.post("/models", headers=headers, data=data, files={"card": card, "weights": weights})
 
 
-def request_body(digits, external_id: str = "subject-1", forget_class: str = "3", model: str = "digits") -> dict:
+def request_body(digits, external_id: str = "subject-1", forget_class: str = "3", model: str = "digits",
+                 uri: str | None = None) -> dict:
     return {"external_id": external_id, "model": model, "forget_class": forget_class,
-            "forget_set": {"uri": f"file://{digits.train_class(forget_class)}"}}
+            "forget_set": {"uri": uri or f"file://{digits.train_class(forget_class)}"}}
 
 
 class WorkerProcess:
     """A real ``lethe worker`` process (with the periodic sweep), killable with SIGKILL."""
 
-    def __init__(self, backend: Backend, log_path: Path, beat: bool = True) -> None:
-        env = {**os.environ, **backend.env, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, backend: Backend, log_path: Path, beat: bool = True, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **backend.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "service.cli", "worker", "--loglevel", "INFO"] + (["--beat"] if beat else [])
         self.log_path = log_path
         self.log = open(log_path, "w")
@@ -198,8 +268,9 @@ class WorkerProcess:
 def start_worker(backend: Backend, tmp_path: Path):
     workers: list[WorkerProcess] = []
 
-    def start(beat: bool = True) -> WorkerProcess:
-        worker = WorkerProcess(backend, tmp_path / f"worker-{len(workers)}.log", beat=beat)
+    def start(beat: bool = True, **env: str) -> WorkerProcess:
+        """A worker; ``env`` adds or overrides variables of its own (its LETHE_HOME, say)."""
+        worker = WorkerProcess(backend, tmp_path / f"worker-{len(workers)}.log", beat=beat, env=env)
         workers.append(worker)
         return worker
 
