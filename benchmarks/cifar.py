@@ -69,9 +69,10 @@ class Cifar10:
         sample = random.Random(f"{RETAIN_SEED}:{excluded}").sample(pool, min(count, len(pool)))
         return self._manifest(f"retain-without-{excluded}-{count}", sorted(sample))
 
-    def half(self, which: str) -> Path:
+    def half(self, which: str, per_class: int | None = None) -> Path:
         """The validation ("val", for selection only) or test ("test", reported) half of the test
-        split: each class's test images shuffled with ``SPLIT_SEED`` and cut in two."""
+        split: each class's test images shuffled with ``SPLIT_SEED`` and cut in two; ``per_class``
+        keeps only the first images of each class's half (smoke runs)."""
         if which not in ("val", "test"):
             raise ValueError(which)
         rows = []
@@ -79,8 +80,8 @@ class Cifar10:
             paths = self.images("test", c)
             random.Random(f"{SPLIT_SEED}:{c}").shuffle(paths)
             cut = len(paths) // 2
-            rows += [(p, c) for p in sorted(paths[:cut] if which == "val" else paths[cut:])]
-        return self._manifest(f"{which}-half", rows)
+            rows += [(p, c) for p in sorted((paths[:cut] if which == "val" else paths[cut:])[:per_class])]
+        return self._manifest(f"{which}-half" + (f"-{per_class}" if per_class else ""), rows)
 
     def _manifest(self, name: str, rows: list[tuple[str, str]]) -> Path:
         path = self.root / f"{name}.csv"

@@ -166,14 +166,14 @@ class Bench:
         """uint8 pixels and labels of the validation and test halves."""
         out = {}
         for which in ("val", "test"):
-            images = read_images(str(self.data.half(which)), self.package.card.input)
+            images = read_images(str(self.half(which)), self.package.card.input)
             out[which] = (images.pixels, images.label_indices(self.package.card.classes))
         return out
 
     @cached_property
     def original_predictions(self) -> dict[str, torch.Tensor]:
         """The original model's predictions on both halves, cached on disk by weights hash."""
-        path = cache_root() / f"original-{self.package.weights_sha256[:16]}-{self.data.half('test').stem}.pt"
+        path = cache_root() / f"original-{self.package.weights_sha256[:16]}-{self.half('test').stem}.pt"
         if path.is_file():
             return torch.load(path)
         model = build_model(self.package.card, self.package.state_dict)
@@ -181,6 +181,9 @@ class Bench:
         torch.save(predictions, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
         return predictions
+
+    def half(self, which: str) -> Path:
+        return self.data.half(which, self.args.eval_per_class)
 
     def predict(self, model: torch.nn.Module, which: str) -> torch.Tensor:
         pixels, _ = self.halves[which]
@@ -225,7 +228,7 @@ class Bench:
         inputs = UnlearnInputs(
             model=str(self.args.model),
             forget=(ForgetSpec(task.class_name, str(self.data.forget(task.class_name, task.forget_images))),),
-            eval_source=str(self.data.half("val")) if config.select_on_eval else None,
+            eval_source=str(self.half("val")) if config.select_on_eval else None,
             retain_source=str(self.data.retain(task.class_name, self.args.retain_images)) if method.uses_retain else None,
         )
         try:
@@ -639,6 +642,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              ", ".join(v.name for v in VARIANTS.values() if v.all_seeds) + "); the rest on the first")
     parser.add_argument("--forget-images", type=_count, default=500, help="per class, or 'all'")
     parser.add_argument("--retain-images", type=int, default=5000)
+    parser.add_argument("--eval-per-class", type=int, default=None,
+                        help="images per class in each half of the test split (default: all 500; smoke runs)")
     parser.add_argument("--grid-class", default="cat")
     parser.add_argument("--sweep", default="lora-kl", help="variant to sweep around; '' for none")
     parser.add_argument("--few-shot", nargs="*", type=_count, default=list(FEW_SHOT_SIZES))

@@ -1,10 +1,10 @@
-"""Losses as pure functions: bounded, masked-KL and its teacher."""
+"""Losses as pure functions: bounded, masked-KL and its teacher, adversarial neighbours."""
 
 from __future__ import annotations
 
 import torch
 
-from worker.engine.losses import bounded_forget_loss, masked_kl_loss, masked_teacher
+from worker.engine.losses import adversarial_neighbours, bounded_forget_loss, masked_kl_loss, masked_teacher
 
 
 def test_the_masked_teacher_moves_the_forgotten_class_mass_to_the_others_in_proportion():
@@ -26,3 +26,18 @@ def test_masked_kl_is_zero_at_its_target_and_positive_elsewhere():
 def test_the_bounded_loss_stays_finite_on_a_perfectly_confident_model():
     loss = bounded_forget_loss(torch.tensor([[200.0, -200.0]]), torch.tensor([0]))
     assert torch.isfinite(loss)
+
+
+def test_adversarial_neighbours_stay_within_eps_in_pixels_and_move_toward_the_target_class():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()
+    images = torch.randn(16, 3, 4, 4)
+    std = torch.tensor([0.25, 0.5, 1.0])
+    towards = torch.full((16,), 2)
+    moved = adversarial_neighbours(model, images, towards, std, eps=8 / 255, steps=5)
+    pixel_shift = ((moved - images) * std.view(1, -1, 1, 1)).abs()
+    assert pixel_shift.max() <= 8 / 255 + 1e-6 and pixel_shift.max() > 4 / 255
+    before = torch.log_softmax(model(images), 1)[:, 2]
+    after = torch.log_softmax(model(moved), 1)[:, 2]
+    assert (after > before).all()
+    assert not any(p.grad is not None for p in model.parameters())  # the model's weights are left alone

@@ -112,6 +112,18 @@ def test_lora_kl_forgets_and_keeps_more_of_the_other_classes_than_the_bounded_lo
     assert mean(acc_r for _, acc_r in kl) > mean(acc_r for _, acc_r in bounded)
 
 
+def test_lora_adv_forgets_with_neighbours_that_add_images_to_every_step(digits_model, digits, base_accuracy):
+    result = run(digits_model, digits, method="lora-adv", seed=0)
+    acc_f, acc_r = held_out_accuracy(result.card, result.state_dict, digits)
+    assert result.target_met and acc_f <= 5.0
+    assert base_accuracy[1] - acc_r <= 12.0
+    assert result.report.trainable_parameters == run_trainable(digits_model, digits)  # same adapters as lora-kl
+
+
+def run_trainable(model: Path, digits: DigitsData) -> int:
+    return run(model, digits, method="lora-kl", seed=0, max_steps=1).report.trainable_parameters
+
+
 def test_the_stop_rule_keeps_the_weights_that_reached_the_target(default_runs):
     for result in default_runs:
         last = result.report.history[-1]
