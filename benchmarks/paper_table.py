@@ -468,10 +468,12 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Generated {meta['generated']} by `{meta['command']}` on {meta['machine']}.",
         f"Model `{meta['model']}`; forget set: the first {meta['forget_images'] or 'all'} train images of each class; "
         f"scored on the test half ({meta['test_images']} images; the validation half is used only for the grid "
-        f"and selection). Mean ± std over seeds of the mean over classes; *worst* is the worst seed.",
+        f"and selection). Mean ± std over seeds of the mean over classes; *worst* is the worst seed. "
+        f"*peak MiB Δ* is the run's peak resident set above the long-lived process's (speed.py measures "
+        f"whole processes); seconds are wall time on a shared machine.",
         "",
         "| variant | D_r | classes × seeds | Acc_r | Acc_f | ΔAcc_r | worst Acc_f | worst ΔAcc_r | steps | s / class | "
-        "peak MiB | trainable | lr | λ | targets |",
+        "peak MiB Δ | trainable | lr | λ | adapters |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     original = summary["original"]

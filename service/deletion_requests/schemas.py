@@ -13,7 +13,7 @@ NO_NUL = r"^[^\x00]*$"  # Postgres text cannot hold NUL
 class ForgetSetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    uri: str = Field(max_length=4096, description="file:///... inside LETHE_DATA_ROOTS: the class's images")
+    uri: str = Field(max_length=4096, description="file:///... or s3://bucket/... inside LETHE_DATA_ROOTS: the class's images")
 
 
 class DeletionRequestCreate(BaseModel):
