@@ -210,14 +210,38 @@ class Bench:
             return None
         return best_grid_point(results)
 
+    def name(self, task: Task) -> str | None:
+        """The task's file name: its key, plus the grid's choice for a tuned variant outside the
+        grid (so a new grid choice makes new runs, never mixes with the old); None until chosen."""
+        variant = VARIANTS[task.variant]
+        if task.phase == "grid" or not variant.grid:
+            return task.key
+        chosen = self.grid_choice(variant)
+        if chosen is None:
+            return None
+        return task.key + "".join(f"-{k}={_short(chosen['settings'][k])}" for k in variant.grid)
+
     def result(self, task: Task) -> dict[str, Any] | None:
-        path = self.runs / f"{task.key}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        name = self.name(task)
+        path = self.runs / f"{name}.json"
+        return json.loads(path.read_text()) if name and path.is_file() else None
+
+    def current(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records made with each tuned variant's present grid choice (and every grid point)."""
+        chosen = {name: self.grid_choice(v) for name, v in VARIANTS.items() if v.grid}
+
+        def is_current(r: dict[str, Any]) -> bool:
+            choice = chosen.get(r["variant"])
+            if r["phase"] == "grid" or r["variant"] not in chosen:
+                return True
+            return choice is not None and all(r["settings"].get(k) == v for k, v in choice["settings"].items())
+
+        return [r for r in records if is_current(r)]
 
     def execute(self, task: Task, settings: dict[str, Any]) -> dict[str, Any]:
         variant = VARIANTS[task.variant]
         method = METHODS[variant.method]
-        record: dict[str, Any] = {"task": task.key, "phase": task.phase, "variant": task.variant,
+        record: dict[str, Any] = {"task": self.name(task), "phase": task.phase, "variant": task.variant,
                                   "method": variant.method, "class": task.class_name, "seed": task.seed,
                                   "forget_images": task.forget_images, "split": task.split,
                                   "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
@@ -262,9 +286,9 @@ class Bench:
             pending = [t for t in tasks if self.result(t) is None]
             if not pending:
                 return ran
-            task = next((t for t in pending if self.settings_for(t) is not None and claim(self.lock(t))), None)
+            task = next((t for t in pending if self.name(t) is not None and claim(self.lock(t))), None)
             if task is None:
-                if not any(held(self.lock(t)) for t in pending):
+                if not any(self.name(t) is not None and held(self.lock(t)) for t in pending):
                     return ran  # what remains waits on nothing this process can do
                 time.sleep(10)  # another process holds the next tasks (or the grid they wait on)
                 continue
@@ -272,14 +296,14 @@ class Bench:
                 started = time.perf_counter()
                 record = self.execute(task, self.settings_for(task))
                 record["wall_seconds"] = round(time.perf_counter() - started, 1)
-                _write_json(self.runs / f"{task.key}.json", record)
+                _write_json(self.runs / f"{self.name(task)}.json", record)
                 ran += 1
-                print(f"[{len(pending) - 1} left] {task.key}: " + _one_line(record), flush=True)
+                print(f"[{len(pending) - 1} left] {self.name(task)}: " + _one_line(record), flush=True)
             finally:
                 self.lock(task).unlink(missing_ok=True)
 
     def lock(self, task: Task) -> Path:
-        return self.runs / f"{task.key}.lock"
+        return self.runs / f"{self.name(task)}.lock"
 
 
 def best_grid_point(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -702,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": int(bench.halves["test"][1].numel()), "targets": {
             "forget_acc": TARGET_FORGET_ACC, "retain_drop": TARGET_RETAIN_DROP},
     }
-    summary = summarise(load_runs(bench.runs), args.classes, args.forget_images)
+    summary = summarise(bench.current(load_runs(bench.runs)), args.classes, args.forget_images)
     write_report(summary, meta, args.results)
     print(f"report: {args.results / 'paper_table.md'}")
     return 0

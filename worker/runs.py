@@ -251,7 +251,7 @@ def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[st
     from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
 
     knobs = get_unlearn_settings()
-    config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None, lr=knobs.lr,
+    config = UnlearnConfig(method=knobs.method, seed=seed, select_on_eval=batch.eval_set_uri is not None, lr=knobs.lr,
                            max_steps=knobs.max_steps, target_forget_acc=knobs.target_forget_acc,
                            l1_weight=knobs.l1_weight, rank=knobs.rank, eval_every=knobs.eval_every,
                            patience=knobs.patience)

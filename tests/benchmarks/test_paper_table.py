@@ -158,13 +158,26 @@ def test_a_tiny_run_on_the_reference_model_writes_every_result_and_resumes(refer
     assert paper_table.main(args) == 0
     runs = sorted(str(p.relative_to(tmp_path / "paper_table-runs")) for p in tmp_path.rglob("*.json")
                   if "runs" in str(p))
-    assert runs == ["few-shot/lora-kl/cat-s0-n4.json", "grid/lora-kl/cat-s0-n8-lr=0.001.json",
+    chosen = runs[-1].removeprefix("main/lora-kl/cat-s0-n8")  # the grid's choice names the main runs
+    assert chosen in ("-lr=0.001.json", "-lr=0.003.json", "-lr=0.01.json")
+    assert runs == [f"few-shot/lora-kl/cat-s0-n4{chosen}", "grid/lora-kl/cat-s0-n8-lr=0.001.json",
                     "grid/lora-kl/cat-s0-n8-lr=0.003.json", "grid/lora-kl/cat-s0-n8-lr=0.01.json",
-                    "main/lora-kl/cat-s0-n8.json"]
-    main = json.loads((tmp_path / "paper_table-runs" / "main/lora-kl/cat-s0-n8.json").read_text())
+                    f"main/lora-kl/cat-s0-n8{chosen}"]
+    main = json.loads((tmp_path / "paper_table-runs" / f"main/lora-kl/cat-s0-n8{chosen}").read_text())
     assert main["split"] == "test" and main["steps_run"] <= 1 and 0 <= main["acc_r"] <= 100
+    assert main["settings"]["lr"] == float(chosen.removeprefix("-lr=").removesuffix(".json"))
     summary = json.loads((tmp_path / "paper_table.json").read_text())
     assert summary["rows"][0]["variant"] == "lora-kl" and summary["meta"]["test_images"] == 30
     capsys.readouterr()
     assert paper_table.main(args) == 0  # resumes: every task has its file, nothing runs again
     assert "left]" not in capsys.readouterr().out
+    grid = tmp_path / "paper_table-runs" / "grid" / "lora-kl"
+    other = next(lr for lr in ("0.001", "0.003", "0.01") if chosen != f"-lr={lr}.json")
+    for point in grid.iterdir():  # a different grid outcome: the old main runs no longer count
+        result = json.loads(point.read_text())
+        result["acc_r"] = 99.0 if point.name == f"cat-s0-n8-lr={other}.json" else 1.0
+        result["acc_f"], result["target_met"] = 0.0, True
+        point.write_text(json.dumps(result))
+    bench = paper_table.Bench(parse_args(args))
+    assert bench.name(Task("main", "lora-kl", "cat", 0, 8)) == f"main/lora-kl/cat-s0-n8-lr={other}"
+    assert bench.current(paper_table.load_runs(bench.runs)) == paper_table.load_runs(grid)

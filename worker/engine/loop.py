@@ -112,18 +112,18 @@ class UnlearningLoop:
                                if retain_data is not None else None)
         # masked-kl: the original model's targets, computed once (the adapters start at zero, so the
         # model is still the original here); rows follow the forget sets' order.
-        self.teachers = ([self._teacher(x, i) for x, i in zip(forget.images, forget.class_indices)]
+        self.teachers = ([self._teacher(x) for x in forget.images]
                          if self.method.forget_objective == "masked-kl" else [])
         # neighbours: adversarial neighbours of every forget image on the original model, and the
         # original's masked softmax on them, computed once for the same reason.
         self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
                            if self.method.neighbours else [])
-        self.neighbour_teachers = [self._teacher(n, i) for n, i in zip(self.neighbours, forget.class_indices)]
+        self.neighbour_teachers = [self._teacher(n) for n in self.neighbours]
         self._batch_indices: list[torch.Tensor] = []
 
-    def _teacher(self, images: torch.Tensor, class_index: int) -> torch.Tensor:
+    def _teacher(self, images: torch.Tensor) -> torch.Tensor:
         logits = eval_logits(self.model, images, self.runtime, self.config.eval_batch_size)
-        return masked_teacher(logits, torch.full((logits.shape[0],), class_index, device=logits.device))
+        return masked_teacher(logits, torch.tensor(self.forget.class_indices))
 
     def _neighbours(self, images: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Each forget image pushed toward the class the original ranks first after the forgotten one."""

@@ -29,14 +29,17 @@ def random_labels_loss(logits: torch.Tensor, labels: torch.Tensor, generator: to
     return F.cross_entropy(logits, (labels + offsets) % num_classes)
 
 
-def masked_teacher(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The original model's softmax with the forgotten class removed and the rest renormalised.
+def masked_teacher(teacher_logits: torch.Tensor, forgotten: torch.Tensor) -> torch.Tensor:
+    """The original model's softmax with the forgotten classes removed and the rest renormalised.
 
-    teacher_logits: (N, K); labels: (N,) the forgotten class of each image. Returns (N, K)
-    probabilities, 0 at each image's label: what a model never trained on that class would likely say.
+    teacher_logits: (N, K); forgotten: (F,) the class indices the run forgets, removed from every
+    row (all of them: a target that moved one forgotten class's mass onto another would never be
+    reached). Returns (N, K) probabilities, 0 at every forgotten class: what a model never trained
+    on them would likely say.
     """
-    forgotten = F.one_hot(labels, teacher_logits.shape[1]).bool()
-    return teacher_logits.float().masked_fill(forgotten, float("-inf")).softmax(dim=1)
+    mask = torch.zeros(teacher_logits.shape[1], dtype=torch.bool, device=teacher_logits.device)
+    mask[forgotten.to(teacher_logits.device)] = True
+    return teacher_logits.float().masked_fill(mask, float("-inf")).softmax(dim=1)
 
 
 def masked_kl_loss(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,15 @@ from worker.engine.losses import adversarial_neighbours, bounded_forget_loss, ma
 
 def test_the_masked_teacher_moves_the_forgotten_class_mass_to_the_others_in_proportion():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
-    probs = masked_teacher(logits, torch.tensor([0, 1]))
-    assert probs[0, 0] == 0 and probs[1, 1] == 0
+    probs = masked_teacher(logits, torch.tensor([0]))
+    assert (probs[:, 0] == 0).all()
     assert torch.allclose(probs.sum(1), torch.ones(2))
     assert torch.allclose(probs[0, 1] / probs[0, 2], torch.tensor(1.0).exp())  # ratios of the rest kept
+
+
+def test_the_masked_teacher_removes_every_class_the_run_forgets_from_every_image():
+    probs = masked_teacher(torch.tensor([[2.0, 1.0, 0.0, 1.0], [0.0, 3.0, 1.0, 0.0]]), torch.tensor([0, 1]))
+    assert (probs[:, :2] == 0).all() and torch.allclose(probs.sum(1), torch.ones(2))
 
 
 def test_masked_kl_is_zero_at_its_target_and_positive_elsewhere():

@@ -131,9 +131,10 @@ def test_the_stop_rule_keeps_the_weights_that_reached_the_target(default_runs):
         assert result.report.steps == last["step"] - 1 == result.report.steps_run
 
 
-def test_two_classes_are_forgotten_in_one_run(digits_model, digits):
+@pytest.mark.parametrize("method", ["lora-bounded", "lora-kl"])
+def test_two_classes_are_forgotten_in_one_run(digits_model, digits, method):
     forget = forget_three(digits) + (ForgetSpec("8", str(digits.train_class("8"))),)
-    result = run(digits_model, digits, eval_source=digits.test, forget=forget)
+    result = run(digits_model, digits, eval_source=digits.test, forget=forget, method=method)
     assert result.target_met
     assert set(result.report.forget_acc_after) == {"3", "8"}
     assert all(acc <= 1.0 for acc in result.report.forget_acc_after.values())
