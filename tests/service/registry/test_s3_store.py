@@ -94,22 +94,30 @@ def test_s3_keys_are_prefix_sha_prefix_sha(s3):
     assert head["Metadata"]["sha256"] == sha and head["ContentLength"] == len(WEIGHTS)
 
 
-class InterruptedBody:
-    """A file whose reads fail after ``limit`` bytes, as when the disk or the process goes away mid-upload."""
+class WrappedBody:
+    """A file-like upload body over ``f``; subclasses change how it reads."""
 
-    def __init__(self, f, limit: int) -> None:
-        self.f, self.limit = f, limit
-
-    def read(self, size: int = -1) -> bytes:
-        if self.f.tell() >= self.limit:
-            raise OSError("connection to the disk lost")
-        return self.f.read(min(size if size >= 0 else self.limit, self.limit - self.f.tell()))
+    def __init__(self, f) -> None:
+        self.f = f
 
     def seek(self, *args):
         return self.f.seek(*args)
 
     def tell(self) -> int:
         return self.f.tell()
+
+
+class InterruptedBody(WrappedBody):
+    """A file whose reads fail after ``limit`` bytes, as when the disk or the process goes away mid-upload."""
+
+    def __init__(self, f, limit: int) -> None:
+        super().__init__(f)
+        self.limit = limit
+
+    def read(self, size: int = -1) -> bytes:
+        if self.f.tell() >= self.limit:
+            raise OSError("connection to the disk lost")
+        return self.f.read(min(size if size >= 0 else self.limit, self.limit - self.f.tell()))
 
 
 def test_an_interrupted_upload_leaves_no_object_under_the_final_key(s3, monkeypatch):
@@ -149,22 +157,17 @@ def test_fetch_refuses_an_object_that_does_not_match_its_sha256(s3, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-class SlowBody:
+class SlowBody(WrappedBody):
     """Yields a file slowly, so that a reader can look while the upload is in flight."""
 
     def __init__(self, f, started: threading.Event) -> None:
-        self.f, self.started = f, started
+        super().__init__(f)
+        self.started = started
 
     def read(self, size: int = -1) -> bytes:
         self.started.set()
         time.sleep(0.05)
         return self.f.read(min(size if size >= 0 else 65536, 65536))
-
-    def seek(self, *args):
-        return self.f.seek(*args)
-
-    def tell(self) -> int:
-        return self.f.tell()
 
 
 def test_a_reader_never_sees_a_partial_object(s3, monkeypatch):
