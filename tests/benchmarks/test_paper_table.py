@@ -181,3 +181,16 @@ def test_a_tiny_run_on_the_reference_model_writes_every_result_and_resumes(refer
     bench = paper_table.Bench(parse_args(args))
     assert bench.name(Task("main", "lora-kl", "cat", 0, 8)) == f"main/lora-kl/cat-s0-n8-lr={other}"
     assert bench.current(paper_table.load_runs(bench.runs)) == paper_table.load_runs(grid)
+
+
+def test_the_sweep_runs_each_change_next_to_the_unchanged_setting_on_each_sweep_class():
+    tasks = plan(parse_args(["--classes", "cat", "--variants", "lora-kl", "--few-shot",
+                             "--sweep-classes", "airplane", "frog"]))
+    sweep = [t for t in tasks if t.phase == "sweep"]
+    assert {t.class_name for t in sweep} == {"airplane", "frog"}
+    for name in ("airplane", "frog"):
+        points = [t.settings for t in sweep if t.class_name == name]
+        assert () in points  # the grid's choice itself, on the same class and split
+        assert all(len(p) == 1 for p in points if p)  # one setting changed at a time
+        assert len(points) == 1 + sum(len(v) for v in paper_table.SWEEP.values())
+    assert all(t.split == "val" for t in sweep)
