@@ -43,6 +43,8 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the API (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=_positive, default=1,
+                       help="API processes (default: 1); in production, one per core of the API host")
     serve.set_defaults(handler=run_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker that processes deletion requests")
@@ -79,14 +81,32 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.config import get_settings
+    from service.logs import configure_logging
+
+    configure_logging(get_settings())
+    # uvicorn's records go through our handler; the app logs one access line per request itself.
+    # With several workers uvicorn starts fresh processes, which build the app (and its logging) themselves.
+    uvicorn.run("service.cli:served_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_config=None, access_log=False)
+    return 0
+
+
+def served_app():
+    """The app as one `lethe serve` process serves it: logging configured, then the app."""
     from service.app import create_app
     from service.config import get_settings
     from service.logs import configure_logging
 
     configure_logging(get_settings())
-    # uvicorn's records go through our handler; the app logs one access line per request itself
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None, access_log=False)
-    return 0
+    return create_app()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -94,7 +94,7 @@ def _check_class(session: Session, model: RegisteredModel, forget_class: str) ->
     classes = list(version.card.get("classes", []))
     if forget_class not in classes:
         raise InvalidInput(f"model {model.name!r} has no class {forget_class!r}; its classes: {', '.join(classes)}")
-    pending = set(session.scalars(select(DeletionRequest.forget_class).where(
+    pending = set(session.scalars(select(DeletionRequest.forget_class).distinct().where(
         DeletionRequest.model_id == model.id, DeletionRequest.status.in_(ACTIVE))).all())
     remaining = set(classes) - set(version.classes_forgotten) - pending - {forget_class}
     if not remaining:

@@ -17,6 +17,14 @@ from service.registry.storage import ArtifactStore
 router = APIRouter(tags=["models"])
 
 
+class WeightsFileResponse(FileResponse):
+    """A weights file from the local store. Starlette reads files in 64 KiB chunks, each read a hop
+    to a worker thread and each chunk a pass through the middleware; weights are tens of MB, and
+    1 MiB chunks served a 25 MB file about 1.7x faster here (~700 against ~420 MB/s, api_load.py)."""
+
+    chunk_size = 1 << 20
+
+
 def store_of(request: Request) -> ArtifactStore:
     return request.app.state.store
 
@@ -97,7 +105,8 @@ def download_weights(name: str, version: int, request: Request, session: Session
     if headers["ETag"] in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     if (path := store.local_path(row.sha256)) is not None:
-        return FileResponse(path, media_type="application/octet-stream", filename="model.safetensors", headers=headers)
+        return WeightsFileResponse(path, media_type="application/octet-stream", filename="model.safetensors",
+                                   headers=headers)
     if settings.artifacts_redirect and request.method == "GET":  # HEAD: a presigned GET URL would refuse it
         url = store.presigned_url(row.sha256, settings.artifacts_presign_seconds)
         if url is not None:

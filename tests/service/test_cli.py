@@ -89,3 +89,13 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_BAD_INPUT
     assert done.stderr.strip() == f"lethe: error: {tmp_path / 'nope'}: model package folder not found"
+
+
+def test_serve_takes_a_number_of_api_processes_of_at_least_one(capsys):
+    from service.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--workers", "4"]).workers == 4
+    assert build_parser().parse_args(["serve"]).workers == 1
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--workers", "0"])
+    assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
