@@ -66,3 +66,11 @@ def _enter_request_context(task=None, **_) -> None:
 @signals.task_postrun.connect
 def _leave_request_context(**_) -> None:
     request_id_var.set(None)
+
+
+@signals.worker_ready.connect
+def _remove_stale_run_folders(**_) -> None:
+    """A worker restarted after a kill removes the run folders (personal data) its dead processes left."""
+    from worker.runs import remove_stale_run_folders
+
+    remove_stale_run_folders()

@@ -10,7 +10,10 @@ requests back in the queue: a request can be delayed, never lost.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -162,7 +165,8 @@ def process_model(settings: Settings, model_id: str, worker_id: str) -> int:
 def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
     from worker.engine import UnlearningCancelled
 
-    workdir = Path(tempfile.mkdtemp(prefix="lethe-run-"))
+    remove_stale_run_folders()
+    workdir = Path(tempfile.mkdtemp(prefix=run_folder_prefix()))
     heartbeat = Heartbeat(settings, batch, worker_id)
     heartbeat.start()
     fields, started, outcome = run_fields(batch, worker_id), time.monotonic(), "finished"
@@ -189,6 +193,41 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
         seconds = round(time.monotonic() - started, 3)
         log.info("run %s: model %s in %.1f s", outcome, batch.model_name, seconds,
                  extra={**fields, "outcome": outcome, "seconds": seconds})
+
+
+# A run folder holds personal data (downloaded forget sets) and is removed when its run ends. A
+# worker killed mid-run cannot do that, so its name says which process on which host made it, and
+# the next run on the host (or a worker starting there) removes the folders of processes that are
+# gone. The host name keeps a temporary folder shared between containers (separate PID spaces) safe.
+RUN_FOLDER = re.compile(r"^lethe-run-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+def run_folder_prefix() -> str:
+    return f"lethe-run-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_run_folders(parent: Path | None = None) -> list[Path]:
+    """Remove this host's run folders whose process is no longer alive; returns them."""
+    parent = Path(parent or tempfile.gettempdir())
+    host, removed = socket.gethostname(), []
+    for folder in parent.glob("lethe-run-*"):
+        match = RUN_FOLDER.match(folder.name)
+        if match is None or match["host"] != host or process_alive(int(match["pid"])):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        log.warning("removed the run folder %s left by process %s, which is gone", folder, match["pid"])
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:
