@@ -18,10 +18,14 @@ EXIT_TARGET_MISSED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.config import SettingsError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except SettingsError as exc:
+        return fail(str(exc))
     except KeyboardInterrupt:
         print("lethe: interrupted", file=sys.stderr)
         return 130
@@ -84,11 +88,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.logs import configure_logging
 
-    configure_logging(get_settings())
+    settings = get_settings()
+    configure_logging(settings)
     # uvicorn's records go through our handler; the app logs one access line per request itself.
     # With several workers uvicorn starts fresh processes, which build the app (and its logging) themselves.
+    # A TLS proxy's X-Forwarded-Proto makes the dashboard's cookies Secure, when it comes from a trusted proxy.
     uvicorn.run("service.cli:served_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_config=None, access_log=False)
+                log_config=None, access_log=False, proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips)
     return 0
 
 

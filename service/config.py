@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.registry.storage import S3Location, split_s3_uri
@@ -44,6 +45,8 @@ class Settings(BaseSettings):
     dashboard_session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a dashboard login lasts this long")
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line, for log shippers")
     log_level: str = Field("INFO", description="the root logger's level: DEBUG, INFO, WARNING, ERROR")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-Proto and -For the API "
+                                     "trusts: comma-separated addresses or CIDR ranges, or *")
 
     @field_validator("log_level")
     @classmethod
@@ -51,6 +54,20 @@ class Settings(BaseSettings):
         if value.upper() not in logging.getLevelNamesMapping():
             raise ValueError(f"unknown log level {value!r}")
         return value.upper()
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses_or_ranges(cls, value: str) -> str:
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+        if not entries:
+            raise ValueError("name at least one proxy address, or 127.0.0.1")
+        for entry in entries:
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an IP address, a CIDR range or *") from None
+        return ",".join(entries)
 
     @field_validator("artifacts_uri")
     @classmethod
@@ -132,11 +149,25 @@ class UnlearnSettings(BaseSettings):
         return value
 
 
+class SettingsError(ValueError):
+    """An environment variable with a value the settings refuse; the message names the variable."""
+
+
+def load_settings(cls: type[BaseSettings]) -> BaseSettings:
+    """The settings from the environment, or a SettingsError naming the first bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = cls.model_config["env_prefix"] + "_".join(map(str, first["loc"])).upper()
+        raise SettingsError(f"invalid setting {name}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings(Settings)
 
 
 @lru_cache
 def get_unlearn_settings() -> UnlearnSettings:
-    return UnlearnSettings()
+    return load_settings(UnlearnSettings)
