@@ -80,6 +80,9 @@ VARIANTS = {v.name: v for v in (
             note="the paper's method exactly: lr 1e-2, lambda 1e-3, r 8 on qkv, default stop"),
     Variant("lora-kl", "lora-kl", grid={"lr": [1e-2, 3e-3, 1e-3]}, all_seeds=True, tier=0),
     Variant("ng-l1", "ng-l1", grid={"lr": [1e-4, 5e-5, 2e-5], "l1_weight": [1e-3, 1e-4]}, all_seeds=True, tier=0),
+    Variant("lora-kl-late", "lora-kl", fixed={"lr": 1e-2, "adapter_blocks": "later-half"}, all_seeds=True, tier=0,
+            note="lora-kl with adapters in the later half of the blocks only (qkv of blocks 3-5): lr is "
+                 "lora-kl's grid choice, the placement the sweep's winner on airplane and frog (validation half)"),
     Variant("lora-adv", "lora-adv", grid={"lr": [1e-2, 3e-3]}, tier=1),
     Variant("lora-bounded-tuned", "lora-bounded", grid={"lr": [1e-2, 3e-3, 1e-3]}, tier=1,
             note="the paper's loss and adapters, lr from the grid"),
@@ -421,7 +424,8 @@ def _variant_row(variant: Variant, runs: list[dict[str, Any]], classes: list[str
     settings = ok_runs[0]["config"] if ok_runs else {}
     return {
         "variant": variant.name, "method": variant.method, "uses_retain": method.uses_retain, "note": variant.note,
-        "settings": {k: settings.get(k) for k in ("lr", "l1_weight", "rank", "targets", "select_on_eval")},
+        "settings": {k: settings.get(k) for k in ("lr", "l1_weight", "rank", "targets", "adapter_blocks",
+                                                  "select_on_eval")},
         "seeds": seeds, "complete_seeds": sum(s["complete"] for s in seeds),
         "acc_r": _stat([s["acc_r"] for s in complete]), "acc_f": _stat([s["acc_f"] for s in complete]),
         "acc_r_change": _stat([s["acc_r_change"] for s in complete]),
@@ -635,7 +639,8 @@ def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
 def _adapters(row: dict[str, Any]) -> str:
     if not METHODS[row["method"]].adapters:
         return "all weights"
-    return "+".join(row["settings"]["targets"] or []) + f", r {row['settings']['rank']}"
+    blocks = " (later half)" if row["settings"].get("adapter_blocks") == "later-half" else ""
+    return "+".join(row["settings"]["targets"] or []) + f"{blocks}, r {row['settings']['rank']}"
 
 
 def _yes(flag: bool | None) -> str:

@@ -191,7 +191,7 @@ def redact(url: str) -> str:
 
 
 def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
-    from worker.engine.config import DEVICES, PRECISIONS, UnlearnConfig
+    from worker.engine.config import ADAPTER_BLOCKS, DEVICES, PRECISIONS, UnlearnConfig
     from worker.engine.methods import METHODS
 
     defaults = UnlearnConfig()
@@ -218,6 +218,8 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default=",".join(defaults.targets),
                    help="comma-separated layers that get adapters: last names (qkv,proj,fc1,fc2) in every block, or full names "
                         "(blocks.5.attn.qkv) (default: %(default)s)")
+    p.add_argument("--adapter-blocks", default=defaults.adapter_blocks, choices=ADAPTER_BLOCKS,
+                   help="later-half: only the targets in the later half of the blocks (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--select-on-eval", action="store_true",
                    help="keep the checkpoint with the best (Acc_r + 100 - Acc_f)/2 on --eval that meets the target")
@@ -243,7 +245,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
         )
         config = UnlearnConfig(
             method=args.method, seed=args.seed, lr=args.lr, l1_weight=args.l1_weight, rank=args.rank,
-            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), adapter_blocks=args.adapter_blocks,
             batch_size=args.batch_size, max_steps=args.max_steps, target_forget_acc=args.target_forget_acc,
             select_on_eval=args.select_on_eval, eval_every=args.eval_every, patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,

@@ -32,6 +32,27 @@ def find_target_layers(model: torch.nn.Module, targets: tuple[str, ...]) -> list
     return [name for name in linears if any(_names(name, t) for t in targets)]
 
 
+BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")  # a ViT's own blocks; Swin numbers blocks per stage
+
+
+def in_later_half(model: torch.nn.Module, layers: list[str]) -> list[str]:
+    """The layers inside the later half of the model's ``blocks`` (blocks 3-5 of 6, 1 of 2, 2-4 of 5).
+
+    Forgetting a class through the later blocks alone leaves the early, generic features as they
+    were; on the CIFAR-10 reference model it cost the other classes less than adapters in every
+    block (benchmarks/README.md). The model needs a numbered top-level ``blocks`` (timm's ViTs).
+    """
+    indices = {int(m[1]) for name, _ in model.named_modules() if (m := BLOCK_INDEX.match(name + "."))}
+    if not indices:
+        raise UnsupportedModelError(f"{type(model).__name__} has no numbered top-level blocks (blocks.0, blocks.1, "
+                                    "...) to take the later half of; use adapters in every block")
+    first = (max(indices) + 1) // 2
+    kept = [name for name in layers if (m := BLOCK_INDEX.match(name)) and int(m[1]) >= first]
+    if not kept:
+        raise UnsupportedModelError(f"none of the layers {describe_layers(layers)} lies in blocks {first} and later")
+    return kept
+
+
 def _names(layer: str, target: str) -> bool:
     if "." not in target:
         return layer.rsplit(".", 1)[-1] == target

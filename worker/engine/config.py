@@ -11,6 +11,7 @@ from worker.engine.errors import ConfigError
 from worker.engine.methods import METHODS, Method
 
 DEVICES = ("auto", "cpu", "cuda")
+ADAPTER_BLOCKS = ("all", "later-half")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -50,6 +51,7 @@ class UnlearnConfig:
     l1_weight: float = 1e-3  # lambda on the L1 regulariser
     rank: int = 8  # LoRA rank r; alpha = r, so the merged update is exactly B @ A
     targets: tuple[str, ...] = ("qkv",)  # layers that get adapters: a last name ("qkv") or a full one ("blocks.5.attn.qkv")
+    adapter_blocks: str = "all"  # "later-half": only the targets in the later half of the blocks (any depth)
     batch_size: int = 256  # per forgotten class, or the whole forget set when smaller
     max_steps: int = 100  # give up here; the report then says the target was not met
     target_forget_acc: float = 1.0  # percent; stop when every forget set is at or below it
@@ -74,6 +76,7 @@ class UnlearnConfig:
             (self.max_steps >= 1, "max_steps must be at least 1"),
             (0.0 <= self.target_forget_acc <= 100.0, "target_forget_acc is a percentage in [0, 100]"),
             (self.eval_every >= 1 and self.patience >= 1, "eval_every and patience must be at least 1"),
+            (self.adapter_blocks in ADAPTER_BLOCKS, f"adapter_blocks must be one of {ADAPTER_BLOCKS}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ]

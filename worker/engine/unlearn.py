@@ -11,7 +11,7 @@ from typing import Any
 import timm  # noqa: F401  (imported here, not inside the run: its import would count as the run's memory)
 import torch
 
-from worker.engine.adapters import attach_lora, find_target_layers, merge_lora
+from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
 from worker.engine.images import ImageSet, normalise, read_images
@@ -204,7 +204,10 @@ def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device:
 def _prepare_trainable(model: torch.nn.Module, config: UnlearnConfig) -> torch.nn.Module:
     """Attach adapters (only they train), or unfreeze every weight for the full-model methods."""
     if config.method_spec.adapters:
-        return attach_lora(model, find_target_layers(model, config.targets), config.rank)
+        layers = find_target_layers(model, config.targets)
+        if config.adapter_blocks == "later-half":
+            layers = in_later_half(model, layers)
+        return attach_lora(model, layers, config.rank)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

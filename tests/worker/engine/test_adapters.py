@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from worker.engine.adapters import attach_lora, find_target_layers, lora_b_matrices, merge_lora
+from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, lora_b_matrices, merge_lora
 from worker.engine.errors import UnsupportedModelError
 
 
@@ -80,3 +80,21 @@ def test_merging_keeps_the_original_keys_and_reproduces_the_adapted_outputs(buil
     assert (after_merge - before_merge).abs().max().item() <= 1e-4
     changed = {k for k in original if not torch.equal(state[k], original[k])}
     assert changed and all(k.endswith("attn.qkv.weight") for k in changed)
+
+
+def deeper_vit(depth: int) -> torch.nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4,
+                             in_chans=1, embed_dim=16, depth=depth, num_heads=2)
+
+
+@pytest.mark.parametrize(("depth", "blocks"), [(2, [1]), (5, [2, 3, 4]), (6, [3, 4, 5])])
+def test_the_later_half_keeps_the_targets_of_the_later_half_of_the_blocks(depth, blocks):
+    model = deeper_vit(depth)
+    layers = find_target_layers(model, ("qkv", "fc2"))
+    assert in_later_half(model, layers) == [f"blocks.{b}.{n}" for b in blocks for n in ("attn.qkv", "mlp.fc2")]
+
+
+def test_the_later_half_needs_a_vit_s_numbered_blocks():
+    model = tiny_swin()  # numbers its blocks per stage: there is no "later half" of them
+    with pytest.raises(UnsupportedModelError, match="no numbered top-level blocks"):
+        in_later_half(model, find_target_layers(model, ("qkv",)))
