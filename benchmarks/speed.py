@@ -1,12 +1,13 @@
 """Speed and memory of unlearning on the CIFAR-10 reference model: ours against full fine-tuning.
 
-    .venv/bin/python benchmarks/speed.py                                  # lora-bounded, lora-kl, ng-l1 on 'cat'
+    .venv/bin/python benchmarks/speed.py                         # lora-bounded, lora-kl, lora-kl-late, ng-l1 on 'airplane'
     .venv/bin/python benchmarks/speed.py --batch-size 128 --out /tmp/b128.json    # one option, every method alike
-    .venv/bin/python benchmarks/speed.py --methods lora-bounded --forget-images 50 --max-steps 2
+    .venv/bin/python benchmarks/speed.py --no-prefix-cache --out /tmp/uncached.json
+    .venv/bin/python benchmarks/speed.py --variants lora-bounded --forget-images 50 --max-steps 2
 
-Every method forgets the same forget set (the first N train images of the class) with the same
-verified stopping rule, at its best-tuned setting: the one ``paper_table.py``'s grid chose, when
-its result files exist (``--tuned-from``), else the method's default. Each run happens in a fresh
+Every variant of the paper table forgets the same forget set (the first N train images of the
+class) with the same verified stopping rule, at its setting there: its fixed settings and, for a
+tuned variant, the point its grid chose, when the result files exist (``--tuned-from``). Each run happens in a fresh
 child process, so its peak resident set (VmHWM) is its own; on CUDA the peak is the allocator's.
 Options (``--precision``, ``--batch-size``, ``--threads``) apply to every method alike, so the ratios
 stay fair. Reported per method: seconds per step, steps to target, unlearning and total seconds,
@@ -32,31 +33,35 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cifar import Cifar10, DataError  # noqa: E402
+from benchmarks.paper_table import VARIANTS  # noqa: E402
 from worker.engine import EngineError, ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # noqa: E402
 
 BASELINE = "ng-l1"
 TUNABLE = ("lr", "l1_weight")  # what the paper table's grid may have chosen
+FIXED = ("lr", "l1_weight", "adapter_blocks", "targets", "rank")  # what a variant may fix (not selection)
 
 
-def tuned_settings(method: str, runs: Path) -> dict[str, Any]:
-    """The paper table's grid choice for the variant named like the method, or {} (defaults)."""
+def tuned_settings(name: str, runs: Path) -> dict[str, Any]:
+    """The paper-table variant's fixed settings and its grid's choice (when the grid is complete)."""
     from benchmarks import paper_table
 
-    variant = paper_table.VARIANTS.get(method)
-    if variant is None or not variant.grid or not runs.is_dir():
-        return {}
-    points = [r for r in paper_table.load_runs(runs / "grid" / method) if r["phase"] == "grid"]
+    variant = VARIANTS[name]
+    settings = {k: v for k, v in variant.fixed.items() if k in FIXED}
+    if not variant.grid or not runs.is_dir():
+        return settings
+    points = [r for r in paper_table.load_runs(runs / "grid" / name) if r["phase"] == "grid"]
     if len(points) < len(paper_table.grid_points(variant)):
-        return {}
+        return settings
     chosen = paper_table.best_grid_point(points)["settings"]
-    return {k: v for k, v in chosen.items() if k in TUNABLE}
+    return settings | {k: v for k, v in chosen.items() if k in TUNABLE}
 
 
 def measure_one(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """One run in this process (the child's job)."""
     forget_set = Cifar10.open(args.data).forget(args.class_name, args.forget_images)
-    config = UnlearnConfig(method=args.one, seed=args.seed, max_steps=args.max_steps, precision=args.precision,
-                           device=args.device, batch_size=args.batch_size, **settings)
+    config = UnlearnConfig(method=VARIANTS[args.one].method, seed=args.seed, max_steps=args.max_steps,
+                           precision=args.precision, device=args.device, batch_size=args.batch_size,
+                           cache_frozen_prefix=args.prefix_cache, **settings)
     started = time.perf_counter()
     result = unlearn(UnlearnInputs(model=str(args.model), forget=(ForgetSpec(args.class_name, str(forget_set)),)),
                      config)
@@ -65,7 +70,9 @@ def measure_one(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
     steps_run = max(report.steps_run, 1)
     gradient_bytes = report.trainable_parameters * 4  # fp32 master weights, so fp32 gradients
     return {
-        "method": report.method, "settings": {k: report.config[k] for k in ("lr", "l1_weight", "batch_size")},
+        "method": args.one, "engine_method": report.method,
+        "settings": {k: report.config[k] for k in ("lr", "l1_weight", "batch_size", "adapter_blocks",
+                                                  "cache_frozen_prefix")},
         "device": report.device, "precision": report.precision, "threads": torch.get_num_threads(),
         "steps": report.steps, "steps_run": report.steps_run, "target_met": report.target_met,
         "forget_acc_before": report.forget_acc_before[args.class_name],
@@ -86,7 +93,8 @@ def run_child(args: argparse.Namespace, method: str, settings: dict[str, Any]) -
                "--model", str(args.model), "--data", str(args.data), "--class", args.class_name,
                "--forget-images", str(args.forget_images), "--max-steps", str(args.max_steps),
                "--seed", str(args.seed), "--precision", args.precision, "--device", args.device,
-               "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else []) \
+        + ([] if args.prefix_cache else ["--no-prefix-cache"])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise EngineError(f"{method}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
@@ -114,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "cifar10-vit-d6")
     parser.add_argument("--data", type=Path, default=SHARED / "datasets" / "cifar10",
                         help="folder with train.tar and test.tar")
-    parser.add_argument("--class", dest="class_name", default="cat")
+    parser.add_argument("--class", dest="class_name", default="airplane",
+                        help="default: airplane (cat, the grid class, is forgotten in 3 steps by anything)")
     parser.add_argument("--forget-images", type=int, default=500)
-    parser.add_argument("--methods", nargs="+", default=["lora-bounded", "lora-kl", BASELINE])
+    parser.add_argument("--variants", nargs="+", default=["lora-bounded", "lora-kl", "lora-kl-late", BASELINE],
+                        choices=list(VARIANTS), metavar="VARIANT",
+                        help="paper_table.py variants (default: %(default)s)")
     parser.add_argument("--tuned-from", type=Path, default=REPO / "benchmarks" / "results" / "paper_table-runs",
                         help="paper_table.py's result files, for each method's tuned lr and lambda")
     parser.add_argument("--max-steps", type=int, default=100)
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="run a frozen front every step (to measure what caching it saves)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: run this method, print JSON
     parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
@@ -139,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         Cifar10.open(args.data)  # extract once, before any child is timed
         results = []
-        for method in args.methods:
-            settings = tuned_settings(method, args.tuned_from)
-            results.append(run_child(args, method, settings) | {"tuned": bool(settings)})
+        for name in args.variants:
+            settings = tuned_settings(name, args.tuned_from)
+            results.append(run_child(args, name, settings))
             print(_one_line(results[-1]), flush=True)
     except (DataError, EngineError) as exc:
         print(f"speed: error: {exc}", file=sys.stderr)
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "torch": torch.__version__, "options": {"batch_size": args.batch_size, "precision": args.precision,
-                                                "threads": args.threads or torch.get_num_threads()},
+                                                "threads": args.threads or torch.get_num_threads(),
+                                                "prefix_cache": args.prefix_cache},
         "results": results,
     } | with_ratios(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

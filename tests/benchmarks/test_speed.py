@@ -36,16 +36,19 @@ def test_the_tuned_settings_are_the_paper_tables_grid_choice(tmp_path):
     assert speed.tuned_settings("lora-bounded", tmp_path) == {}  # the paper's method is never tuned
     (grid / "cat-0.001.json").unlink()
     assert speed.tuned_settings("lora-kl", tmp_path) == {}  # an incomplete grid is not a choice
+    assert speed.tuned_settings("lora-kl-late", tmp_path) == {"lr": 1e-2, "adapter_blocks": "later-half"}  # fixed
 
 
 def test_the_benchmark_measures_each_method_in_its_own_process(reference_model, cifar10, tmp_path):
     out = tmp_path / "speed.json"
     assert speed.main(["--model", str(reference_model), "--data", str(cifar10), "--forget-images", "8",
-                       "--max-steps", "1", "--methods", "lora-bounded", "ng-l1", "--tuned-from", str(tmp_path),
+                       "--max-steps", "1", "--variants", "lora-bounded", "lora-kl-late", "ng-l1", "--tuned-from", str(tmp_path),
                        "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    lora, full = result["results"]
+    lora, late, full = result["results"]
     assert lora["trainable_parameters"] == 6 * (8 * 192 + 576 * 8)  # LoRA r=8 on 6 qkv layers
+    assert late["trainable_parameters"] == 3 * (8 * 192 + 576 * 8)  # blocks 3-5 only
+    assert late["settings"]["cache_frozen_prefix"] and late["engine_method"] == "lora-kl"
     assert full["trainable_parameters"] > 50 * lora["trainable_parameters"]  # 2.7 M weights
     assert lora["process_peak_rss_mib"] > 0 and lora["steps_run"] <= 1
     assert result["ratios"]["lora-bounded"]["gradient_and_optimizer_bytes"] < 0.1

@@ -62,6 +62,9 @@ class UnlearnConfig:
     device: str = "auto"  # auto: CUDA when present
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     eval_batch_size: int = field(default=512, repr=False)
+    # Run a frozen front (adapters only in later blocks) once instead of every step: the same
+    # results, faster (prefix.py). False only to measure what it saves.
+    cache_frozen_prefix: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from worker.engine.losses import (adversarial_neighbours, bounded_forget_loss, l
                                   masked_teacher, negative_ce_loss, random_labels_loss)
 from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
+from worker.engine.prefix import split_frozen_prefix
 from worker.engine.runtime import Runtime
 
 
@@ -119,7 +120,19 @@ class UnlearningLoop:
         self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
                            if self.method.neighbours else [])
         self.neighbour_teachers = [self._teacher(n) for n in self.neighbours]
+        # With adapters only in later blocks, the frozen front runs once here; training steps and
+        # forget-set checks run the rest of the network on its tokens (prefix.py).
+        self.prefix = split_frozen_prefix(model) if config.cache_frozen_prefix else None
+        self.network = self.prefix.back if self.prefix else model
+        self.inputs = replace(forget, images=tuple(self._front(x) for x in forget.images))
+        self.neighbour_inputs = [self._front(x) for x in self.neighbours]
         self._batch_indices: list[torch.Tensor] = []
+
+    def _front(self, images: torch.Tensor) -> torch.Tensor:
+        """What ``self.network`` takes: the images themselves, or the frozen front's tokens for them."""
+        if self.prefix is None:
+            return images
+        return eval_logits(self.prefix.front, images, self.runtime, self.config.eval_batch_size)
 
     def _teacher(self, images: torch.Tensor) -> torch.Tensor:
         logits = eval_logits(self.model, images, self.runtime, self.config.eval_batch_size)
@@ -148,7 +161,7 @@ class UnlearningLoop:
         self.model.train()
         inputs, targets, sizes = self._sample_batch()
         with self.runtime.autocast():
-            logits = self.model(inputs)
+            logits = self.network(inputs)
         chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, retain
         forgets, neighbours = len(self.forget.images), len(self.neighbours)
         forget_chunks = chunks[:forgets]
@@ -169,14 +182,14 @@ class UnlearningLoop:
         return StepResult(loss.item(), estimate, forget_acc, updated=True)
 
     def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        self._batch_indices = [s.next().to(x.device) for x, s in zip(self.forget.images, self.forget_samplers)]
-        parts = [x[i] for x, i in zip(self.forget.images, self._batch_indices)]
+        self._batch_indices = [s.next().to(x.device) for x, s in zip(self.inputs.images, self.forget_samplers)]
+        parts = [x[i] for x, i in zip(self.inputs.images, self._batch_indices)]
         targets = [torch.full((p.shape[0],), i, device=self.runtime.device) for p, i in
                    zip(parts, self.forget.class_indices)]
-        parts += [n[i] for n, i in zip(self.neighbours, self._batch_indices)]
+        parts += [n[i] for n, i in zip(self.neighbour_inputs, self._batch_indices)]
         if self.retain_data is not None:
             index = self.retain_sampler.next()
-            parts.append(normalise(self.retain_data.pixels[index].to(self.runtime.device), self.spec))
+            parts.append(self._front(normalise(self.retain_data.pixels[index].to(self.runtime.device), self.spec)))
             targets.append(self.retain_data.labels[index].to(self.runtime.device))
         return torch.cat(parts), targets, [p.shape[0] for p in parts]
 
@@ -213,7 +226,7 @@ class UnlearningLoop:
     # --- measurements ------------------------------------------------------------------------
 
     def forget_accuracy(self) -> list[float]:
-        return forget_set_accuracy(self.model, self.forget, self.runtime, self.config.eval_batch_size)
+        return forget_set_accuracy(self.network, self.inputs, self.runtime, self.config.eval_batch_size)
 
     def evaluate_held_out(self) -> tuple[float, float]:
         """(Acc_f, Acc_r) on the held-out split."""
