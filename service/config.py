@@ -135,6 +135,8 @@ class UnlearnSettings(BaseSettings):
     target_forget_acc: float = Field(1.0, ge=0, le=100, description="also the publish gate's forget-set target")
     l1_weight: float = Field(1e-3, ge=0)
     rank: int = Field(8, ge=1)
+    adapter_blocks: Literal["all", "later-half"] = Field("all", description="later-half: adapters only in the "
+                                                         "later half of the ViT's blocks")
     eval_every: int = Field(1, ge=1)
     patience: int = Field(5, ge=1)
 

@@ -292,7 +292,8 @@ def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[st
     knobs = get_unlearn_settings()
     config = UnlearnConfig(method=knobs.method, seed=seed, select_on_eval=batch.eval_set_uri is not None, lr=knobs.lr,
                            max_steps=knobs.max_steps, target_forget_acc=knobs.target_forget_acc,
-                           l1_weight=knobs.l1_weight, rank=knobs.rank, eval_every=knobs.eval_every,
+                           l1_weight=knobs.l1_weight, rank=knobs.rank, adapter_blocks=knobs.adapter_blocks,
+                           eval_every=knobs.eval_every,
                            patience=knobs.patience)
     inputs = UnlearnInputs(model=str(current),
                            forget=tuple(ForgetSpec(c, str(sources.path(u))) for c, u in classes.items()),

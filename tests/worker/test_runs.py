@@ -125,6 +125,18 @@ def test_a_request_for_a_class_already_forgotten_completes_without_a_new_version
     assert [v.version for v in versions(backend)] == [1, 2]
 
 
+def test_a_worker_runs_the_method_its_settings_name_and_the_version_records_them(
+        backend, client, admin, digits, digits_model, start_worker):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    worker = start_worker_with(backend, start_worker, LETHE_UNLEARN_METHOD="lora-bounded", LETHE_UNLEARN_RANK="4",
+                               LETHE_UNLEARN_ADAPTER_BLOCKS="all")
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    assert wait_finished(client, admin, [request_id], worker)[0]["status"] == "completed"
+    lineage = versions(backend)[-1].card["lineage"][-1]
+    assert lineage["method"] == "lora-bounded"
+    assert (lineage["config"]["rank"], lineage["config"]["adapter_blocks"]) == (4, "all")
+
+
 def test_a_run_that_misses_the_gate_fails_its_requests_and_leaves_current(
         backend, client, admin, digits, digits_model, start_worker):
     assert register_digits(client, admin, digits_model, eval_set=f"file://{digits.val}").status_code == 201
