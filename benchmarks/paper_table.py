@@ -146,7 +146,8 @@ def plan(args: argparse.Namespace) -> list[Task]:
             for s in (args.seeds if v.name in args.all_seeds else first)]
     tasks += sorted(main, key=lambda t: (VARIANTS[t.variant].tier, t.seed, args.variants.index(t.variant)))
     if args.sweep:
-        points = [()] + [((k, value),) for k, values in SWEEP.items() for value in values]  # () : unchanged
+        points = [()] + [((k, value),) for k, values in SWEEP.items() if k in args.sweep_settings
+                         for value in values]  # (): unchanged
         tasks += [Task("sweep", args.sweep, c, first[0], args.forget_images, point)
                   for c in args.sweep_classes for point in points]
     tasks += [Task("few-shot", v, c, first[0], n) for v in args.few_shot_variants for n in args.few_shot
@@ -690,6 +691,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grid-class", default="cat")
     parser.add_argument("--sweep", default="lora-kl", help="variant to sweep around; '' for none")
     parser.add_argument("--sweep-classes", nargs="+", default=list(SWEEP_CLASSES))
+    parser.add_argument("--sweep-settings", nargs="+", default=list(SWEEP), choices=list(SWEEP),
+                        help="the settings the sweep changes (default: all)")
     parser.add_argument("--few-shot", nargs="*", type=_count, default=list(FEW_SHOT_SIZES))
     parser.add_argument("--few-shot-variants", nargs="*", default=["lora-bounded", "lora-kl"])
     parser.add_argument("--max-steps", type=int, default=40)

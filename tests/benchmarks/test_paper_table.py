@@ -194,3 +194,9 @@ def test_the_sweep_runs_each_change_next_to_the_unchanged_setting_on_each_sweep_
         assert all(len(p) == 1 for p in points if p)  # one setting changed at a time
         assert len(points) == 1 + sum(len(v) for v in paper_table.SWEEP.values())
     assert all(t.split == "val" for t in sweep)
+
+
+def test_the_sweep_can_be_limited_to_some_settings():
+    tasks = plan(parse_args(["--classes", "cat", "--variants", "lora-kl-late", "--few-shot", "--sweep", "lora-kl-late",
+                             "--sweep-classes", "airplane", "--sweep-settings", "lr"]))
+    assert [t.settings for t in tasks if t.phase == "sweep"] == [(), (("lr", 3e-3),), (("lr", 1e-3),)]
