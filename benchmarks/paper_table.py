@@ -694,7 +694,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep-settings", nargs="+", default=list(SWEEP), choices=list(SWEEP),
                         help="the settings the sweep changes (default: all)")
     parser.add_argument("--few-shot", nargs="*", type=_count, default=list(FEW_SHOT_SIZES))
-    parser.add_argument("--few-shot-variants", nargs="*", default=["lora-bounded", "lora-kl"])
+    parser.add_argument("--few-shot-variants", nargs="*", default=["lora-bounded", "lora-kl-late"])
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -21,12 +21,16 @@ import torch
 POST_BLOCK_MODULES = ("norm.", "fc_norm.", "head.", "attn_pool.", "head_drop.")
 
 
-class ViTFront(torch.nn.Module):
-    """Images -> the tokens entering block ``first``."""
+class _ViTPart(torch.nn.Module):
+    """A part of ``vit`` on either side of block ``first``; it shares the ViT's modules, copies nothing."""
 
     def __init__(self, vit: torch.nn.Module, first: int) -> None:
         super().__init__()
         self.vit, self.first = vit, first
+
+
+class ViTFront(_ViTPart):
+    """Images -> the tokens entering block ``first``."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.vit
@@ -36,12 +40,8 @@ class ViTFront(torch.nn.Module):
         return x
 
 
-class ViTBack(torch.nn.Module):
+class ViTBack(_ViTPart):
     """Tokens entering block ``first`` -> logits, through the blocks that carry adapters."""
-
-    def __init__(self, vit: torch.nn.Module, first: int) -> None:
-        super().__init__()
-        self.vit, self.first = vit, first
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         vit = self.vit
