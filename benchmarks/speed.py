@@ -1,6 +1,6 @@
 """Speed and memory of unlearning on the CIFAR-10 reference model: ours against full fine-tuning.
 
-    .venv/bin/python benchmarks/speed.py                         # lora-bounded, lora-kl, lora-kl-late, ng-l1 on 'airplane'
+    .venv/bin/python benchmarks/speed.py                         # the paper-table rows that matter, on airplane
     .venv/bin/python benchmarks/speed.py --batch-size 128 --out /tmp/b128.json    # one option, every method alike
     .venv/bin/python benchmarks/speed.py --no-prefix-cache --out /tmp/uncached.json
     .venv/bin/python benchmarks/speed.py --variants lora-bounded --forget-images 50 --max-steps 2
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class", dest="class_name", default="airplane",
                         help="default: airplane (cat, the grid class, is forgotten in 3 steps by anything)")
     parser.add_argument("--forget-images", type=int, default=500)
-    parser.add_argument("--variants", nargs="+", default=["lora-bounded", "lora-kl", "lora-kl-late", BASELINE],
+    parser.add_argument("--variants", nargs="+", default=["lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3", BASELINE],
                         choices=list(VARIANTS), metavar="VARIANT",
                         help="paper_table.py variants (default: %(default)s)")
     parser.add_argument("--tuned-from", type=Path, default=REPO / "benchmarks" / "results" / "paper_table-runs",

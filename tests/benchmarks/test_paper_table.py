@@ -33,7 +33,7 @@ def test_grid_points_come_first_then_the_rows_the_targets_are_judged_on():
     assert phases == sorted(phases, key=["grid", "main"].index)
     main = [t for t in tasks if t.phase == "main"]
     first_other = next(i for i, t in enumerate(main) if paper_table.VARIANTS[t.variant].tier > 0)
-    assert {t.variant for t in main[:first_other]} == {"lora-bounded", "lora-kl", "lora-kl-late", "ng-l1"}
+    assert {t.variant for t in main[:first_other]} == {"lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3", "ng-l1"}
     assert {t.seed for t in main[:first_other]} == {0, 1, 2}
 
 
@@ -51,7 +51,7 @@ def test_only_the_variants_named_for_every_seed_run_more_than_the_first_seed():
 def test_the_few_shot_size_equal_to_the_main_forget_set_reuses_the_main_run():
     tasks = plan(parse_args(["--classes", "cat", "--variants", "lora-kl", "--sweep", "", "--few-shot", "10", "500"]))
     assert [(t.variant, t.forget_images) for t in tasks if t.phase == "few-shot"] == [("lora-bounded", 10),
-                                                                                     ("lora-kl-late", 10)]
+                                                                                     ("lora-kl-late-3e-3", 10)]
 
 
 def test_a_task_key_names_its_phase_variant_class_seed_size_and_settings():
