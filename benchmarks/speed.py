@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class", dest="class_name", default="airplane",
                         help="default: airplane (cat, the grid class, is forgotten in 3 steps by anything)")
     parser.add_argument("--forget-images", type=int, default=500)
-    parser.add_argument("--variants", nargs="+", default=["lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3", BASELINE],
+    parser.add_argument("--variants", nargs="+",
+                        default=["lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3", BASELINE],
                         choices=list(VARIANTS), metavar="VARIANT",
                         help="paper_table.py variants (default: %(default)s)")
     parser.add_argument("--tuned-from", type=Path, default=REPO / "benchmarks" / "results" / "paper_table-runs",
