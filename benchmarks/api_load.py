@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CLASSES = [f"class-{i}" for i in range(10)]
 MODEL = "load-test"
+EXPECTED = {"POST /deletion-requests": "202", "GET /models/current (If-None-Match)": "304"}  # else 200
 
 
 class LoadError(Exception):
@@ -87,12 +88,12 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 return
             elapsed = time.perf_counter() - started
+            if response.status_code == 202:
+                accepted.append(external_id)  # warm-up ones too: they must be in the database as well
             if not measured:
                 return
             latencies.append(elapsed)
             statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
-            if response.status_code == 202:
-                accepted.append(external_id)
 
         async def run(first: int, count: int, measured: bool) -> None:
             counter = iter(range(first, first + count))
@@ -113,9 +114,7 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
         "requests": spec["requests"], "concurrency": spec["concurrency"], "seconds": round(seconds, 3),
         "requests_per_second": round(len(ms) / seconds, 1) if seconds else None,
         "p50_ms": round(_percentile(ms, 50), 2) if ms else None, "p99_ms": round(_percentile(ms, 99), 2) if ms else None,
-        "statuses": statuses, "errors": len(errors), "first_errors": errors[:3],
-        "warmup_ids": [f"{prefix}{n}" for n in range(spec["warmup"])] if spec.get("body") else [],
-        "accepted_ids": accepted,
+        "statuses": statuses, "errors": len(errors), "first_errors": errors[:3], "accepted_ids": accepted,
     }
 
 
@@ -170,13 +169,20 @@ def start(command: list[str], env: dict[str, str], log: Path, health_url: str) -
 
 
 def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+    """Stop the server and whatever it started (its own session's process group)."""
+    try:
         os.killpg(process.pid, 15)  # uvicorn's supervisor stops its workers on SIGTERM
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, 9)  # workers the supervisor left behind, if any
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 class Database:
@@ -273,10 +279,10 @@ def curl_download(url: str, headers: dict[str, str], repeats: int) -> dict[str, 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     redis_url = f"{args.redis.rstrip('/')}/{args.redis_db}"
-    flush_redis(redis_url)
     with ExitStack() as stack:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lethe-api-load-")))
         db = stack.enter_context(Database(args.postgres))
+        flush_redis(redis_url)
         stack.callback(flush_redis, redis_url)
         data_root = home / "data"
         (data_root / "forget").mkdir(parents=True)
@@ -330,9 +336,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(_one_line(name, results[name]), flush=True)
 
         posted = results["POST /deletion-requests"]
-        accepted = posted.pop("accepted_ids") + posted.pop("warmup_ids")
+        accepted = posted.pop("accepted_ids")
         for r in results.values():
-            r.pop("accepted_ids", None), r.pop("warmup_ids", None)
+            r.pop("accepted_ids", None)
         missing = db.missing(accepted)
         posted["accepted_in_database"] = len(accepted) - len(missing)
         posted["accepted"] = len(accepted)
@@ -347,6 +353,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise LoadError(f"{len(missing)} of {len(accepted)} accepted requests are not in the database, "
                             f"e.g. {missing[0]!r}")
+        unexpected = {name: (r["statuses"], r["first_errors"]) for name, r in results.items()
+                      if r["errors"] or set(r["statuses"]) != {EXPECTED.get(name, "200")}}
+        if unexpected:  # a figure made of error responses measures nothing
+            raise LoadError(f"unexpected answers: {unexpected}")
 
     trivial_rps = results["trivial FastAPI app"]["requests_per_second"]
     for r in results.values():

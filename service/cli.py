@@ -117,11 +117,12 @@ def _positive(text: str) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from service.config import get_settings
+    from service.config import get_settings, get_unlearn_settings
     from service.logs import configure_logging
     from worker.celery_app import celery_for
 
     settings = get_settings()
+    get_unlearn_settings()  # a bad LETHE_UNLEARN_* stops the worker here, not each request it would run
     configure_logging(settings, level=args.loglevel)  # Celery calls it again (setup_logging signal)
     settings.home.mkdir(parents=True, exist_ok=True)
     loglevel = (args.loglevel or settings.log_level).upper()

@@ -59,15 +59,18 @@ class Settings(BaseSettings):
     @classmethod
     def _addresses_or_ranges(cls, value: str) -> str:
         entries = [e.strip() for e in value.split(",") if e.strip()]
-        if not entries:
-            raise ValueError("name at least one proxy address, or 127.0.0.1")
+        if entries == ["*"]:
+            return "*"
+        if not entries or "*" in entries:
+            raise ValueError("give * alone, or proxy addresses and CIDR ranges (e.g. 127.0.0.1,10.0.0.0/8)")
+        networks = []
         for entry in entries:
-            if entry != "*":
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"{entry!r} is not an IP address, a CIDR range or *") from None
-        return ",".join(entries)
+            try:
+                # Written back in canonical form (10.1.2.3/8 -> 10.0.0.0/8): uvicorn parses them strictly.
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address, a CIDR range or *") from None
+        return ",".join(str(n.network_address) if n.num_addresses == 1 else str(n) for n in networks)
 
     @field_validator("artifacts_uri")
     @classmethod

@@ -26,6 +26,28 @@ def test_a_bad_unlearning_setting_names_its_variable(monkeypatch, variable, valu
         load_settings(UnlearnSettings)
 
 
-def test_trusted_proxies_are_normalised_and_star_is_allowed(monkeypatch):
-    monkeypatch.setenv("LETHE_FORWARDED_ALLOW_IPS", " 10.0.0.0/8 ,192.168.1.7,*")
-    assert load_settings(Settings).forwarded_allow_ips == "10.0.0.0/8,192.168.1.7,*"
+@pytest.mark.parametrize(("value", "written"), [
+    (" 10.1.2.3/8 ,192.168.1.7", "10.0.0.0/8,192.168.1.7"),  # the form uvicorn parses strictly
+    ("*", "*"), ("::1, fd00::/8", "::1,fd00::/8"),
+])
+def test_trusted_proxies_are_written_in_the_form_uvicorn_matches(monkeypatch, value, written):
+    monkeypatch.setenv("LETHE_FORWARDED_ALLOW_IPS", value)
+    assert load_settings(Settings).forwarded_allow_ips == written
+
+
+def test_star_among_addresses_is_refused_since_it_would_match_nothing(monkeypatch):
+    monkeypatch.setenv("LETHE_FORWARDED_ALLOW_IPS", "10.0.0.1,*")
+    with pytest.raises(SettingsError, match="give \\* alone"):
+        load_settings(Settings)
+
+
+def test_a_worker_with_a_bad_unlearning_setting_does_not_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LETHE_HOME": str(tmp_path), "LETHE_UNLEARN_ADAPTER_BLOCKS": "first-half"}
+    done = subprocess.run([sys.executable, "-m", "service.cli", "worker"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("lethe: error: invalid setting LETHE_UNLEARN_ADAPTER_BLOCKS: ")

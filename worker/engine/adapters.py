@@ -40,12 +40,12 @@ def in_later_half(model: torch.nn.Module, layers: list[str]) -> list[str]:
 
     Forgetting a class through the later blocks alone leaves the early, generic features as they
     were; on the CIFAR-10 reference model it cost the other classes less than adapters in every
-    block (benchmarks/README.md). The model needs a numbered top-level ``blocks`` (timm's ViTs).
+    block (benchmarks/README.md). A model without a numbered top-level ``blocks`` (Swin numbers its
+    blocks per stage) has no such half: it keeps every layer, so the setting is safe as a default.
     """
     indices = {int(m[1]) for name, _ in model.named_modules() if (m := BLOCK_INDEX.match(name + "."))}
     if not indices:
-        raise UnsupportedModelError(f"{type(model).__name__} has no numbered top-level blocks (blocks.0, blocks.1, "
-                                    "...) to take the later half of; use adapters in every block")
+        return layers
     first = (max(indices) + 1) // 2
     kept = [name for name in layers if (m := BLOCK_INDEX.match(name)) and int(m[1]) >= first]
     if not kept:

@@ -28,6 +28,16 @@ class _ViTPart(torch.nn.Module):
         super().__init__()
         self.vit, self.first = vit, first
 
+    # The ViT's own mode is the part's mode, so saving and restoring it (as eval_logits does) leaves
+    # the ViT as it was, never switched to training by a flag of the part's own.
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self.vit.training if "vit" in self._modules else True
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass  # train() and eval() set the ViT's flag through its children
+
 
 class ViTFront(_ViTPart):
     """Images -> the tokens entering block ``first``."""
@@ -81,7 +91,7 @@ def _same_in_training(front: ViTFront) -> bool:
     for module in (m for top in modules for m in top.modules()):
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             return False
-        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             return False
         if getattr(module, "drop_prob", 0) or getattr(module, "prob", 0):  # timm DropPath, PatchDropout
             return False

@@ -94,7 +94,7 @@ def test_the_later_half_keeps_the_targets_of_the_later_half_of_the_blocks(depth,
     assert in_later_half(model, layers) == [f"blocks.{b}.{n}" for b in blocks for n in ("attn.qkv", "mlp.fc2")]
 
 
-def test_the_later_half_needs_a_vit_s_numbered_blocks():
+def test_a_model_without_a_vit_s_numbered_blocks_keeps_every_layer():
     model = tiny_swin()  # numbers its blocks per stage: there is no "later half" of them
-    with pytest.raises(UnsupportedModelError, match="no numbered top-level blocks"):
-        in_later_half(model, find_target_layers(model, ("qkv",)))
+    layers = find_target_layers(model, ("qkv",))
+    assert in_later_half(model, layers) == layers

@@ -7,6 +7,7 @@ import torch
 
 from tests.worker.engine.test_unlearn import held_out_accuracy, run
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half
+from worker.engine.package import build_model, load_package
 from worker.engine.prefix import split_frozen_prefix
 
 
@@ -46,7 +47,18 @@ def test_no_split_when_the_first_block_or_the_embedding_trains_or_the_front_is_r
     assert split_frozen_prefix(later_half_adapters(vit(drop_path_rate=0.0))) is not None
 
 
+def test_the_parts_follow_the_vit_s_mode():
+    model = later_half_adapters(vit()).eval()
+    split = split_frozen_prefix(model)
+    assert not split.front.training and not split.back.training
+    split.back.train()
+    assert model.get_base_model().training and split.front.training
+
+
 def test_a_run_with_the_front_cached_is_the_run_without_it(digits_model, digits):
+    package = load_package(digits_model)
+    split = split_frozen_prefix(later_half_adapters(build_model(package.card, package.state_dict)))
+    assert split is not None and split.front.first == 2  # the digits ViT has 4 blocks: the cache is used
     settings = dict(method="lora-kl", adapter_blocks="later-half", seed=1, max_steps=30)
     cached = run(digits_model, digits, **settings)
     uncached = run(digits_model, digits, cache_frozen_prefix=False, **settings)
