@@ -71,6 +71,6 @@ def _leave_request_context(**_) -> None:
 @signals.worker_ready.connect
 def _remove_stale_run_folders(**_) -> None:
     """A worker restarted after a kill removes the run folders (personal data) its dead processes left."""
-    from worker.runs import remove_stale_run_folders_safely
+    from worker.run_folders import remove_stale_run_folders_safely
 
     remove_stale_run_folders_safely()

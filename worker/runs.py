@@ -9,13 +9,9 @@ requests back in the queue: a request can be delayed, never lost.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import re
 import shutil
-import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +28,7 @@ from service.deletion_requests.transitions import record, transition
 from service.errors import ServiceError
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import dispose_superseded, publish_version
+from worker.run_folders import make_run_folder, remove_stale_run_folders_safely
 from service.registry.storage import artifact_store
 from service.sources import LocalSources
 
@@ -189,82 +186,13 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
         settle_all(settings, batch, worker_id, S.FAILED, error=f"{type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop()
-        shutil.rmtree(workdir, ignore_errors=True)  # adapters never leave memory; this holds temporary files
-        os.close(workdir_lock)  # (the version's weights, downloaded forget sets, the candidate)
+        # Adapters never leave memory; the folder holds the temporary files (the version's weights,
+        # downloaded forget sets, the candidate).
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.close(workdir_lock)
         seconds = round(time.monotonic() - started, 3)
         log.info("run %s: model %s in %.1f s", outcome, batch.model_name, seconds,
                  extra={**fields, "outcome": outcome, "seconds": seconds})
-
-
-# A run folder holds personal data (downloaded forget sets) and is removed when its run ends. A
-# worker killed mid-run cannot do that, so the next run on the host (or a worker starting there)
-# removes the folders no live run holds: each run keeps an exclusive lock on a file in its folder
-# for its whole life, which the kernel releases when the process dies (PID reuse after a container
-# restart cannot fake it, and runs in other PID spaces sharing the folder are safe). The name says
-# which host made it; a folder on another host's shared temporary folder is never judged here.
-RUN_FOLDER = re.compile(r"^lethe-run-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
-RUN_LOCK = ".run.lock"
-
-
-def run_folder_prefix() -> str:
-    return f"lethe-run-{socket.gethostname()}-{os.getpid()}-"
-
-
-def make_run_folder() -> tuple[Path, int]:
-    """A new run folder and an open descriptor holding its lock; close it after removing the folder."""
-    folder = Path(tempfile.mkdtemp(prefix=run_folder_prefix()))
-    lock = os.open(folder / RUN_LOCK, os.O_CREAT | os.O_WRONLY, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return folder, lock
-
-
-def remove_stale_run_folders(parent: Path | None = None) -> list[Path]:
-    """Remove this host's run folders that no live run holds; returns them."""
-    parent = Path(parent or tempfile.gettempdir())
-    host, removed = socket.gethostname(), []
-    for folder in parent.glob("lethe-run-*"):
-        match = RUN_FOLDER.match(folder.name)
-        if match is None or match["host"] != host or not abandoned(folder, int(match["pid"])):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-        log.warning("removed the run folder %s left by a run that is gone (process %s)", folder, match["pid"])
-    return removed
-
-
-def abandoned(folder: Path, pid: int) -> bool:
-    """No live run holds the folder's lock (a folder without one: its process is gone)."""
-    try:
-        lock = os.open(folder / RUN_LOCK, os.O_RDONLY)
-    except FileNotFoundError:  # just made, not locked yet; or from before locks
-        return not process_alive(pid)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: a live run
-        return False
-    finally:
-        os.close(lock)
-    return True
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):  # another user's; or no such PID: never delete on doubt
-        return True
-    return True
-
-
-def remove_stale_run_folders_safely() -> None:
-    """The clean-up never stops a run or a worker from starting."""
-    try:
-        remove_stale_run_folders()
-    except Exception:
-        log.exception("could not clean up stale run folders")
 
 
 def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from worker.runs import RUN_LOCK, make_run_folder, remove_stale_run_folders, run_folder_prefix
+from worker.run_folders import RUN_LOCK, make_run_folder, remove_stale_run_folders, run_folder_prefix
 
 
 def dead_pid() -> int:
@@ -46,7 +46,7 @@ def test_a_live_run_s_folder_is_kept_even_when_another_process_space_shares_the_
     folder, lock = make_run_folder()
     try:
         # Seen from a process that cannot see the owner's PID (another container), it is still held.
-        monkeypatch.setattr("worker.runs.process_alive", lambda pid: False)
+        monkeypatch.setattr("worker.run_folders.process_alive", lambda pid: False)
         assert remove_stale_run_folders(tmp_path) == [] and folder.exists()
     finally:
         os.close(lock)

@@ -1,7 +1,6 @@
 """Image sources: directories, archives and manifests, decoded once into one uint8 tensor."""
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
