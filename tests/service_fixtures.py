@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -277,6 +278,13 @@ def start_worker(backend: Backend, tmp_path: Path):
     yield start
     for worker in workers:
         worker.stop()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):

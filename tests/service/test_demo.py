@@ -1,15 +1,10 @@
 """``lethe demo`` on a fresh LETHE_HOME with nothing configured: it forgets a digit end to end."""
 
 import os
-import socket
 import subprocess
 import sys
+from tests.service_fixtures import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_demo_forgets_a_digit_and_reports_the_new_version(tmp_path):

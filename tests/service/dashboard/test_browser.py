@@ -8,7 +8,6 @@ Screenshots go to ``$LETHE_SCREENSHOT_DIR`` when set, else to the test's tempora
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from tests.service.conftest import make_key, request_body, wait_for
 from tests.service.dashboard.seed import BADGES, seed
+from tests.service_fixtures import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -33,11 +33,6 @@ def browser_or_skip():
 
     return sync_playwright
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
