@@ -31,6 +31,9 @@ class UnlearnInputs:
     forget: tuple[ForgetSpec, ...]
     eval_source: str | None = None  # labelled held-out validation split (not training data)
     retain_source: str | None = None  # labelled retain images, for the methods that use them
+    # Unlabelled images of none of the model's classes (e.g. CIFAR-10 for a face model): the run
+    # holds the original's outputs on them in place. Not retain data: nothing of the training set.
+    anchor_source: str | None = None
 
     def __post_init__(self) -> None:
         if not self.forget:
@@ -61,6 +64,16 @@ class UnlearnConfig:
     skip_bad_images: bool = False  # skip and count undecodable files instead of failing
     device: str = "auto"  # auto: CUDA when present
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    # Generalising from few images (benchmarks/README.md, the face and few-image tables):
+    augment: bool = False  # train on a random view (crop, mirror, exposure) of each forget image at every step
+    confirm_views: int = 0  # stop rule: this many fixed random views of each forget image must be forgotten too
+    max_forget_prob: float = 1.0  # stop rule: an image is forgotten when not predicted and its class's probability is at most this
+    anchor_weight: float = 1.0  # weight of the KL to the original on the anchor images (inputs.anchor_source)
+    # The generalisation check: hold back a fold of each forget set, train on the rest, score the
+    # held-back images; folds run until every class has had ``holdout_images`` held back (or all
+    # ran). Then the run trains on every image. 0: no check.
+    holdout_folds: int = 0
+    holdout_images: int = 50
     eval_batch_size: int = field(default=512, repr=False)
     # Run a frozen front (adapters only in later blocks) once instead of every step: the same
     # results, faster (prefix.py). False only to measure what it saves.
@@ -82,6 +95,12 @@ class UnlearnConfig:
             (self.adapter_blocks in ADAPTER_BLOCKS, f"adapter_blocks must be one of {ADAPTER_BLOCKS}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.confirm_views >= 0, "confirm_views must be zero or positive"),
+            (0.0 < self.max_forget_prob <= 1.0, "max_forget_prob is a probability in (0, 1]"),
+            (math.isfinite(self.anchor_weight) and self.anchor_weight > 0, "anchor_weight must be a positive number"),
+            (self.holdout_folds == 0 or self.holdout_folds >= 2,
+             "holdout_folds must be 0 (no generalisation check) or at least 2"),
+            (self.holdout_images >= 1, "holdout_images must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -101,6 +120,8 @@ class UnlearnConfig:
             raise ConfigError(f"method {self.method!r} needs a retain source")
         if not self.method_spec.uses_retain and inputs.retain_source:
             raise ConfigError(f"method {self.method!r} uses no retain data; drop the retain source")
+        if inputs.anchor_source and self.method_spec.uses_retain:
+            raise ConfigError(f"method {self.method!r} trains on retain data; an anchor source is for retain-free methods")
         if self.select_on_eval and not inputs.eval_source:
             raise ConfigError("select_on_eval needs a labelled evaluation source")
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.adapters import lora_b_matrices
+from worker.engine.augment import DEFAULT_AUGMENTATION
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
@@ -30,6 +31,7 @@ class Progress:
     loss: float
     forget_acc: dict[str, float]  # per forgotten class: the step's running estimate, or the confirmed value
     confirmed: bool  # forget_acc comes from an eval-mode pass over the whole forget sets
+    phase: str = "run"  # "run", or "holdout i/k" for a fold of the generalisation check
 
 
 @dataclass(frozen=True)
@@ -93,17 +95,20 @@ class UnlearningLoop:
         forget: the prepared forget sets.
         spec: the card's input specification, to normalise evaluation and retain batches.
         runtime: device and autocast precision.
+        generator: seeded CPU generator for sampling, random labels and random views.
         eval_data: the labelled held-out split, for selection on it.
         retain_data: labelled retain images, for the methods that use them.
-        generator: seeded CPU generator for sampling and random labels.
+        anchor: normalised unlabelled images of none of the model's classes, whose original
+            (masked) outputs every step holds in place.
     """
 
     def __init__(self, model: torch.nn.Module, config: UnlearnConfig, forget: ForgetData, spec: InputSpec,
                  runtime: Runtime, generator: torch.Generator, eval_data: LabelledData | None = None,
-                 retain_data: LabelledData | None = None) -> None:
+                 retain_data: LabelledData | None = None, anchor: torch.Tensor | None = None) -> None:
         self.model, self.config, self.forget, self.spec, self.runtime = model, config, forget, spec, runtime
         self.eval_data, self.retain_data, self.generator = eval_data, retain_data, generator
         self.method = config.method_spec
+        self.augmentation = DEFAULT_AUGMENTATION if config.augment else None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.effective_lr)
         self.initial = [p.detach().clone() for p in self.trainable] if self.method.regulariser == "weight-l1" else []
@@ -120,13 +125,24 @@ class UnlearningLoop:
         self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
                            if self.method.neighbours else [])
         self.neighbour_teachers = [self._teacher(n) for n in self.neighbours]
+        # The stop rule's fixed random views, drawn once: a run stops when they are forgotten too.
+        views = [torch.cat([DEFAULT_AUGMENTATION.views(x, spec, generator) for _ in range(config.confirm_views)])
+                 for x in forget.images] if config.confirm_views else []
+        # anchor: the original's masked softmax on images of no class of the model; what a model
+        # that never saw the forgotten classes would say about them, held at every step.
+        self.anchor_teacher = self._teacher(anchor) if anchor is not None else None
+        self.anchor_sampler = CyclingSampler(anchor.shape[0], config.batch_size, generator) if anchor is not None else None
         # With adapters only in later blocks, the frozen front runs once here; training steps and
         # forget-set checks run the rest of the network on its tokens (prefix.py).
         self.prefix = split_frozen_prefix(model) if config.cache_frozen_prefix else None
         self.network = self.prefix.back if self.prefix else model
         self.inputs = replace(forget, images=tuple(self._front(x) for x in forget.images))
         self.neighbour_inputs = [self._front(x) for x in self.neighbours]
+        self.anchor_inputs = self._front(anchor) if anchor is not None else None
+        self.confirm_views = replace(forget, images=tuple(self._front(v) for v in views)) if views else None
         self._batch_indices: list[torch.Tensor] = []
+        self._batch_teachers: list[torch.Tensor] = []
+        self._anchor_index: torch.Tensor | None = None
 
     def _front(self, images: torch.Tensor) -> torch.Tensor:
         """What ``self.network`` takes: the images themselves, or the frozen front's tokens for them."""
@@ -162,12 +178,13 @@ class UnlearningLoop:
         inputs, targets, sizes = self._sample_batch()
         with self.runtime.autocast():
             logits = self.network(inputs)
-        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, retain
+        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, anchor, retain
         forgets, neighbours = len(self.forget.images), len(self.neighbours)
-        forget_chunks = chunks[:forgets]
-        neighbour_chunks, retain_chunk = chunks[forgets:forgets + neighbours], chunks[forgets + neighbours:]
-        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks)
-        estimate = [accuracy(c.argmax(1).cpu(), torch.full((c.shape[0],), i)) for c, i in
+        anchors = forgets + neighbours + (self.anchor_inputs is not None)
+        forget_chunks, neighbour_chunks = chunks[:forgets], chunks[forgets:forgets + neighbours]
+        anchor_chunk, retain_chunk = chunks[forgets + neighbours:anchors], chunks[anchors:]
+        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk)
+        estimate = [recognised(c.detach(), i, self.config.max_forget_prob) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
         if not torch.isfinite(loss):
             raise NumericalError(f"the loss became {loss.item()} at this step; lower the learning rate or lambda")
@@ -183,18 +200,34 @@ class UnlearningLoop:
 
     def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         self._batch_indices = [s.next().to(x.device) for x, s in zip(self.inputs.images, self.forget_samplers)]
-        parts = [x[i] for x, i in zip(self.inputs.images, self._batch_indices)]
+        if self.augmentation is None:
+            parts = [x[i] for x, i in zip(self.inputs.images, self._batch_indices)]
+            self._batch_teachers = [t[i] for t, i in zip(self.teachers, self._batch_indices)]
+        else:
+            views = [self.augmentation.views(x[i], self.spec, self.generator)
+                     for x, i in zip(self.forget.images, self._batch_indices)]
+            parts = [self._front(v) for v in views]
+            self._batch_teachers = [self._teacher_on_view(v) for v in views] if self.teachers else []
         targets = [torch.full((p.shape[0],), i, device=self.runtime.device) for p, i in
                    zip(parts, self.forget.class_indices)]
         parts += [n[i] for n, i in zip(self.neighbour_inputs, self._batch_indices)]
+        if self.anchor_inputs is not None:
+            self._anchor_index = self.anchor_sampler.next().to(self.anchor_inputs.device)
+            parts.append(self.anchor_inputs[self._anchor_index])
         if self.retain_data is not None:
             index = self.retain_sampler.next()
             parts.append(self._front(normalise(self.retain_data.pixels[index].to(self.runtime.device), self.spec)))
             targets.append(self.retain_data.labels[index].to(self.runtime.device))
         return torch.cat(parts), targets, [p.shape[0] for p in parts]
 
+    def _teacher_on_view(self, view: torch.Tensor) -> torch.Tensor:
+        """The original's masked softmax on a view drawn this step: the adapters switched off."""
+        with self.model.disable_adapter():
+            return self._teacher(view)
+
     def _loss(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor],
-              retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+              retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = (),
+              anchor_chunk: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         loss = torch.zeros((), device=self.runtime.device)
         objective = self.method.forget_objective
         if objective != "none":
@@ -205,6 +238,8 @@ class UnlearningLoop:
             terms = [masked_kl_loss(logits, teacher[i]) for logits, teacher, i in
                      zip(neighbour_chunks, self.neighbour_teachers, self._batch_indices)]
             loss = loss + torch.stack(terms).mean()
+        if anchor_chunk:
+            loss = loss + self.config.anchor_weight * masked_kl_loss(anchor_chunk[0], self.anchor_teacher[self._anchor_index])
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
         if self.method.regulariser == "lora-l1":
@@ -218,7 +253,7 @@ class UnlearningLoop:
         if objective == "bounded":
             return bounded_forget_loss(logits, labels)
         if objective == "masked-kl":
-            return masked_kl_loss(logits, self.teachers[forget_set][self._batch_indices[forget_set]])
+            return masked_kl_loss(logits, self._batch_teachers[forget_set])
         if objective == "negative":
             return negative_ce_loss(logits, labels)
         return random_labels_loss(logits, labels, self.generator)
@@ -226,7 +261,14 @@ class UnlearningLoop:
     # --- measurements ------------------------------------------------------------------------
 
     def forget_accuracy(self) -> list[float]:
-        return forget_set_accuracy(self.network, self.inputs, self.runtime, self.config.eval_batch_size)
+        """Each class's accuracy over its whole forget set, or over the stop rule's views of it when
+        these are higher: the target must hold on both."""
+        max_prob, size = self.config.max_forget_prob, self.config.eval_batch_size
+        images = forget_set_accuracy(self.network, self.inputs, self.runtime, size, max_prob)
+        if self.confirm_views is None:
+            return images
+        views = forget_set_accuracy(self.network, self.confirm_views, self.runtime, size, max_prob)
+        return [max(a, b) for a, b in zip(images, views)]
 
     def evaluate_held_out(self) -> tuple[float, float]:
         """(Acc_f, Acc_r) on the held-out split."""
@@ -300,10 +342,31 @@ class UnlearningLoop:
                 p.copy_(saved)
 
 
-def forget_set_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Runtime, batch_size: int) -> list[float]:
-    """Each forgotten class's accuracy over its whole forget set, in eval mode."""
-    return [accuracy(predict(model, x, runtime, batch_size), torch.full((x.shape[0],), i))
+def forget_set_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Runtime, batch_size: int,
+                        max_prob: float = 1.0) -> list[float]:
+    """Each forgotten class's accuracy over its whole forget set, in eval mode; with ``max_prob`` < 1,
+    the share of its images still recognised (see ``recognised``)."""
+    if max_prob >= 1.0:
+        return [accuracy(predict(model, x, runtime, batch_size), torch.full((x.shape[0],), i))
+                for x, i in zip(forget.images, forget.class_indices)]
+    return [recognised(eval_logits(model, x, runtime, batch_size), i, max_prob)
             for x, i in zip(forget.images, forget.class_indices)]
+
+
+def recognised(logits: torch.Tensor, class_index: int, max_prob: float = 1.0) -> float:
+    """Percentage of images still recognised as ``class_index``: predicted as it, or (with
+    ``max_prob`` < 1) given it a probability above ``max_prob``. (N, K) -> float.
+
+    Stopping as soon as the forget images' prediction flips leaves them just across the boundary,
+    where an unseen photo of the same person is often still on the other side; a probability bound
+    asks for a margin.
+    """
+    if logits.shape[0] == 0:
+        return 0.0
+    still = logits.argmax(1) == class_index
+    if max_prob < 1.0:
+        still |= logits.float().softmax(1)[:, class_index] > max_prob
+    return still.float().mean().item() * 100.0
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from worker.engine.errors import ImageSourceError
 from worker.engine.images import ImageSet, normalise, read_images
 from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
-from worker.engine.package import ModelCard, build_model, load_package, write_package
+from worker.engine.package import InputSpec, ModelCard, build_model, load_package, write_package
 from worker.engine.runtime import PeakMemory, Runtime, pick_runtime
 
 
@@ -32,6 +33,19 @@ class EvaluationReport:
     acc_r_after: float
     per_class_before: dict[str, float | None]
     per_class_after: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class HoldoutReport:
+    """The generalisation check: forget sets cut into ``folds`` folds; for each fold run, a fresh
+    copy of the model forgot the rest and was scored on the held-back images it never trained on."""
+
+    folds: int  # the folds each forget set was cut into
+    folds_run: int  # fewer when enough images were held back early (config.holdout_images)
+    held_back: dict[str, int]  # per class: images scored
+    forget_acc: dict[str, float | None]  # per class: % of its held-back images still recognised; None: too few images
+    steps: list[int]  # per fold run
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,8 @@ class UnlearnReport:
     target_met: bool
     parent_sha256: str
     evaluation: EvaluationReport | None
+    holdout: HoldoutReport | None  # the generalisation check, when config.holdout_folds asks for it
+    anchor_images: int  # images in the anchor source (0: none)
     selection: dict[str, Any] | None
     history: list[dict[str, Any]]
 
@@ -93,7 +109,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
     Args:
         inputs: the model package and the image sources.
         config: hyper-parameters; see ``UnlearnConfig``.
-        on_progress: called after every step.
+        on_progress: called after every step (``Progress.phase`` tells the generalisation
+            check's fold runs from the run itself).
         should_cancel: polled before every step; when it returns True the run raises
             ``UnlearningCancelled``.
     """
@@ -109,6 +126,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         eval_data = _labelled(inputs.eval_source, "eval", card, config, runtime, skipped) if inputs.eval_source else None
         retain_data = (_labelled(inputs.retain_source, "retain", card, config, runtime, skipped)
                        if inputs.retain_source else None)
+        anchor = _anchor(inputs.anchor_source, card, config, runtime, skipped) if inputs.anchor_source else None
         if eval_data is not None:
             _check_covers(inputs.eval_source, eval_data, card, class_indices)
         if retain_data is not None and torch.isin(retain_data.labels, torch.tensor(class_indices)).any():
@@ -122,17 +140,12 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         )
         eval_before = _predict_labelled(model, eval_data, card, config, runtime)
         forget_before = forget_set_accuracy(model, forget, runtime, config.eval_batch_size)
+        training = Training(config, card.input, runtime, retain_data, anchor, should_cancel)
+        holdout = (holdout_check(training, lambda: build_model(card, package.state_dict).to(runtime.device), forget,
+                                 on_progress) if config.holdout_folds else None)
 
         unlearning_started = time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed)
-        with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator; leave the caller's alone
-            torch.manual_seed(config.seed)
-            trained = _prepare_trainable(model, config)
-        loop = UnlearningLoop(trained, config, forget, card.input, runtime, generator, eval_data, retain_data)
-        if loop.meets_target(forget_before):
-            outcome = LoopOutcome(steps=0, steps_run=0, target_met=True)  # nothing left to forget
-        else:
-            outcome = loop.run(on_progress, should_cancel)
+        trained, loop, outcome = training.run(model, forget, forget_before, eval_data, on_progress)
         trainable_parameters = sum(p.numel() for p in loop.trainable)
         merged = merge_lora(trained) if config.method_spec.adapters else trained
         merged.eval()
@@ -163,6 +176,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         target_met=loop.meets_target(forget_after),  # judged on the weights returned, however the run ended
         parent_sha256=package.weights_sha256,
         evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices),
+        holdout=holdout,
+        anchor_images=0 if anchor is None else int(anchor.shape[0]),
         selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations}
                    if config.select_on_eval else None),
         history=outcome.history,
@@ -201,6 +216,94 @@ def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device:
     return dict(zip(data.class_names, forget_set_accuracy(network, data, runtime, batch_size)))
 
 
+@dataclass(frozen=True)
+class Training:
+    """What every training of a run shares: the run itself and each fold of its generalisation check."""
+
+    config: UnlearnConfig
+    spec: InputSpec
+    runtime: Runtime
+    retain_data: LabelledData | None
+    anchor: torch.Tensor | None
+    should_cancel: Callable[[], bool] | None
+
+    def run(self, model: torch.nn.Module, forget: ForgetData, forget_before: list[float],
+            eval_data: LabelledData | None = None, on_progress: Callable[[Progress], None] | None = None,
+            config: UnlearnConfig | None = None) -> tuple[torch.nn.Module, UnlearningLoop, LoopOutcome]:
+        """Attach adapters to ``model`` (or unfreeze it) and train it on ``forget``; nothing to do
+        when ``forget_before`` already meets the target."""
+        config = config or self.config
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator; leave the caller's alone
+            torch.manual_seed(config.seed)
+            trained = _prepare_trainable(model, config)
+        loop = UnlearningLoop(trained, config, forget, self.spec, self.runtime, generator, eval_data,
+                              self.retain_data, self.anchor)
+        # Nothing left to forget, by the stop rule's own measure (its views and probability bound).
+        if loop.meets_target(forget_before) and (loop.confirm_views is None and config.max_forget_prob >= 1.0
+                                                 or loop.meets_target(loop.forget_accuracy())):
+            return trained, loop, LoopOutcome(steps=0, steps_run=0, target_met=True)
+        return trained, loop, loop.run(on_progress, self.should_cancel)
+
+
+def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module], forget: ForgetData,
+                  on_progress: Callable[[Progress], None] | None = None) -> HoldoutReport:
+    """Does the forgetting generalise beyond the images trained on? Cut each forget set into
+    folds (by a permutation drawn from the seed); per fold, a fresh model forgets the other folds
+    with the run's own stop rule (selection on an evaluation set is the run's, not the check's),
+    and the fold's images, never trained on, are scored. A class of one image cannot be checked:
+    it is trained on in every fold and reported as None.
+
+    Args:
+        training: the run's settings and shared data.
+        fresh_model: builds an untouched copy of the original model on the run's device.
+        forget: the run's forget sets.
+        on_progress: gets each fold's steps, with ``phase`` "holdout i/k".
+    """
+    started, config = time.perf_counter(), training.config
+    generator = torch.Generator().manual_seed(config.seed)
+    folds = [torch.randperm(x.shape[0], generator=generator).tensor_split(min(config.holdout_folds, x.shape[0]))
+             if x.shape[0] >= 2 else None for x in forget.images]
+    held = [0] * len(forget.images)
+    recognised = [0] * len(forget.images)
+    steps: list[int] = []
+    fold_config = dataclasses.replace(config, select_on_eval=False)
+    for j in range(config.holdout_folds):
+        if all(f is None or j >= len(f) or n >= config.holdout_images for f, n in zip(folds, held)):
+            break
+        parts = [_fold(x, f, j) for x, f in zip(forget.images, folds)]
+        fold_forget = dataclasses.replace(forget, images=tuple(train for train, _ in parts))
+        model = fresh_model()
+        before = forget_set_accuracy(model, fold_forget, training.runtime, config.eval_batch_size)
+        phase = f"holdout {j + 1}/{config.holdout_folds}"
+        report_progress = (lambda p: on_progress(dataclasses.replace(p, phase=phase))) if on_progress else None
+        trained, _, outcome = training.run(model, fold_forget, before, on_progress=report_progress, config=fold_config)
+        for c, (_, scored) in enumerate(parts):
+            if scored.shape[0]:
+                predictions = predict(trained, scored, training.runtime, config.eval_batch_size)
+                recognised[c] += int((predictions == forget.class_indices[c]).sum())
+                held[c] += scored.shape[0]
+        steps.append(outcome.steps)
+    return HoldoutReport(
+        folds=config.holdout_folds, folds_run=len(steps),
+        held_back=dict(zip(forget.class_names, held)),
+        forget_acc={name: (100.0 * r / n if f is not None and n else None)
+                    for name, f, r, n in zip(forget.class_names, folds, recognised, held)},
+        steps=steps, seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _fold(images: torch.Tensor, folds: tuple[torch.Tensor, ...] | None, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images trained on, images held back) of fold ``j``; every image is trained on when the set
+    cannot be checked or has fewer folds than ``j``."""
+    if folds is None or j >= len(folds):
+        return images, images[:0]
+    keep = torch.ones(images.shape[0], dtype=torch.bool)
+    keep[folds[j]] = False
+    keep = keep.to(images.device)
+    return images[keep], images[~keep]
+
+
 def _prepare_trainable(model: torch.nn.Module, config: UnlearnConfig) -> torch.nn.Module:
     """Attach adapters (only they train), or unfreeze every weight for the full-model methods."""
     if config.method_spec.adapters:
@@ -220,6 +323,15 @@ def _labelled(source: str, role: str, card: ModelCard, config: UnlearnConfig, ru
     if images.skipped:
         skipped[role] = list(images.skipped)
     return LabelledData(pixels=images.pixels.to(runtime.device), labels=labels)
+
+
+def _anchor(source: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime,
+            skipped: dict[str, list[str]]) -> torch.Tensor:
+    """The anchor images, normalised on the device; their labels (folder names) mean nothing here."""
+    images = read_images(source, card.input, skip_bad=config.skip_bad_images)
+    if images.skipped:
+        skipped["anchor"] = list(images.skipped)
+    return normalise(images.pixels.to(runtime.device), card.input)
 
 
 def _in_input_dtypes(merged: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
