@@ -208,6 +208,10 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", dest="eval_source", metavar="SOURCE",
                    help="labelled held-out validation images (label = parent folder or manifest 'label')")
     p.add_argument("--retain", dest="retain_source", metavar="SOURCE", help="labelled retain images (retain methods only)")
+    p.add_argument("--anchor", dest="anchor_source", metavar="SOURCE",
+                   help="unlabelled images of none of the model's classes (e.g. CIFAR-10 images for a face model): "
+                        "the run holds the original's outputs on them in place; no retain data")
+    p.add_argument("--anchor-weight", type=float, default=defaults.anchor_weight, help="default: %(default)s")
     p.add_argument("--method", default=defaults.method, choices=sorted(METHODS), help="default: %(default)s")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
@@ -222,6 +226,15 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-blocks", default=defaults.adapter_blocks, choices=ADAPTER_BLOCKS,
                    help="later-half: only the targets in the later half of the blocks (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--augment", action="store_true",
+                   help="train on a random view (crop, mirror, exposure) of each forget image at every step")
+    p.add_argument("--confirm-views", type=int, default=defaults.confirm_views, metavar="N",
+                   help="stop only when N fixed random views of each forget image are forgotten too (default: %(default)s)")
+    p.add_argument("--holdout-folds", type=int, default=defaults.holdout_folds, metavar="K",
+                   help="generalisation check: hold back each of K folds of the forget set in turn, forget the rest, "
+                        "report how many held-back images are still recognised (0: off; default: %(default)s)")
+    p.add_argument("--holdout-images", type=int, default=defaults.holdout_images, metavar="N",
+                   help="stop adding folds once N images of each class were held back (default: %(default)s)")
     p.add_argument("--select-on-eval", action="store_true",
                    help="keep the checkpoint with the best (Acc_r + 100 - Acc_f)/2 on --eval that meets the target")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -242,7 +255,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
     try:
         inputs = UnlearnInputs(
             model=args.model, forget=tuple(parse_forget(item) for item in args.forget),
-            eval_source=args.eval_source, retain_source=args.retain_source,
+            eval_source=args.eval_source, retain_source=args.retain_source, anchor_source=args.anchor_source,
         )
         config = UnlearnConfig(
             method=args.method, seed=args.seed, lr=args.lr, l1_weight=args.l1_weight, rank=args.rank,
@@ -250,6 +263,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_steps=args.max_steps, target_forget_acc=args.target_forget_acc,
             select_on_eval=args.select_on_eval, eval_every=args.eval_every, patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
+            augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
+            holdout_folds=args.holdout_folds, holdout_images=args.holdout_images,
         )
         out = check_output_folder(args.out)  # before training: a run is minutes of work to lose
         report_path = report_location(args.report, out)
@@ -305,6 +320,10 @@ def summary_line(report: dict) -> str:
         e = report["evaluation"]
         line += (f"; held-out Acc_f {e['acc_f_before']:.1f} -> {e['acc_f_after']:.1f}, "
                  f"Acc_r {e['acc_r_before']:.1f} -> {e['acc_r_after']:.1f}")
+    if report.get("holdout"):
+        h = report["holdout"]
+        held = ", ".join(f"{c} {'-' if a is None else f'{a:.1f}%'} of {h['held_back'][c]}" for c, a in h["forget_acc"].items())
+        line += f"; held-back images still recognised: {held} ({h['folds_run']} of {h['folds']} folds)"
     return line
 
 

@@ -44,6 +44,7 @@ class Batch:
     version_id: str
     version: int
     eval_set_uri: str | None
+    anchor_set_uri: str | None
     forgotten_earlier: list[str]  # classes the starting version has forgotten already
     requests: dict[str, tuple[str, str, int]]  # request id -> (class, forget uri, seed)
 
@@ -83,7 +84,7 @@ def claim_batch(settings: Settings, model_id: str, worker_id: str) -> Batch | No
             request.attempts += 1
             request.lease_owner, request.lease_expires_at = worker_id, expires
         return Batch(model_id=model_id, model_name=model.name, version_id=version.id, version=version.version,
-                     eval_set_uri=model.eval_set_uri, forgotten_earlier=list(version.classes_forgotten),
+                     eval_set_uri=model.eval_set_uri, anchor_set_uri=model.anchor_set_uri, forgotten_earlier=list(version.classes_forgotten),
                      requests={r.id: (r.forget_class, r.forget_uri, r.seed) for r in queued})
 
 
@@ -116,6 +117,7 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
         self.lost = False
         self.last_cancel_check, self.canceled = 0.0, False
+        self.training_recorded = False
 
     def run(self) -> None:
         while not self.stopped.wait(self.settings.lease_seconds / 3):
@@ -136,7 +138,8 @@ class Heartbeat(threading.Thread):
         return self.lost or self.canceled
 
     def on_progress(self, progress) -> None:
-        if progress.step == 1:  # one audit event, not one per step
+        if not self.training_recorded:  # one audit event, not one per step (nor per fold of the holdout check)
+            self.training_recorded = True
             with session_scope(self.settings.database) as session:
                 for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(self.batch.requests)))):
                     record(session=session, request=row, event="training_started", actor=f"worker:{self.worker_id}",
@@ -258,11 +261,14 @@ def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[st
     config = UnlearnConfig(method=knobs.method, seed=seed, select_on_eval=batch.eval_set_uri is not None, lr=knobs.lr,
                            max_steps=knobs.max_steps, target_forget_acc=knobs.target_forget_acc,
                            l1_weight=knobs.l1_weight, rank=knobs.rank, adapter_blocks=knobs.adapter_blocks,
-                           eval_every=knobs.eval_every,
-                           patience=knobs.patience)
+                           eval_every=knobs.eval_every, patience=knobs.patience, targets=knobs.target_layers,
+                           augment=knobs.augment, confirm_views=knobs.confirm_views,
+                           max_forget_prob=knobs.max_forget_prob, anchor_weight=knobs.anchor_weight,
+                           holdout_folds=settings.gate_holdout_folds)
     inputs = UnlearnInputs(model=str(current),
                            forget=tuple(ForgetSpec(c, str(sources.path(u))) for c, u in classes.items()),
-                           eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None)
+                           eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None,
+                           anchor_source=str(sources.path(batch.anchor_set_uri)) if batch.anchor_set_uri else None)
     result = unlearn(inputs, config, on_progress=heartbeat.on_progress, should_cancel=heartbeat.should_cancel)
     result.save(str(out))
     report = result.report.to_dict()
@@ -324,6 +330,7 @@ def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target
     not_forgotten = [c for c, r in report.get("rechecks", {}).items() if r["status"] == "not_forgotten"]
     if not_forgotten:
         errors.append(f"earlier classes no longer forgotten: {', '.join(not_forgotten)}")
+    errors += holdout_errors(settings, report.get("holdout"))
     evaluation = report.get("evaluation")
     if evaluation:
         if evaluation["acc_f_after"] > settings.gate_max_eval_forget_acc:
@@ -333,6 +340,23 @@ def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target
         report["cumulative_retain_drop"] = drop
         if drop > settings.gate_max_retain_drop:
             errors.append(f"cumulative Acc_r drop {drop:.1f} points exceeds {settings.gate_max_retain_drop}")
+    return errors
+
+
+def holdout_errors(settings: Settings, holdout: dict[str, Any] | None) -> list[str]:
+    """The generalisation check: held-back forget images, never trained on, must be forgotten too.
+    A set too small to hold any image back cannot show that, so it fails too: a run that forgot
+    one photo has not shown it forgot the person."""
+    if not holdout:
+        return []
+    errors = []
+    for cls, acc in holdout["forget_acc"].items():
+        if acc is None:
+            errors.append(f"forget set too small for the generalisation check ({holdout['held_back'][cls]} image(s) "
+                          "held back; send at least 2 images)")
+        elif acc > settings.gate_max_holdout_forget_acc:
+            errors.append(f"forgetting did not generalise: {acc:.1f}% of {holdout['held_back'][cls]} held-back forget "
+                          f"images still recognised (gate {settings.gate_max_holdout_forget_acc}%)")
     return errors
 
 
@@ -416,7 +440,8 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
             "forget_acc_after", "target_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
-            "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks")
+            "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
+            "anchor_images")
     return {k: report[k] for k in keep if k in report}
 
 

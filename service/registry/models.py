@@ -25,6 +25,8 @@ class RegisteredModel(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     eval_set_uri: Mapped[str | None] = mapped_column(Text)
+    # Unlabelled images of none of the model's classes: runs hold the original's outputs on them.
+    anchor_set_uri: Mapped[str | None] = mapped_column(Text)
     current_version_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("model_versions.id", use_alter=True, name="fk_registered_models_current_version"))
     run_lease_owner: Mapped[str | None] = mapped_column(String(128))  # the worker running this model now

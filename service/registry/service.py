@@ -49,17 +49,18 @@ def validate_package(card_bytes: bytes, weights_path: Path):
 
 
 def register_model(*, session: Session, store: ArtifactStore, name: str, card_bytes: bytes, weights_path: Path,
-                   eval_set: str | None, data_roots: list[Root]) -> ModelVersion:
+                   eval_set: str | None, data_roots: list[Root], anchor_set: str | None = None) -> ModelVersion:
     """A new model as version 1, with ``current`` pointing at it. ``weights_path`` goes into the store
     (stored and verified before the row that names it is written)."""
     check_model_name(name)
-    if eval_set is not None:
-        check_data_root(eval_set, data_roots)
+    for uri in (eval_set, anchor_set):
+        if uri is not None:
+            check_data_root(uri, data_roots)
     if session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)):
         raise Conflict(f"a model named {name!r} is registered already")
     card = validate_package(card_bytes, weights_path)
     sha256, size = store.put(weights_path)
-    model = RegisteredModel(name=name, eval_set_uri=eval_set)
+    model = RegisteredModel(name=name, eval_set_uri=eval_set, anchor_set_uri=anchor_set)
     try:
         with session.begin_nested():  # a concurrent registration of the same name may win
             session.add(model)

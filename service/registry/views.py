@@ -43,19 +43,21 @@ def to_public(session, model: RegisteredModel, version: ModelVersion) -> ModelVe
 
 
 @router.post("/models", status_code=201, response_model=ModelVersionPublic,
-             summary="Register a base model as version 1 (multipart: name, card, weights, optional eval_set)")
+             summary="Register a base model as version 1 (multipart: name, card, weights, optional eval_set, anchor_set)")
 def register_model(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                    _key: ModelsWriter, name: Annotated[str, Form(description="^[a-z0-9][a-z0-9._-]{0,63}$, not 'current'")],
                    card: Annotated[UploadFile, File(description="model.json")],
                    weights: Annotated[UploadFile, File(description="model.safetensors")],
                    eval_set: Annotated[str | None, Form(description="file:// URI of a labelled validation split")] = None,
+                   anchor_set: Annotated[str | None, Form(description="file:// or s3:// URI of unlabelled images of none "
+                                                          "of the model's classes (e.g. CIFAR-10 images for a face model)")] = None,
                    ) -> ModelVersionPublic:
     store = store_of(request)
     incoming = store.new_incoming()
     try:
         copy_limited(weights, incoming, settings.max_upload_bytes)
         version = service.register_model(session=session, store=store, name=name, card_bytes=card.file.read(1 << 20),
-                                         weights_path=incoming, eval_set=eval_set or None,
+                                         weights_path=incoming, eval_set=eval_set or None, anchor_set=anchor_set or None,
                                          data_roots=settings.allowed_data_roots)
     finally:
         incoming.unlink(missing_ok=True)

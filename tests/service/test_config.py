@@ -11,6 +11,9 @@ from service.config import Settings, SettingsError, UnlearnSettings, load_settin
     ("LETHE_FORWARDED_ALLOW_IPS", "10.0.0.0/8, proxy", "'proxy' is not an IP address, a CIDR range or *"),
     ("LETHE_LOG_LEVEL", "LOUD", "unknown log level 'LOUD'"),
     ("LETHE_DEADLINE_DAYS", "0", "greater than or equal to 1"),
+    ("LETHE_GATE_HOLDOUT_FOLDS", "1", "one fold holds back the whole forget set"),
+    ("LETHE_GATE_HOLDOUT_FOLDS", "-1", "greater than or equal to 0"),
+    ("LETHE_GATE_MAX_HOLDOUT_FORGET_ACC", "101", "less than or equal to 100"),
 ])
 def test_a_bad_service_setting_names_its_variable(monkeypatch, variable, value, message):
     monkeypatch.setenv(variable, value)
@@ -19,7 +22,12 @@ def test_a_bad_service_setting_names_its_variable(monkeypatch, variable, value, 
 
 
 @pytest.mark.parametrize(("variable", "value"), [("LETHE_UNLEARN_ADAPTER_BLOCKS", "first-half"),
-                                                 ("LETHE_UNLEARN_METHOD", "ng-retain")])
+                                                 ("LETHE_UNLEARN_METHOD", "ng-retain"),
+                                                 ("LETHE_UNLEARN_TARGETS", " , "),
+                                                 ("LETHE_UNLEARN_AUGMENT", "sometimes"),
+                                                 ("LETHE_UNLEARN_CONFIRM_VIEWS", "-1"),
+                                                 ("LETHE_UNLEARN_MAX_FORGET_PROB", "0"),
+                                                 ("LETHE_UNLEARN_ANCHOR_WEIGHT", "0")])
 def test_a_bad_unlearning_setting_names_its_variable(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=f"^invalid setting {variable}: "):

@@ -179,3 +179,26 @@ def test_canceling_a_running_request_stops_it_at_its_next_step(
     assert body["status"] == "canceled"
     assert [v.version for v in versions(backend)] == [1]
     assert json.dumps(body["events"]).count("cancel_requested") == 1
+
+
+def test_the_generalisation_check_gates_every_run_and_its_figures_are_the_request_evidence(
+        backend, client, admin, digits, digits_model, start_worker):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    worker = start_worker()
+    # One image: nothing can be held back, so the run cannot show it forgot the class, not just the image.
+    one = digits.root / f"one-image-{backend.name}" / "3"
+    one.mkdir(parents=True, exist_ok=True)
+    first = sorted(digits.train_class("3").iterdir())[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    tiny = client.post("/deletion-requests", headers=admin, json=request_body(digits, uri=f"file://{one}")).json()["id"]
+    body = wait_finished(client, admin, [tiny], worker)[0]
+    assert body["status"] == "failed" and "too small for the generalisation check" in body["error"]
+    assert body["metrics"]["holdout"]["forget_acc"] == {"3": None}
+    assert [v.version for v in versions(backend)] == [1]
+
+    whole = client.post("/deletion-requests", headers=admin, json=request_body(digits, external_id="subject-2")).json()["id"]
+    body = wait_finished(client, admin, [whole], worker)[0]
+    assert body["status"] == "completed", body
+    holdout = body["metrics"]["holdout"]
+    assert holdout["folds"] == 3 and holdout["held_back"]["3"] >= 50
+    assert holdout["forget_acc"]["3"] <= backend.settings.gate_max_holdout_forget_acc
