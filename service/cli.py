@@ -200,6 +200,10 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
         "unlearn", help="forget classes of a model package and write a new package",
         description="Forget one or more classes of a model package (low-rank unlearning, no retain data) "
                     "and write the merged model as a new package with a JSON report.",
+        epilog="A face model with few images of the person (benchmarks/README.md, 'Few images'): "
+               "--method lora-kl --adapter-blocks later-half --targets qkv,proj,fc1,fc2 --lr 1e-3 --augment "
+               "--holdout-folds 3, and check the report's holdout figure (held-back images still recognised). "
+               "Many images (hundreds per class): --method lora-kl --adapter-blocks later-half.",
     )
     p.add_argument("--model", required=True, metavar="PKG_DIR", help="model package folder (model.json + model.safetensors)")
     p.add_argument("--forget", required=True, action="append", metavar="CLASS=SOURCE",
@@ -230,6 +234,8 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
                    help="train on a random view (crop, mirror, exposure) of each forget image at every step")
     p.add_argument("--confirm-views", type=int, default=defaults.confirm_views, metavar="N",
                    help="stop only when N fixed random views of each forget image are forgotten too (default: %(default)s)")
+    p.add_argument("--max-forget-prob", type=float, default=defaults.max_forget_prob, metavar="P",
+                   help="stop only when the class also has at most probability P on each forget image (default: %(default)s)")
     p.add_argument("--holdout-folds", type=int, default=defaults.holdout_folds, metavar="K",
                    help="generalisation check: hold back each of K folds of the forget set in turn, forget the rest, "
                         "report how many held-back images are still recognised (0: off; default: %(default)s)")
@@ -264,6 +270,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             select_on_eval=args.select_on_eval, eval_every=args.eval_every, patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
+            max_forget_prob=args.max_forget_prob,
             holdout_folds=args.holdout_folds, holdout_images=args.holdout_images,
         )
         out = check_output_folder(args.out)  # before training: a run is minutes of work to lose

@@ -60,6 +60,11 @@ def test_an_existing_report_file_is_never_overwritten(digits_model, digits, tmp_
     (["--targets", "q_proj"], "no linear layers named 'q_proj'"),
     (["--rank", "0"], "rank must be at least 1"),
     (["--select-on-eval"], "select_on_eval needs a labelled evaluation source"),
+    (["--holdout-folds", "1"], "holdout_folds must be 0"),
+    (["--confirm-views", "-1"], "confirm_views must be zero or positive"),
+    (["--max-forget-prob", "0"], "max_forget_prob is a probability"),
+    (["--anchor-weight", "0"], "anchor_weight must be a positive number"),
+    (["--anchor", "/nowhere/anchor"], "/nowhere/anchor: no such file or directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(change, message, digits_model, digits, tmp_path, capsys):
     args = unlearn_args(digits_model, digits, tmp_path / "out")
@@ -99,3 +104,13 @@ def test_serve_takes_a_number_of_api_processes_of_at_least_one(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["serve", "--workers", "0"])
     assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_the_generalisation_check_is_in_the_summary_and_the_report(digits_model, digits, tmp_path, capsys):
+    args = unlearn_args(digits_model, digits, tmp_path / "out") + ["--method", "lora-kl", "--holdout-folds", "3",
+                                                                    "--augment"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "held-back images still recognised: 3 " in err and "of 3 folds" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["holdout"]["folds"] == 3 and report["config"]["augment"] is True
