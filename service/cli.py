@@ -329,7 +329,8 @@ def summary_line(report: dict) -> str:
                  f"Acc_r {e['acc_r_before']:.1f} -> {e['acc_r_after']:.1f}")
     if report.get("holdout"):
         h = report["holdout"]
-        held = ", ".join(f"{c} {'-' if a is None else f'{a:.1f}%'} of {h['held_back'][c]}" for c, a in h["forget_acc"].items())
+        held = ", ".join(f"{c} {a:.1f}% of {h['held_back'][c]}" if a is not None else f"{c} not checkable (one image)"
+                         for c, a in h["forget_acc"].items())
         line += f"; held-back images still recognised: {held} ({h['folds_run']} of {h['folds']} folds)"
     return line
 

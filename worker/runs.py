@@ -176,7 +176,7 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
     try:
         current = materialise_version(settings, batch, workdir / "current")
         sources = LocalSources(settings.allowed_data_roots, workdir / "sources")  # s3:// sets are downloaded here
-        rejected = check_sources(batch, current, sources)
+        rejected = check_sources(settings, batch, current, sources)
         runnable = {rid: spec for rid, spec in batch.requests.items() if rid not in rejected}
         result = unlearn_batch(settings, batch, runnable, current, workdir, heartbeat, sources) if runnable else None
         finish(settings, batch, worker_id, rejected, runnable, result)
@@ -204,15 +204,20 @@ def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:
             "classes": batch.classes, "worker": worker_id}
 
 
-def check_sources(batch: Batch, package: Path, sources: LocalSources) -> dict[str, str]:
+def check_sources(settings: Settings, batch: Batch, package: Path, sources: LocalSources) -> dict[str, str]:
     """Requests whose forget set cannot be used, with the reason: outside the data roots once
-    symlinks are resolved, missing, unreadable, or a class the version does not have."""
+    symlinks are resolved, missing, unreadable, a class the version does not have, or (with the
+    generalisation check on) one image, which the check cannot hold any image of back."""
     from worker.engine import EngineError
+    from worker.engine.images import count_images
 
     rejected = {}
     for request_id, (cls, uri, _seed) in batch.requests.items():
         try:
             forget_accuracy(package, {cls: uri}, sources)
+            if settings.gate_holdout_folds and count_images(str(sources.path(uri))) < 2:
+                rejected[request_id] = ("forget set too small for the generalisation check (1 image): "
+                                        "send at least 2 images of the class")
         except ServiceError as exc:
             rejected[request_id] = exc.detail
         except EngineError as exc:
@@ -239,32 +244,33 @@ def unlearn_batch(settings: Settings, batch: Batch, runnable: dict[str, tuple[st
     to_forget = {c: u for c, u in specs.items() if c not in already}
     if not to_forget:
         return BatchResult(None, already, None, [], {})
+    from worker.engine.images import count_images
+
     seed = max(seed for _, _, seed in runnable.values())
-    report, candidate = run_engine(settings, batch, current, to_forget, seed, workdir / "candidate", heartbeat, sources)
+    # The setting (few images or many) follows this batch's own forget sets, not earlier classes forgotten again.
+    smallest = min(count_images(str(sources.path(u))) for u in to_forget.values())
+    report, candidate = run_engine(settings, batch, current, to_forget, seed, smallest, workdir / "candidate",
+                                   heartbeat, sources)
     rechecks = recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target, sources=sources)
     regressed = {c: r["uri"] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
     if regressed:  # forget those again, in the same run, from the same starting version
-        report, candidate = run_engine(settings, batch, current, {**to_forget, **regressed}, seed,
+        report, candidate = run_engine(settings, batch, current, {**to_forget, **regressed}, seed, smallest,
                                        workdir / "candidate-2", heartbeat, sources)
         for cls, check in recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target,
                                           sources=sources).items():
             rechecks[cls] = {**check, "forgotten_again": cls in regressed}
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
-    return BatchResult(report, already, candidate, gate_errors(settings, batch, report, target), rechecks)
+    errors = gate_errors(settings, batch, report, target, requested=set(to_forget))
+    return BatchResult(report, already, candidate, errors, rechecks)
 
 
-def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[str, str], seed: int, out: Path,
-               heartbeat: Heartbeat, sources: LocalSources) -> tuple[dict[str, Any], Path]:
+def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[str, str], seed: int, smallest: int,
+               out: Path, heartbeat: Heartbeat, sources: LocalSources) -> tuple[dict[str, Any], Path]:
     from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
 
-    knobs = get_unlearn_settings()
-    config = UnlearnConfig(method=knobs.method, seed=seed, select_on_eval=batch.eval_set_uri is not None, lr=knobs.lr,
-                           max_steps=knobs.max_steps, target_forget_acc=knobs.target_forget_acc,
-                           l1_weight=knobs.l1_weight, rank=knobs.rank, adapter_blocks=knobs.adapter_blocks,
-                           eval_every=knobs.eval_every, patience=knobs.patience, targets=knobs.target_layers,
-                           augment=knobs.augment, confirm_views=knobs.confirm_views,
-                           max_forget_prob=knobs.max_forget_prob, anchor_weight=knobs.anchor_weight,
-                           holdout_folds=settings.gate_holdout_folds)
+    config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None,
+                           holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
+                           **get_unlearn_settings().engine_settings(smallest))
     inputs = UnlearnInputs(model=str(current),
                            forget=tuple(ForgetSpec(c, str(sources.path(u))) for c, u in classes.items()),
                            eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None,
@@ -321,8 +327,10 @@ def forget_accuracy(package: Path, specs: dict[str, str], sources: LocalSources)
     return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(sources.path(u))) for c, u in specs.items()))
 
 
-def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float) -> list[str]:
-    """Why the candidate may not be published (empty: it may)."""
+def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float,
+                requested: set[str]) -> list[str]:
+    """Why the candidate may not be published (empty: it may). The generalisation check judges the
+    batch's own classes (``requested``): an earlier class forgotten again is judged by its re-check."""
     errors = []
     if not report["target_met"]:
         worst = max(report["forget_acc_after"].values())
@@ -330,7 +338,7 @@ def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target
     not_forgotten = [c for c, r in report.get("rechecks", {}).items() if r["status"] == "not_forgotten"]
     if not_forgotten:
         errors.append(f"earlier classes no longer forgotten: {', '.join(not_forgotten)}")
-    errors += holdout_errors(settings, report.get("holdout"))
+    errors += holdout_errors(settings, report.get("holdout"), requested)
     evaluation = report.get("evaluation")
     if evaluation:
         if evaluation["acc_f_after"] > settings.gate_max_eval_forget_acc:
@@ -343,7 +351,7 @@ def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target
     return errors
 
 
-def holdout_errors(settings: Settings, holdout: dict[str, Any] | None) -> list[str]:
+def holdout_errors(settings: Settings, holdout: dict[str, Any] | None, classes: set[str] | None = None) -> list[str]:
     """The generalisation check: held-back forget images, never trained on, must be forgotten too.
     A set too small to hold any image back cannot show that, so it fails too: a run that forgot
     one photo has not shown it forgot the person."""
@@ -351,6 +359,8 @@ def holdout_errors(settings: Settings, holdout: dict[str, Any] | None) -> list[s
         return []
     errors = []
     for cls, acc in holdout["forget_acc"].items():
+        if classes is not None and cls not in classes:
+            continue
         if acc is None:
             errors.append(f"forget set too small for the generalisation check ({holdout['held_back'][cls]} image(s) "
                           "held back; send at least 2 images)")

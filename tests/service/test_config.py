@@ -27,7 +27,11 @@ def test_a_bad_service_setting_names_its_variable(monkeypatch, variable, value, 
                                                  ("LETHE_UNLEARN_AUGMENT", "sometimes"),
                                                  ("LETHE_UNLEARN_CONFIRM_VIEWS", "-1"),
                                                  ("LETHE_UNLEARN_MAX_FORGET_PROB", "0"),
-                                                 ("LETHE_UNLEARN_ANCHOR_WEIGHT", "0")])
+                                                 ("LETHE_UNLEARN_ANCHOR_WEIGHT", "0"),
+                                                 ("LETHE_UNLEARN_ANCHOR_WEIGHT", "inf"),
+                                                 ("LETHE_UNLEARN_FEW_IMAGES_LR", "inf"),
+                                                 ("LETHE_UNLEARN_LR", "nan"),
+                                                 ("LETHE_UNLEARN_CONFIRM_VIEWS", "65")])
 def test_a_bad_unlearning_setting_names_its_variable(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=f"^invalid setting {variable}: "):
@@ -59,3 +63,24 @@ def test_a_worker_with_a_bad_unlearning_setting_does_not_start(tmp_path):
                           timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith("lethe: error: invalid setting LETHE_UNLEARN_ADAPTER_BLOCKS: ")
+
+
+def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_setting():
+    knobs = UnlearnSettings()
+    many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
+    assert (many["targets"], many["lr"], many["augment"]) == (("qkv",), None, False)
+    assert (few["targets"], few["lr"], few["augment"]) == (("qkv", "proj", "fc1", "fc2"), 1e-3, True)
+    assert {k: v for k, v in many.items() if k not in ("targets", "lr", "augment")} == \
+        {k: v for k, v in few.items() if k not in ("targets", "lr", "augment")}
+
+
+def test_without_a_few_image_threshold_every_size_gets_the_same_setting():
+    knobs = UnlearnSettings(few_images_below=0)
+    assert knobs.engine_settings(1) == knobs.engine_settings(5000)
+
+
+def test_the_engine_settings_make_a_valid_engine_config():
+    from worker.engine import UnlearnConfig
+
+    for size in (1, 5000):
+        UnlearnConfig(**UnlearnSettings().engine_settings(size))  # raises ConfigError on a bad knob

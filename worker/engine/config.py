@@ -13,6 +13,7 @@ from worker.engine.methods import METHODS, Method
 DEVICES = ("auto", "cpu", "cuda")
 ADAPTER_BLOCKS = ("all", "later-half")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_CONFIRM_VIEWS = 64  # views are kept for the whole run: N times the forget set's tokens
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class UnlearnConfig:
             (self.adapter_blocks in ADAPTER_BLOCKS, f"adapter_blocks must be one of {ADAPTER_BLOCKS}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.confirm_views >= 0, "confirm_views must be zero or positive"),
+            (0 <= self.confirm_views <= MAX_CONFIRM_VIEWS, f"confirm_views must be in [0, {MAX_CONFIRM_VIEWS}]"),
             (0.0 < self.max_forget_prob <= 1.0, "max_forget_prob is a probability in (0, 1]"),
             (math.isfinite(self.anchor_weight) and self.anchor_weight > 0, "anchor_weight must be a positive number"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,

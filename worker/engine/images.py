@@ -97,6 +97,11 @@ def list_images(uri: str) -> Iterator[ImageEntry]:
     raise ImageSourceError(f"{uri}: not a directory, a .tar/.tar.gz archive or a .csv/.jsonl manifest")
 
 
+def count_images(uri: str) -> int:
+    """How many images a source lists (without decoding them)."""
+    return sum(1 for _ in list_images(uri))
+
+
 def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
     """Decode every image of a source into one uint8 tensor at the card's size and channels.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -127,6 +128,9 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         retain_data = (_labelled(inputs.retain_source, "retain", card, config, runtime, skipped)
                        if inputs.retain_source else None)
         anchor = _anchor(inputs.anchor_source, card, config, runtime, skipped) if inputs.anchor_source else None
+        if anchor is not None:
+            _check_anchor_apart(inputs.anchor_source, forget_sets, anchor_pixels=anchor[1])
+            anchor = anchor[0]
         if eval_data is not None:
             _check_covers(inputs.eval_source, eval_data, card, class_indices)
         if retain_data is not None and torch.isin(retain_data.labels, torch.tensor(class_indices)).any():
@@ -146,6 +150,9 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
 
         unlearning_started = time.perf_counter()
         trained, loop, outcome = training.run(model, forget, forget_before, eval_data, on_progress)
+        # The stop rule's own measure (its views and probability bound) on the trained weights: a run
+        # that never met it has not met its target, whatever the plain forget-set accuracy says.
+        stop_rule_met = loop.meets_target(loop.forget_accuracy())
         trainable_parameters = sum(p.numel() for p in loop.trainable)
         merged = merge_lora(trained) if config.method_spec.adapters else trained
         merged.eval()
@@ -173,7 +180,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_acc_before=dict(zip(forget.class_names, forget_before)),
         forget_acc_after=dict(zip(forget.class_names, forget_after)),
         target_forget_acc=config.target_forget_acc,
-        target_met=loop.meets_target(forget_after),  # judged on the weights returned, however the run ended
+        # judged on the weights returned, however the run ended
+        target_met=stop_rule_met and loop.meets_target(forget_after),
         parent_sha256=package.weights_sha256,
         evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices),
         holdout=holdout,
@@ -326,12 +334,22 @@ def _labelled(source: str, role: str, card: ModelCard, config: UnlearnConfig, ru
 
 
 def _anchor(source: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime,
-            skipped: dict[str, list[str]]) -> torch.Tensor:
-    """The anchor images, normalised on the device; their labels (folder names) mean nothing here."""
+            skipped: dict[str, list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor images normalised on the device, and their pixels; their labels (folder names)
+    mean nothing here."""
     images = read_images(source, card.input, skip_bad=config.skip_bad_images)
     if images.skipped:
         skipped["anchor"] = list(images.skipped)
-    return normalise(images.pixels.to(runtime.device), card.input)
+    return normalise(images.pixels.to(runtime.device), card.input), images.pixels
+
+
+def _check_anchor_apart(source: str, forget_sets: list[ImageSet], anchor_pixels: torch.Tensor) -> None:
+    """An anchor holding a forget image would hold the original's output on it in place, against the
+    forgetting, and would show every fold of the generalisation check the images it holds back."""
+    digest = lambda pixels: {hashlib.sha256(p.numpy().tobytes()).digest() for p in pixels}  # noqa: E731
+    forgotten = set().union(*(digest(s.pixels) for s in forget_sets))
+    if forgotten & digest(anchor_pixels):
+        raise ImageSourceError(f"{source}: the anchor source holds images of a forget set")
 
 
 def _in_input_dtypes(merged: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

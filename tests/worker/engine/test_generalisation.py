@@ -161,6 +161,7 @@ def test_a_cancel_reaches_the_check_folds(digits_model, digits):
 
 @pytest.mark.parametrize("settings, message", [
     ({"confirm_views": -1}, "confirm_views"),
+    ({"confirm_views": 65}, "confirm_views"),
     ({"max_forget_prob": 0.0}, "max_forget_prob"),
     ({"max_forget_prob": 1.5}, "max_forget_prob"),
     ({"anchor_weight": 0.0}, "anchor_weight"),
@@ -185,3 +186,19 @@ def test_a_missing_anchor_source_fails_before_training(digits_model, digits, tmp
 
     with pytest.raises(ImageSourceError, match="no such file"):
         unlearn(inputs(digits_model, digits, anchor_source=str(tmp_path / "missing")), UnlearnConfig(**LATE))
+
+
+def test_a_run_that_never_met_its_probability_bound_has_not_met_its_target(digits_model, digits):
+    result = unlearn(inputs(digits_model, digits), UnlearnConfig(max_forget_prob=1e-9, max_steps=3, seed=0, **LATE))
+    assert not result.target_met
+
+
+def test_an_anchor_holding_a_forget_image_is_refused(digits_model, digits, tmp_path):
+    from worker.engine import ImageSourceError
+
+    anchor = tmp_path / "anchor" / "any"
+    anchor.mkdir(parents=True)
+    for image in [*sorted(digits.train_class("5").iterdir())[:3], sorted(digits.train_class(FORGET).iterdir())[0]]:
+        (anchor / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(ImageSourceError, match="holds images of a forget set"):
+        unlearn(inputs(digits_model, digits, anchor_source=str(anchor)), UnlearnConfig(**LATE))

@@ -48,12 +48,12 @@ def run(model: Path, digits: DigitsData, eval_source: Path | None = None, retain
     return unlearn(inputs, UnlearnConfig(**config))
 
 
-def held_out_accuracy(card: dict, state_dict: dict, digits: DigitsData) -> tuple[float, float]:
+def held_out_accuracy(card: dict, state_dict: dict, digits: DigitsData, forget: str = FORGET) -> tuple[float, float]:
     """(Acc_f, Acc_r) of a model on the test split, which no run sees."""
     parsed = ModelCard.from_dict(card)
     test = read_images(str(digits.test), parsed.input)
     predictions = predict(build_model(parsed, state_dict), test.pixels, pick_runtime("cpu"), 512, parsed.input)
-    return forget_retain_accuracy(predictions, test.label_indices(parsed.classes), [parsed.class_index(FORGET)])
+    return forget_retain_accuracy(predictions, test.label_indices(parsed.classes), [parsed.class_index(forget)])
 
 
 @pytest.fixture(scope="module")
