@@ -202,7 +202,7 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
                     "and write the merged model as a new package with a JSON report.",
         epilog="A face model with few images of the person (benchmarks/README.md, 'Few images'): "
                "--method lora-kl --adapter-blocks later-half --targets qkv,proj,fc1,fc2 --lr 1e-3 --augment "
-               "--holdout-folds 3, and check the report's holdout figure (held-back images still recognised). "
+               "--max-forget-prob 0.05 --holdout-folds 3 (the service's few-image setting), and check the report's holdout figure (held-back images still recognised). "
                "Many images (hundreds per class): --method lora-kl --adapter-blocks later-half.",
     )
     p.add_argument("--model", required=True, metavar="PKG_DIR", help="model package folder (model.json + model.safetensors)")

@@ -68,10 +68,10 @@ def test_a_worker_with_a_bad_unlearning_setting_does_not_start(tmp_path):
 def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_setting():
     knobs = UnlearnSettings()
     many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
-    assert (many["targets"], many["lr"], many["augment"]) == (("qkv",), None, False)
-    assert (few["targets"], few["lr"], few["augment"]) == (("qkv", "proj", "fc1", "fc2"), 1e-3, True)
-    assert {k: v for k, v in many.items() if k not in ("targets", "lr", "augment")} == \
-        {k: v for k, v in few.items() if k not in ("targets", "lr", "augment")}
+    regime = ("targets", "lr", "augment", "max_forget_prob")
+    assert tuple(many[k] for k in regime) == (("qkv",), None, False, 1.0)
+    assert tuple(few[k] for k in regime) == (("qkv", "proj", "fc1", "fc2"), 1e-3, True, 0.05)
+    assert {k: v for k, v in many.items() if k not in regime} == {k: v for k, v in few.items() if k not in regime}
 
 
 def test_without_a_few_image_threshold_every_size_gets_the_same_setting():
