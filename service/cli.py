@@ -327,6 +327,8 @@ def summary_line(report: dict) -> str:
         e = report["evaluation"]
         line += (f"; held-out Acc_f {e['acc_f_before']:.1f} -> {e['acc_f_after']:.1f}, "
                  f"Acc_r {e['acc_r_before']:.1f} -> {e['acc_r_after']:.1f}")
+    if not report.get("stop_rule_met", True):
+        line += "; the stop rule's margin (views or probability bound) was not reached within --max-steps"
     if report.get("holdout"):
         h = report["holdout"]
         held = ", ".join(f"{c} {a:.1f}% of {h['held_back'][c]}" if a is not None else f"{c} not checkable (one image)"

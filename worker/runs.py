@@ -449,7 +449,7 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
-            "forget_acc_after", "target_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
+            "forget_acc_after", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
             "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
             "anchor_images")
     return {k: report[k] for k in keep if k in report}

@@ -70,7 +70,8 @@ class UnlearnReport:
     forget_acc_before: dict[str, float]
     forget_acc_after: dict[str, float]
     target_forget_acc: float
-    target_met: bool
+    target_met: bool  # every forget set's accuracy at or below the target
+    stop_rule_met: bool  # and the stop rule's views and probability bound too, when it has them
     parent_sha256: str
     evaluation: EvaluationReport | None
     holdout: HoldoutReport | None  # the generalisation check, when config.holdout_folds asks for it
@@ -150,8 +151,10 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
 
         unlearning_started = time.perf_counter()
         trained, loop, outcome = training.run(model, forget, forget_before, eval_data, on_progress)
-        # The stop rule's own measure (its views and probability bound) on the trained weights: a run
-        # that never met it has not met its target, whatever the plain forget-set accuracy says.
+        # The stop rule's own measure (its views and probability bound) on the trained weights. It is
+        # reported apart from the target: a run can forget its images (the target) without reaching
+        # the margin it was asked to train for within max_steps (measured: 2 of 7 CIFAR-10 runs of 20
+        # images); whether that forgetting generalises is the generalisation check's to say.
         stop_rule_met = loop.meets_target(loop.forget_accuracy())
         trainable_parameters = sum(p.numel() for p in loop.trainable)
         merged = merge_lora(trained) if config.method_spec.adapters else trained
@@ -180,8 +183,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_acc_before=dict(zip(forget.class_names, forget_before)),
         forget_acc_after=dict(zip(forget.class_names, forget_after)),
         target_forget_acc=config.target_forget_acc,
-        # judged on the weights returned, however the run ended
-        target_met=stop_rule_met and loop.meets_target(forget_after),
+        target_met=loop.meets_target(forget_after),  # judged on the weights returned, however the run ended
+        stop_rule_met=stop_rule_met,
         parent_sha256=package.weights_sha256,
         evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices),
         holdout=holdout,
