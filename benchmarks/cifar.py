@@ -84,14 +84,18 @@ class Cifar10:
         return self._manifest(f"{which}-half" + (f"-{per_class}" if per_class else ""), rows)
 
     def _manifest(self, name: str, rows: list[tuple[str, str]]) -> Path:
-        path = self.root / f"{name}.csv"
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(staging, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            writer.writerows(rows)
-        staging.replace(path)  # atomic: a parallel benchmark process never reads half a manifest
-        return path
+        return write_manifest(self.root / f"{name}.csv", rows)
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """A manifest the engine reads: ``path,label`` rows, paths relative to the manifest's folder."""
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(staging, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    staging.replace(path)  # atomic: a parallel benchmark process never reads half a manifest
+    return path
 
 
 def _extract(archive: Path, root: Path, split: str) -> None:

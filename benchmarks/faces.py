@@ -18,7 +18,6 @@ copied once into the cache next to the manifests. Every set is a pure function o
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cifar import DataError, cache_root  # noqa: E402
+from benchmarks.cifar import DataError, cache_root, write_manifest  # noqa: E402
 from worker.engine.images import normalise, read_images  # noqa: E402
 from worker.engine.package import CARD_FILE, WEIGHTS_FILE, InputSpec, ModelCard, write_package  # noqa: E402
 
@@ -102,14 +101,7 @@ class YaleFaces:
         return self._manifest("train", [(p, c) for c in self.classes for p in self.images("train", c)])
 
     def _manifest(self, name: str, rows: list[tuple[str, str]]) -> Path:
-        path = self.root / f"{name}.csv"
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(staging, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            writer.writerows(rows)
-        staging.replace(path)  # atomic: a parallel benchmark process never reads half a manifest
-        return path
+        return write_manifest(self.root / f"{name}.csv", rows)
 
 
 def _people(data_dir: Path, split: str) -> list[str]:

@@ -25,7 +25,6 @@ the face and digits models, the Yale faces for the CIFAR-10 model.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -46,9 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cifar import Cifar10, DataError, cache_root  # noqa: E402
+from benchmarks.cifar import Cifar10, DataError, cache_root, write_manifest  # noqa: E402
 from benchmarks.faces import YaleFaces, build_face_model  # noqa: E402
-from benchmarks.paper_table import _write_json, claim, held  # noqa: E402
+from benchmarks.paper_table import _write_json, claim  # noqa: E402
 from worker.engine import EngineError, ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # noqa: E402
 from worker.engine.images import read_images  # noqa: E402
 from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy  # noqa: E402
@@ -190,10 +189,8 @@ class Digits(Domain):
         if count is None:
             return self.root / "data" / "train" / class_name
         names = sorted(p.name for p in (self.root / "data" / "train" / class_name).iterdir())[:count]
-        path = self.root / f"forget-{class_name}-{count}.csv"
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([["path", "label"]] + [[f"data/train/{class_name}/{n}", ""] for n in names])
-        return path
+        return write_manifest(self.root / f"forget-{class_name}-{count}.csv",
+                              [(f"data/train/{class_name}/{n}", "") for n in names])
 
     def test(self) -> Path:
         return self.root / "data" / "test"
@@ -390,7 +387,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("")
     notes = [f"- `{v.name}`: {v.note}" for v in VARIANTS.values() if v.note]
     return "\n".join(lines + ["## Variants", ""] + notes + [
-        f"- `*aug*`: random crops (side ≥ 0.8), mirror, exposure and contrast ±20 % of the forget images at every step; "
+        "- `*aug*`: random crops (side ≥ 0.8), mirror, exposure and contrast ±20 % of the forget images at every step; "
         "`*views*`: the stop rule also needs 4 fixed random views per image forgotten; `*margin*`: the stop rule "
         "also needs the class's probability ≤ 0.05 on every forget image; `*anchor*`: KL to the original "
         "(forgotten classes masked) on images of no class of the model; `late`: adapters in the later half of the blocks."]) + "\n"

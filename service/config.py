@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     gate_max_eval_forget_acc: float = Field(5.0, ge=0, le=100, description="publish gate: held-out Acc_f, %")
     gate_holdout_folds: int = Field(3, ge=0, description="generalisation check: folds of each forget set held back in "
                                     "turn (0: off; 1 is refused)")
-    gate_holdout_images: int = Field(50, ge=1, description="generalisation check: folds stop once this many images "
+    gate_holdout_images: int = Field(30, ge=1, description="generalisation check: folds stop once this many images "
                                      "of each class were held back")
     gate_max_holdout_forget_acc: float = Field(GATE_MAX_HOLDOUT_FORGET_ACC, ge=0, le=100,
                                                description="publish gate: held-back forget images still recognised, %")

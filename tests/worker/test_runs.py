@@ -199,5 +199,5 @@ def test_the_generalisation_check_rejects_one_image_and_its_figures_are_the_requ
     body = wait_finished(client, admin, [whole], worker)[0]
     assert body["status"] == "completed", body
     holdout = body["metrics"]["holdout"]
-    assert holdout["folds"] == 3 and holdout["held_back"]["3"] >= 50
+    assert holdout["folds"] == 3 and holdout["held_back"]["3"] >= 30
     assert holdout["forget_acc"]["3"] <= backend.settings.gate_max_holdout_forget_acc

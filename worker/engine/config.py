@@ -74,7 +74,7 @@ class UnlearnConfig:
     # held-back images; folds run until every class has had ``holdout_images`` held back (or all
     # ran). Then the run trains on every image. 0: no check.
     holdout_folds: int = 0
-    holdout_images: int = 50
+    holdout_images: int = 30  # 30 held-back images already tell 0 % from 10 %; more is another training
     eval_batch_size: int = field(default=512, repr=False)
     # Run a frozen front (adapters only in later blocks) once instead of every step: the same
     # results, faster (prefix.py). False only to measure what it saves.
