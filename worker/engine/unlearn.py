@@ -128,10 +128,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         eval_data = _labelled(inputs.eval_source, "eval", card, config, runtime, skipped) if inputs.eval_source else None
         retain_data = (_labelled(inputs.retain_source, "retain", card, config, runtime, skipped)
                        if inputs.retain_source else None)
-        anchor = _anchor(inputs.anchor_source, card, config, runtime, skipped) if inputs.anchor_source else None
-        if anchor is not None:
-            _check_anchor_apart(inputs.anchor_source, forget_sets, anchor_pixels=anchor[1])
-            anchor = anchor[0]
+        anchor = (_anchor(inputs.anchor_source, card, config, runtime, skipped, forget_sets)
+                  if inputs.anchor_source else None)
         if eval_data is not None:
             _check_covers(inputs.eval_source, eval_data, card, class_indices)
         if retain_data is not None and torch.isin(retain_data.labels, torch.tensor(class_indices)).any():
@@ -337,13 +335,14 @@ def _labelled(source: str, role: str, card: ModelCard, config: UnlearnConfig, ru
 
 
 def _anchor(source: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime,
-            skipped: dict[str, list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchor images normalised on the device, and their pixels; their labels (folder names)
-    mean nothing here."""
+            skipped: dict[str, list[str]], forget_sets: list[ImageSet]) -> torch.Tensor:
+    """The anchor images normalised on the device, once checked apart from the forget sets; their
+    labels (folder names) mean nothing here."""
     images = read_images(source, card.input, skip_bad=config.skip_bad_images)
     if images.skipped:
         skipped["anchor"] = list(images.skipped)
-    return normalise(images.pixels.to(runtime.device), card.input), images.pixels
+    _check_anchor_apart(source, forget_sets, images.pixels)
+    return normalise(images.pixels.to(runtime.device), card.input)
 
 
 def _check_anchor_apart(source: str, forget_sets: list[ImageSet], anchor_pixels: torch.Tensor) -> None:
