@@ -160,12 +160,10 @@ class UnlearningLoop:
     def _neighbours(self, images: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Each forget image pushed toward the class the original ranks first after the forgotten one."""
         std = torch.tensor(self.spec.std)
-        self.model.eval()
         with self.runtime.autocast():
             moved = [adversarial_neighbours(self.model, images[start:start + self.config.eval_batch_size],
                                             teacher[start:start + self.config.eval_batch_size].argmax(1), std)
                      for start in range(0, images.shape[0], self.config.eval_batch_size)]
-        self.model.train()
         return torch.cat(moved)
 
     # --- one training step -------------------------------------------------------------------
@@ -176,8 +174,12 @@ class UnlearningLoop:
         With ``stop_when_forgotten``, when this batch's logits put every class at or below the
         target, the whole forget sets are checked first, on the same weights; if they confirm it,
         no update is applied: the weights that reached the target are the ones kept.
+
+        The model stays in eval mode: the adapters learn the function the model computes when it
+        serves (no dropout or drop-path a card may set, no BatchNorm statistics moved by forget
+        images), so the snapshots of the adapters alone are the whole state to restore.
         """
-        self.model.train()
+        self.model.eval()
         inputs, targets, sizes = self._sample_batch()
         with self.runtime.autocast():
             logits = self.network(inputs)

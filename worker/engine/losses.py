@@ -8,13 +8,35 @@ import torch
 import torch.nn.functional as F
 
 
+BOUNDED_LOSS_FLOOR = 1e-6  # below this mean CE, 1/CE is continued in log CE (see bounded_forget_loss)
+
+
 def bounded_forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1 / CE (paper eq. 8): minimising it raises CE on the forget set, but the loss stays in (0, inf).
+    """1 / CE (paper eq. 8): minimising it raises CE on the forget set, and the loss stays in (0, inf).
+
+    A model that is certain of its own training images can give a CE that underflows in fp32 (0, or
+    below the floor): 1/CE would be infinite, and clamping CE there makes the gradient zero, so
+    adapters starting at B = 0 would never move. Below ``BOUNDED_LOSS_FLOOR`` the loss is therefore
+    continued by its tangent in log CE (the same value and slope at the floor), with log CE computed
+    without underflow: its gradient stays of order one however saturated the model. At and above the
+    floor it is exactly 1 / CE.
 
     logits: (N, K) float; labels: (N,) long. Returns a scalar.
     """
-    # A confident model can give CE == 0 in fp32 on its own training images; 1/0 would poison Adam.
-    return 1.0 / F.cross_entropy(logits, labels).clamp_min(1e-6)
+    ce = F.cross_entropy(logits, labels)
+    floor = torch.tensor(BOUNDED_LOSS_FLOOR, dtype=logits.dtype, device=logits.device)
+    below = (1.0 + floor.log() - log_mean_ce(logits, labels)) / floor
+    return torch.where(ce >= floor, 1.0 / ce.clamp_min(floor), below)
+
+
+def log_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log(mean CE) without underflow. Per image CE = softplus(m), m = logsumexp of the other
+    logits minus the true one; log softplus(m) is m itself once exp(m) is negligible next to 1."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
+    margin = others - true
+    log_ce = torch.where(margin < -20, margin, F.softplus(margin.clamp_min(-20)).log())  # clamp: no NaN in the unused branch
+    return log_ce.logsumexp(0) - torch.log(torch.tensor(float(len(log_ce)), device=logits.device))
 
 
 def negative_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

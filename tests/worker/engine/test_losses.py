@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from worker.engine.losses import adversarial_neighbours, bounded_forget_loss, masked_kl_loss, masked_teacher
+from worker.engine.losses import adversarial_neighbours, bounded_forget_loss, log_mean_ce, masked_kl_loss, masked_teacher
 
 
 def test_the_masked_teacher_moves_the_forgotten_class_mass_to_the_others_in_proportion():
@@ -31,6 +32,23 @@ def test_masked_kl_is_zero_at_its_target_and_positive_elsewhere():
 def test_the_bounded_loss_stays_finite_on_a_perfectly_confident_model():
     loss = bounded_forget_loss(torch.tensor([[200.0, -200.0]]), torch.tensor([0]))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("margin", [30.0, 80.0, 200.0])  # CE ~1e-13, ~1e-35, exactly 0 in fp32
+def test_the_bounded_loss_still_pushes_a_model_certain_of_its_forget_images(margin):
+    logits = torch.tensor([[margin, 0.0, 0.0], [margin / 2, 0.0, 1.0]], requires_grad=True)
+    loss = bounded_forget_loss(logits, torch.tensor([0, 0]))
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad[:, 0].max() > 1e-3  # descending lowers the true class's logit: the loss does not stall
+    assert (grad[:, 1:] < 0).any()
+
+
+def test_the_bounded_loss_is_one_over_ce_wherever_ce_is_above_its_floor():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 5) * 3, torch.randint(0, 5, (8,))
+    assert torch.allclose(bounded_forget_loss(logits, labels), 1 / torch.nn.functional.cross_entropy(logits, labels))
+    assert torch.allclose(log_mean_ce(logits, labels), torch.nn.functional.cross_entropy(logits, labels).log())
 
 
 def test_adversarial_neighbours_stay_within_eps_in_pixels_and_move_toward_the_target_class():

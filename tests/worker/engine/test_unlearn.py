@@ -348,3 +348,43 @@ def test_a_half_precision_package_stays_half_precision(digits_model, digits, tmp
 def test_seeds_outside_64_bits_are_refused():
     with pytest.raises(ConfigError, match="seed"):
         UnlearnConfig(seed=2**70)
+
+
+def package_with(model: Path, folder: Path, *, kwargs: dict | None = None, scale_head: float = 1.0) -> Path:
+    """A copy of the package with card kwargs added and the head's weights scaled."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    card = json.loads((model / "model.json").read_text())
+    card["kwargs"] = {**card["kwargs"], **(kwargs or {})}
+    (folder / "model.json").write_text(json.dumps(card))
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v * scale_head if k.startswith("head.") else v for k, v in weights.items()},
+              folder / "model.safetensors")
+    return folder
+
+
+def test_unlearning_runs_in_eval_mode_even_when_the_card_sets_dropout_and_drop_path(digits, digits_model, tmp_path):
+    package = package_with(digits_model, tmp_path / "dropout", kwargs={"drop_rate": 0.5, "drop_path_rate": 0.5})
+    from timm.layers import DropPath
+
+    training_forwards = []
+
+    def record(module, _inputs):
+        if isinstance(module, (torch.nn.Dropout, DropPath)) and module.training:
+            training_forwards.append(type(module).__name__)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        result = run(package, digits, method="lora-kl", max_steps=5)
+    finally:
+        hook.remove()
+    assert result.report.steps >= 1
+    assert training_forwards == []
+
+
+def test_the_paper_method_moves_a_model_certain_of_its_forget_images(digits, digits_model, tmp_path):
+    package = package_with(digits_model, tmp_path / "certain", scale_head=200.0)  # CE underflows to ~0 in fp32
+    result = run(package, digits, method="lora-bounded", max_steps=10)
+    assert result.report.forget_acc_before[FORGET] == 100.0
+    assert result.report.forget_acc_after[FORGET] < 100.0
