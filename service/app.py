@@ -12,6 +12,7 @@ from service.config import Settings, get_settings
 from service.errors import PROBLEM_JSON, install_error_handlers, problem
 from service.logs import RequestLogging
 from service.metrics import HttpMetricsMiddleware, make_registry
+from service.queue import after_commit_wakeup, send_wakeup
 from service.readiness import check_broker, check_database, run_checks
 from service.registry.storage import artifact_store
 
@@ -81,13 +82,12 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app = FastAPI(title="Lethe", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.store = artifact_store(settings)
+    registry, http_metrics = make_registry(settings)
     if enqueue is None:
-        from worker.celery_app import enqueue_request
-
         def enqueue(request_id: str) -> None:
-            enqueue_request(settings, request_id)
+            send_wakeup(settings, request_id)
 
-    app.state.enqueue = enqueue
+    app.state.enqueue = after_commit_wakeup(enqueue, on_failure=http_metrics.enqueue_failures.inc)
     install_error_handlers(app)
 
     from service.dashboard.views import html_error, router as dashboard_router, static_files
@@ -100,7 +100,6 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.mount("/dashboard/static", static_files, name="dashboard-static")
     app.state.html_error = html_error
 
-    registry, http_metrics = make_registry(settings)
     # The last added runs first: request ids and access lines cover everything, 413s included.
     app.add_middleware(BodySizeLimit, json_limit=MAX_JSON_BODY, upload_limit=settings.max_upload_bytes + (1 << 20))
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)

@@ -8,9 +8,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.deadlines import Period
 from service.registry.storage import S3Location, split_s3_uri
 
 
@@ -41,7 +42,9 @@ class Settings(BaseSettings):
     data_roots: str = Field("", description="where forget and eval sets may live: comma-separated folders and "
                                             "s3://bucket/prefix URIs (a list without commas or s3:// may "
                                             "still separate folders by colons, the older form)")
-    deadline_days: int = Field(30, ge=1, description="legal deadline: due_at = received_at + this")
+    deadline: str = Field("P1M", description="legal deadline, an ISO 8601 period added to received_at in calendar "
+                          "time: P1M (GDPR Art. 12(3), one month; 31 Jan -> 28/29 Feb), P45D (CCPA)")
+    deadline_days: int | None = Field(None, ge=1, description="the older form: LETHE_DEADLINE=P<n>D")
     max_extension_days: int = Field(60, ge=0, description="GDPR Art. 12(3): up to two more months")
     gate_max_retain_drop: float = Field(5.0, ge=0, description="publish gate: cumulative Acc_r drop, points")
     gate_max_eval_forget_acc: float = Field(5.0, ge=0, le=100, description="publish gate: held-out Acc_f, %")
@@ -68,6 +71,23 @@ class Settings(BaseSettings):
         if value == 1:
             raise ValueError("one fold holds back the whole forget set: give 0 (no check) or at least 2")
         return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_is_a_period(cls, value: str) -> str:
+        return str(Period.parse(value))
+
+    @model_validator(mode="after")
+    def _deadline_days_is_the_older_form(self) -> Settings:
+        if self.deadline_days is not None:
+            if "deadline" in self.model_fields_set:
+                raise ValueError("set LETHE_DEADLINE or the older LETHE_DEADLINE_DAYS, not both")
+            self.deadline = f"P{self.deadline_days}D"
+        return self
+
+    @property
+    def deadline_period(self) -> Period:
+        return Period.parse(self.deadline)
 
     @field_validator("log_level")
     @classmethod
@@ -241,8 +261,11 @@ def load_settings(cls: type[BaseSettings]) -> BaseSettings:
         return cls()
     except ValidationError as exc:
         first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across settings
+            raise SettingsError(f"invalid settings: {message}") from None
         name = cls.model_config["env_prefix"] + "_".join(map(str, first["loc"])).upper()
-        raise SettingsError(f"invalid setting {name}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise SettingsError(f"invalid setting {name}: {message}") from None
 
 
 @lru_cache

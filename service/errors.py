@@ -99,6 +99,14 @@ def install_error_handlers(app) -> None:
         return respond(request, 422, problem(422, "invalid_input", "Invalid input", detail, errors=errors))
 
     from sqlalchemy.exc import DataError
+    from sqlalchemy.orm.exc import StaleDataError
+
+    @app.exception_handler(StaleDataError)
+    async def _lost_race(request: Request, exc: StaleDataError):
+        # A compare-and-set update found the row changed since it was read (another call, a worker).
+        return respond(request, 409, problem(409, "conflict", "Conflict",
+                                             "the resource changed while this call was handled; read it again "
+                                             "and retry if still needed"))
 
     @app.exception_handler(DataError)
     async def _data_error(request: Request, exc: DataError):

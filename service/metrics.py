@@ -134,6 +134,8 @@ class HttpMetrics:
                                 ["method", "route", "status"], registry=registry)
         self.latency = Histogram("lethe_http_request_duration_seconds", "HTTP request latency in this process",
                                  ["method", "route"], registry=registry)
+        self.enqueue_failures = Counter("lethe_enqueue_failures", "Wake-ups the broker refused after a request "
+                                        "was committed (it stays queued; the sweep wakes it)", registry=registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in HTTP_METHODS else "OTHER"

@@ -119,8 +119,10 @@ def empty_tables(url: str) -> None:
 def backend(request, tmp_path: Path, digits) -> Iterator[Backend]:
     home = tmp_path / "home"
     home.mkdir()
+    # A window of fixed length, so that the tests' figures do not depend on today's month (the
+    # calendar-month default has tests of its own).
     env = {"LETHE_HOME": str(home), "LETHE_DATA_ROOTS": str(digits.root), "LETHE_LEASE_SECONDS": "6",
-           "LETHE_SWEEP_SECONDS": "2"}
+           "LETHE_SWEEP_SECONDS": "2", "LETHE_DEADLINE": "P30D"}
     if request.param == "postgres":
         import redis
 

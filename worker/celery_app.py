@@ -1,4 +1,5 @@
-"""The Celery application, built from settings; the one function that enqueues work; worker logging.
+"""The worker's Celery application, built from settings, and its logging (the queue's names and the
+wake-up message live in ``service.queue``: the API sends them without importing this).
 
 A message carries the id of the API request that enqueued it (a header), and the worker sets it
 for the task's log lines: an erasure can be followed from its HTTP request to the run that served it.
@@ -11,12 +12,8 @@ from functools import lru_cache
 from celery import Celery, signals
 
 from service.config import Settings, get_settings
-from service.logs import configure_logging, current_request_id, request_id_var, sane_request_id
-
-QUEUE = "lethe"
-PROCESS_TASK = "lethe.process_request"
-SWEEP_TASK = "lethe.sweep"
-REQUEST_ID_HEADER = "lethe_request_id"
+from service.logs import configure_logging, request_id_var, sane_request_id
+from service.queue import QUEUE, REQUEST_ID_HEADER, SWEEP_TASK
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,14 +38,6 @@ def make_celery(settings: Settings) -> Celery:
 def celery_for(broker: str) -> Celery:
     settings = get_settings() if get_settings().broker == broker else Settings(broker_url=broker)
     return make_celery(settings)
-
-
-def enqueue_request(settings: Settings, request_id: str) -> None:
-    """Wake a worker for this request. Called only after the request's transaction committed."""
-    if settings.broker.startswith("sqla+sqlite:///"):
-        settings.home.mkdir(parents=True, exist_ok=True)
-    headers = {REQUEST_ID_HEADER: current_request_id()} if current_request_id() else None
-    celery_for(settings.broker).send_task(PROCESS_TASK, args=[request_id], queue=QUEUE, headers=headers)
 
 
 @signals.setup_logging.connect

@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -71,9 +71,12 @@ def claim_batch(settings: Settings, model_id: str, worker_id: str) -> Batch | No
             return None
         model = session.get(RegisteredModel, model_id)
         session.refresh(model)
+        # Locked rows are skipped, not waited for: a request a caller is canceling right now is
+        # either canceled before this claim sees it or claimed before the cancel reads it (then the
+        # cancel finds it running and asks the run to stop). Never both.
         queued = session.scalars(select(DeletionRequest).where(
             DeletionRequest.model_id == model_id, DeletionRequest.status == S.QUEUED)
-            .order_by(DeletionRequest.created_at)).all()
+            .order_by(DeletionRequest.created_at).with_for_update(skip_locked=True)).all()
         if not queued:
             model.run_lease_owner = model.run_lease_expires_at = None
             return None
@@ -105,6 +108,20 @@ def release_model(session, model_id: str, worker_id: str) -> None:
     session.execute(update(RegisteredModel).where(
         RegisteredModel.id == model_id, RegisteredModel.run_lease_owner == worker_id)
         .values(run_lease_owner=None, run_lease_expires_at=None))
+
+
+def held_rows(session, batch: Batch, worker_id: str) -> dict[str, DeletionRequest]:
+    """The batch's requests this worker still runs, locked until the transaction ends. A request
+    the sweep re-queued (lease expired) or that another worker now runs is not among them: this
+    worker leaves it alone."""
+    rows = session.scalars(select(DeletionRequest).where(
+        DeletionRequest.id.in_(list(batch.requests)), DeletionRequest.status == S.RUNNING,
+        DeletionRequest.lease_owner == worker_id).with_for_update()).all()
+    lost = set(batch.requests) - {r.id for r in rows}
+    if lost:
+        log.warning("model %s: %d request(s) of the batch are no longer this worker's; left as they are",
+                    batch.model_name, len(lost), extra={"model": batch.model_name, "deletion_requests": sorted(lost)})
+    return {r.id: r for r in rows}
 
 
 class Heartbeat(threading.Thread):
@@ -232,27 +249,43 @@ class BatchResult:
     package: Path | None  # the candidate version, written under the run's folder
     gate_errors: list[str]
     rechecks: dict[str, Any]  # earlier classes re-checked on the candidate
+    own_before: dict[str, float] = field(default_factory=dict)  # request id -> its own set's accuracy, current version
+    own_after: dict[str, float] = field(default_factory=dict)  # ... and on the candidate (the requests trained for)
+
+
+def class_sets(requests: dict[str, tuple[str, str, int]]) -> dict[str, list[str]]:
+    """Each class's forget sets, one per request (a set two requests share counted once), in request order."""
+    sets: dict[str, list[str]] = {}
+    for cls, uri, _seed in requests.values():
+        if uri not in sets.setdefault(cls, []):
+            sets[cls].append(uri)
+    return sets
 
 
 def unlearn_batch(settings: Settings, batch: Batch, runnable: dict[str, tuple[str, str, int]], current: Path,
                   workdir: Path, heartbeat: Heartbeat, sources: LocalSources) -> BatchResult:
-    """Forget the batch's classes that the current version still knows; re-check earlier ones."""
+    """Forget the batch's classes that the current version still knows; re-check earlier ones.
+
+    Two requests for one class are trained on together (the union of their sets), and each is
+    verified on its own set: a request never completes on figures measured on someone else's images."""
     target = get_unlearn_settings().target_forget_acc
-    specs = {cls: uri for cls, uri, _ in runnable.values()}
-    before = forget_accuracy(current, specs, sources)
-    already = {c: acc for c, acc in before.items() if acc <= target}
-    to_forget = {c: u for c, u in specs.items() if c not in already}
+    before = own_forget_accuracy(current, runnable, sources)
+    sets = class_sets(runnable)
+    # A class is already forgotten only when every request's own set says so.
+    already = {c: max(before[r] for r, (rc, _, _) in runnable.items() if rc == c) for c in sets}
+    already = {c: acc for c, acc in already.items() if acc <= target}
+    to_forget = {c: uris for c, uris in sets.items() if c not in already}
     if not to_forget:
-        return BatchResult(None, already, None, [], {})
+        return BatchResult(None, already, None, [], {}, before, {})
     from worker.engine.images import count_images
 
     seed = max(seed for _, _, seed in runnable.values())
     # The setting (few images or many) follows this batch's own forget sets, not earlier classes forgotten again.
-    smallest = min(count_images(str(sources.path(u))) for u in to_forget.values())
+    smallest = min(sum(count_images(str(sources.path(u))) for u in uris) for uris in to_forget.values())
     report, candidate = run_engine(settings, batch, current, to_forget, seed, smallest, workdir / "candidate",
                                    heartbeat, sources)
     rechecks = recheck_earlier(settings, batch, candidate, exclude=set(to_forget), target=target, sources=sources)
-    regressed = {c: r["uri"] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
+    regressed = {c: [r["uri"]] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
     if regressed:  # forget those again, in the same run, from the same starting version
         report, candidate = run_engine(settings, batch, current, {**to_forget, **regressed}, seed, smallest,
                                        workdir / "candidate-2", heartbeat, sources)
@@ -260,19 +293,30 @@ def unlearn_batch(settings: Settings, batch: Batch, runnable: dict[str, tuple[st
                                           sources=sources).items():
             rechecks[cls] = {**check, "forgotten_again": cls in regressed}
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
+    trained = {r: spec for r, spec in runnable.items() if spec[0] in to_forget}
+    after = own_forget_accuracy(candidate, trained, sources)
     errors = gate_errors(settings, batch, report, target, requested=set(to_forget))
-    return BatchResult(report, already, candidate, errors, rechecks)
+    errors += [f"deletion request {r}: its own forget set is still {acc:.1f}% recognised (target {target}%)"
+               for r, acc in after.items() if acc > target]
+    return BatchResult(report, already, candidate, errors, rechecks, before, after)
 
 
-def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[str, str], seed: int, smallest: int,
-               out: Path, heartbeat: Heartbeat, sources: LocalSources) -> tuple[dict[str, Any], Path]:
+def own_forget_accuracy(package: Path, requests: dict[str, tuple[str, str, int]], sources: LocalSources
+                        ) -> dict[str, float]:
+    """Each request's accuracy on its own forget set under the package."""
+    return {r: forget_accuracy(package, {cls: uri}, sources)[cls] for r, (cls, uri, _seed) in requests.items()}
+
+
+def run_engine(settings: Settings, batch: Batch, current: Path, classes: dict[str, list[str]], seed: int,
+               smallest: int, out: Path, heartbeat: Heartbeat, sources: LocalSources) -> tuple[dict[str, Any], Path]:
     from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
 
     config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None,
                            holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
                            **get_unlearn_settings().engine_settings(smallest))
+    paths = {c: [str(sources.path(u)) for u in uris] for c, uris in classes.items()}
     inputs = UnlearnInputs(model=str(current),
-                           forget=tuple(ForgetSpec(c, str(sources.path(u))) for c, u in classes.items()),
+                           forget=tuple(ForgetSpec(c, first, tuple(more)) for c, (first, *more) in paths.items()),
                            eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None,
                            anchor_source=str(sources.path(batch.anchor_set_uri)) if batch.anchor_set_uri else None)
     result = unlearn(inputs, config, on_progress=heartbeat.on_progress, should_cancel=heartbeat.should_cancel)
@@ -404,14 +448,38 @@ def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str,
         sha256, size = store.put(incoming)
         card = json.loads((result.package / "model.json").read_text())
     with session_scope(settings.database) as session:
-        rows = {r.id: r for r in session.scalars(select(DeletionRequest).where(
-            DeletionRequest.id.in_(list(batch.requests)))).all()}
-        for request_id, reason in rejected.items():
-            transition(session=session, request=rows[request_id], to=S.REJECTED, actor=actor, detail={"error": reason})
-            rows[request_id].error = reason
-        if result is not None:
-            settle_result(session, batch, rows, runnable, result, sha256, size, card, actor)
-        release_model(session, batch.model_id, worker_id)
+        fenced = not still_leased(session, batch, worker_id)
+        if not fenced:
+            rows = held_rows(session, batch, worker_id)
+            for request_id, reason in rejected.items():
+                if request_id in rows:
+                    transition(session=session, request=rows[request_id], to=S.REJECTED, actor=actor,
+                               detail={"error": reason})
+                    rows[request_id].error = reason
+            if result is not None:
+                settle_result(session, batch, rows, runnable, result, sha256, size, card, actor)
+            release_model(session, batch.model_id, worker_id)
+    if fenced:
+        log.warning("model %s: the model's lease was lost during the run (or a version was published meanwhile); "
+                    "the run's outcome is discarded and its requests left to whoever holds them",
+                    batch.model_name, extra=run_fields(batch, worker_id))
+        if sha256 is not None:
+            discard_unreferenced(settings, sha256)
+
+
+def still_leased(session, batch: Batch, worker_id: str) -> bool:
+    """Whether this worker may still settle the batch: it holds the model's lease and the version it
+    started from is still current. The model row stays locked until the transaction ends."""
+    model = session.scalar(select(RegisteredModel).where(RegisteredModel.id == batch.model_id).with_for_update())
+    return model.run_lease_owner == worker_id and model.current_version_id == batch.version_id
+
+
+def discard_unreferenced(settings: Settings, sha256: str) -> None:
+    """Delete a candidate's stored weights that no version names (a fenced-out run's)."""
+    with session_scope(settings.database) as session:
+        named = session.scalar(select(ModelVersion.id).where(ModelVersion.sha256 == sha256).limit(1))
+    if named is None:
+        artifact_store(settings).delete(sha256)
 
 
 def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
@@ -420,10 +488,10 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
     if result.report is not None and result.gate_errors:
         log.warning("model %s: the candidate missed the publish gate: %s", batch.model_name,
                     "; ".join(result.gate_errors), extra={"model": batch.model_name, "gate": result.gate_errors})
-        for request_id in runnable:
+        for request_id in runnable.keys() & rows.keys():
             row = rows[request_id]
             transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": result.gate_errors})
-            row.error, row.metrics = "; ".join(result.gate_errors), summarise(result.report)
+            row.error, row.metrics = "; ".join(result.gate_errors), request_metrics(result, request_id)
         return
     fulfilled = current
     if result.report is not None:
@@ -435,16 +503,27 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
                  extra={"model": batch.model_name, "published_version": fulfilled.version, "sha256": sha256,
                         "deletion_requests": list(runnable), "training_seconds": result.report.get("seconds")})
     for request_id, (cls, _uri, _seed) in runnable.items():
-        row = rows[request_id]
+        row = rows.get(request_id)
+        if row is None:  # no longer this worker's: whoever runs it now settles it
+            continue
         if cls in result.already_forgotten:
             record(session=session, request=row, event="already_forgotten", actor=actor,
                    detail={"version": current.version, "forget_acc": result.already_forgotten[cls]})
             row.metrics = {"already_forgotten": True, "forget_acc": result.already_forgotten[cls],
                            "version": current.version}
         else:
-            row.metrics = summarise(result.report)
+            row.metrics = request_metrics(result, request_id)
         row.fulfilled_version_id = fulfilled.id
         transition(session=session, request=row, to=S.COMPLETED, actor=actor, detail={"version": fulfilled.version})
+
+
+def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
+    """The run's evidence, with this request's own forget set measured apart from its class's union."""
+    metrics = summarise(result.report)
+    if request_id in result.own_after:
+        metrics["own_forget_set"] = {"forget_acc_before": result.own_before[request_id],
+                                     "forget_acc_after": result.own_after[request_id]}
+    return metrics
 
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
@@ -457,8 +536,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 def settle_all(settings: Settings, batch: Batch, worker_id: str, status: S, error: str) -> None:
     with session_scope(settings.database) as session:
-        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(batch.requests)),
-                                                                 DeletionRequest.status == S.RUNNING)):
+        for row in held_rows(session, batch, worker_id).values():
             transition(session=session, request=row, to=status, actor=f"worker:{worker_id}", detail={"error": error})
             row.error = error
         release_model(session, batch.model_id, worker_id)
@@ -467,8 +545,7 @@ def settle_all(settings: Settings, batch: Batch, worker_id: str, status: S, erro
 def settle_cancellation(settings: Settings, batch: Batch, worker_id: str) -> None:
     """Canceled requests end; the others of the batch go back to the queue for the next run."""
     with session_scope(settings.database) as session:
-        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(batch.requests)),
-                                                                 DeletionRequest.status == S.RUNNING)):
+        for row in held_rows(session, batch, worker_id).values():
             to = S.CANCELED if row.cancel_requested else S.QUEUED
             transition(session=session, request=row, to=to, actor=f"worker:{worker_id}",
                        detail={"reason": "canceled during the run" if to == S.CANCELED else "batch canceled"})
@@ -484,7 +561,8 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
     wake: set[str] = set()
     with session_scope(settings.database) as session:
         for row in session.scalars(select(DeletionRequest).where(DeletionRequest.status == S.RUNNING,
-                                                                 DeletionRequest.lease_expires_at < now)):
+                                                                 DeletionRequest.lease_expires_at < now)
+                                   .with_for_update(skip_locked=True)):  # a worker settling it now goes first
             transition(session=session, request=row, to=S.QUEUED, actor="sweep",
                        detail={"reason": f"lease of {row.lease_owner} expired"})
             counts["requeued"] += 1

@@ -12,7 +12,7 @@ from service.config import get_settings
 from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus
 from worker import runs
-from worker.celery_app import PROCESS_TASK, SWEEP_TASK, enqueue_request
+from service.queue import PROCESS_TASK, SWEEP_TASK, send_wakeup
 
 log = logging.getLogger("lethe.worker")
 
@@ -39,6 +39,6 @@ def process_request(request_id: str) -> None:
 def sweep() -> dict:
     """Periodic: recover requests of dead workers, wake idle queues, flag deadlines, dispose of old weights."""
     settings = get_settings()
-    counts = runs.sweep(settings, lambda request_id: enqueue_request(settings, request_id))
+    counts = runs.sweep(settings, lambda request_id: send_wakeup(settings, request_id))
     log.info("sweep: %s", counts)
     return counts

@@ -224,7 +224,7 @@ def cancel(request: Request, request_id: str, session: SessionDep, user: Dashboa
     service.require_writer(user)
     if not reason.strip():  # the dashboard asks why: the audit trail is what an auditor reads
         raise InvalidInput("give a reason for the cancellation; it is written to the audit trail")
-    row = requests_service.get_request(session=session, request_id=request_id)
+    row = requests_service.get_request(session=session, request_id=request_id, for_update=True)
     requests_service.cancel(session=session, request=row, actor=f"dashboard:{user.api_key.name}",
                             reason=reason.strip())
     return see_other(f"/dashboard/requests/{row.id}?done=cancel")
@@ -236,7 +236,7 @@ def retry(request: Request, request_id: str, session: SessionDep, user: Dashboar
     same_origin(request)
     service.check_csrf(user.csrf_token, csrf_token)
     service.require_writer(user)
-    row = requests_service.get_request(session=session, request_id=request_id)
+    row = requests_service.get_request(session=session, request_id=request_id, for_update=True)
     requests_service.retry(session=session, request=row, actor=f"dashboard:{user.api_key.name}",
                            enqueue=request.app.state.enqueue)
     return see_other(f"/dashboard/requests/{row.id}?done=retry")

@@ -59,6 +59,13 @@ class DeletionRequest(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str | None] = mapped_column(String(200))
+    # Every UPDATE of a row is compare-and-set on this counter (SQLAlchemy's version_id_col: it adds
+    # ``AND row_version = :seen`` and raises StaleDataError when another transaction changed the row
+    # since it was read): a status read before a concurrent cancel, claim or extension can never be
+    # written back over it. Bulk ``update()`` statements bypass it; those carry their own WHERE.
+    row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    __mapper_args__ = {"version_id_col": row_version}
 
     model: Mapped[RegisteredModel] = relationship()
     fulfilled_version: Mapped[ModelVersion | None] = relationship()

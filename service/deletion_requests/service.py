@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import on_commit, utcnow
+from service.deadlines import at_risk_from
 from service.deletion_requests.models import FINISHED, DeletionRequest, RequestStatus as S
 from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody
 from service.deletion_requests.transitions import record, transition
@@ -24,19 +25,12 @@ from service.registry.models import RegisteredModel
 from service.registry.service import current_version
 from service.sources import check_data_root
 
-AT_RISK_FRACTION = 0.25  # at risk when less than this share of the window is left
 ACTIVE = (S.RECEIVED, S.QUEUED, S.RUNNING)
 
 
 def body_digest(body: DeletionRequestCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def window(received_at: datetime, days: int) -> tuple[datetime, datetime]:
-    """(due_at, at_risk_from) for a window of ``days`` from ``received_at``."""
-    due_at = received_at + timedelta(days=days)
-    return due_at, due_at - (due_at - received_at) * AT_RISK_FRACTION
 
 
 def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate, idempotency_key: str | None,
@@ -59,11 +53,11 @@ def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate,
     received_at = body.received_at or now
     if received_at > now + timedelta(minutes=5):
         raise InvalidInput("received_at lies in the future")
-    due_at, at_risk_from = window(received_at, settings.deadline_days)
+    due_at = settings.deadline_period.after(received_at)  # fixed now: a later change of the setting moves nothing
     request = DeletionRequest(
         external_id=body.external_id, model_id=model.id, forget_class=body.forget_class,
         forget_uri=body.forget_set.uri, status=S.RECEIVED, received_at=received_at, due_at=due_at,
-        at_risk_from=at_risk_from, created_at=now, updated_at=now, idempotency_key=idempotency_key,
+        at_risk_from=at_risk_from(received_at, due_at), created_at=now, updated_at=now, idempotency_key=idempotency_key,
         body_sha256=digest, seed=0, created_by=actor)
     try:
         with session.begin_nested():  # a concurrent twin may win the unique constraints
@@ -101,12 +95,14 @@ def _check_class(session: Session, model: RegisteredModel, forget_class: str) ->
         raise InvalidInput(f"forgetting {forget_class!r} would leave model {model.name!r} no class to predict")
 
 
-def get_request(*, session: Session, request_id: str) -> DeletionRequest:
+def get_request(*, session: Session, request_id: str, for_update: bool = False) -> DeletionRequest:
+    """The request; ``for_update`` to change it: the row stays locked (Postgres) until the transaction
+    ends, so a worker's claim skips it and a concurrent change waits and then sees this one."""
     try:
         request_id = str(uuid.UUID(request_id))
     except ValueError:
         raise NotFound(f"no deletion request {request_id!r}") from None
-    request = session.get(DeletionRequest, request_id)
+    request = session.get(DeletionRequest, request_id, with_for_update=True if for_update else None)
     if request is None:
         raise NotFound(f"no deletion request {request_id!r}")
     return request
@@ -203,7 +199,9 @@ def extend(*, session: Session, settings: Settings, request: DeletionRequest, bo
         raise InvalidInput(f"extensions may add at most {settings.max_extension_days} days in all; "
                            f"{request.extended_days} used")
     request.extended_days += body.days
-    request.due_at, request.at_risk_from = window(request.received_at, settings.deadline_days + request.extended_days)
+    # From the due date the request was given, never recomputed from today's LETHE_DEADLINE.
+    request.due_at += timedelta(days=body.days)
+    request.at_risk_from = at_risk_from(request.received_at, request.due_at)
     request.updated_at = utcnow()
     record(session=session, request=request, event="extended", actor=actor,
            detail={"days": body.days, "reason": body.reason, "due_at": request.due_at.isoformat()})

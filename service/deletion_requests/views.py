@@ -77,14 +77,14 @@ def get_request(request_id: str, session: SessionDep, _key: RequestsReader) -> D
              summary="Cancel; a running request stops at its next training step")
 def cancel(request_id: str, session: SessionDep, key: RequestsWriter,
            body: Annotated[CancelBody | None, Body()] = None) -> DeletionRequestPublic:
-    row = service.get_request(session=session, request_id=request_id)
+    row = service.get_request(session=session, request_id=request_id, for_update=True)
     service.cancel(session=session, request=row, actor=f"api-key:{key.name}", reason=body.reason if body else None)
     return to_public(session, row)
 
 
 @router.post("/{request_id}/retry", response_model=DeletionRequestPublic, summary="Run a failed request again (new seed)")
 def retry(request_id: str, request: Request, session: SessionDep, key: RequestsWriter) -> DeletionRequestPublic:
-    row = service.get_request(session=session, request_id=request_id)
+    row = service.get_request(session=session, request_id=request_id, for_update=True)
     service.retry(session=session, request=row, actor=f"api-key:{key.name}", enqueue=enqueue_of(request))
     return to_public(session, row)
 
@@ -93,6 +93,6 @@ def retry(request_id: str, request: Request, session: SessionDep, key: RequestsW
              summary="Extend the deadline (GDPR Art. 12(3): up to two more months, with a reason)")
 def extend(request_id: str, body: ExtendBody, session: SessionDep, settings: SettingsDep,
            key: RequestsWriter) -> DeletionRequestPublic:
-    row = service.get_request(session=session, request_id=request_id)
+    row = service.get_request(session=session, request_id=request_id, for_update=True)
     service.extend(session=session, settings=settings, request=row, body=body, actor=f"api-key:{key.name}")
     return to_public(session, row)

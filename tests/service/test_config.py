@@ -11,6 +11,9 @@ from service.config import Settings, SettingsError, UnlearnSettings, load_settin
     ("LETHE_FORWARDED_ALLOW_IPS", "10.0.0.0/8, proxy", "'proxy' is not an IP address, a CIDR range or *"),
     ("LETHE_LOG_LEVEL", "LOUD", "unknown log level 'LOUD'"),
     ("LETHE_DEADLINE_DAYS", "0", "greater than or equal to 1"),
+    ("LETHE_DEADLINE", "1M", "'1M' is not an ISO 8601 period"),
+    ("LETHE_DEADLINE", "PT72H", "not an ISO 8601 period of years, months, weeks or days"),
+    ("LETHE_DEADLINE", "P0D", "an empty period"),
     ("LETHE_GATE_HOLDOUT_FOLDS", "1", "one fold holds back the whole forget set"),
     ("LETHE_GATE_HOLDOUT_FOLDS", "-1", "greater than or equal to 0"),
     ("LETHE_GATE_MAX_HOLDOUT_FORGET_ACC", "101", "less than or equal to 100"),
@@ -84,3 +87,19 @@ def test_the_engine_settings_make_a_valid_engine_config():
 
     for size in (1, 5000):
         UnlearnConfig(**UnlearnSettings().engine_settings(size))  # raises ConfigError on a bad knob
+
+
+@pytest.mark.parametrize(("env", "deadline"), [({}, "P1M"), ({"LETHE_DEADLINE": "p45d"}, "P45D"),
+                                               ({"LETHE_DEADLINE": "P2W"}, "P14D"),
+                                               ({"LETHE_DEADLINE_DAYS": "45"}, "P45D")])
+def test_the_deadline_is_an_iso_8601_period_one_month_unless_set(monkeypatch, env, deadline):
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    assert load_settings(Settings).deadline == deadline
+
+
+def test_the_deadline_and_its_older_form_in_days_cannot_both_be_set(monkeypatch):
+    monkeypatch.setenv("LETHE_DEADLINE", "P1M")
+    monkeypatch.setenv("LETHE_DEADLINE_DAYS", "30")
+    with pytest.raises(SettingsError, match="^invalid settings: set LETHE_DEADLINE or the older LETHE_DEADLINE_DAYS"):
+        load_settings(Settings)

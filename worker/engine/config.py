@@ -22,6 +22,13 @@ class ForgetSpec:
 
     class_name: str
     source: str  # path or file:// URI of a directory, archive or manifest
+    # Further sets of the same class (several requests to forget one person): trained on together,
+    # each image counted once per set that holds it.
+    more_sources: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source, *self.more_sources)
 
 
 @dataclass(frozen=True)

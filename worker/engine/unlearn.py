@@ -123,7 +123,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         package = load_package(inputs.model)
         card = package.card
         class_indices = tuple(card.class_index(f.class_name) for f in inputs.forget)
-        forget_sets = [read_images(f.source, card.input, skip_bad=config.skip_bad_images) for f in inputs.forget]
+        forget_sets = [read_forget_set(f, card.input, skip_bad=config.skip_bad_images) for f in inputs.forget]
         skipped = {f"forget:{f.class_name}": list(s.skipped) for f, s in zip(inputs.forget, forget_sets) if s.skipped}
         eval_data = _labelled(inputs.eval_source, "eval", card, config, runtime, skipped) if inputs.eval_source else None
         retain_data = (_labelled(inputs.retain_source, "retain", card, config, runtime, skipped)
@@ -219,10 +219,20 @@ def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device:
     package = load_package(model)
     card = package.card
     indices = tuple(card.class_index(f.class_name) for f in forget)
-    images = tuple(normalise(read_images(f.source, card.input).pixels.to(runtime.device), card.input) for f in forget)
+    images = tuple(normalise(read_forget_set(f, card.input).pixels.to(runtime.device), card.input) for f in forget)
     network = build_model(card, package.state_dict).to(runtime.device)
     data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
     return dict(zip(data.class_names, forget_set_accuracy(network, data, runtime, batch_size)))
+
+
+def read_forget_set(forget: ForgetSpec, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
+    """A class's images from every source it was given, as one set."""
+    sets = [read_images(source, spec, skip_bad=skip_bad) for source in forget.sources]
+    if len(sets) == 1:
+        return sets[0]
+    return ImageSet(source=" + ".join(s.source for s in sets), pixels=torch.cat([s.pixels for s in sets]),
+                    labels=tuple(label for s in sets for label in s.labels),
+                    skipped=tuple(name for s in sets for name in s.skipped))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 
 from service.dashboard.service import Badge, TableQuery, badge, csv_safe, retain_accuracy, retain_chart
 from service.deletion_requests.models import DeletionRequest, RequestStatus
-from service.deletion_requests.service import window
+from service.deadlines import at_risk_from
 from service.errors import InvalidInput
 from service.registry.models import ModelVersion
 
@@ -17,8 +17,9 @@ NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
 
 def request_due_in(delta: timedelta, status: RequestStatus = RequestStatus.QUEUED) -> DeletionRequest:
     received = NOW + delta - timedelta(days=30)
-    due_at, at_risk_from = window(received, 30)
-    return DeletionRequest(status=status, received_at=received, due_at=due_at, at_risk_from=at_risk_from)
+    due_at = NOW + delta
+    return DeletionRequest(status=status, received_at=received, due_at=due_at,
+                           at_risk_from=at_risk_from(received, due_at))
 
 
 @pytest.mark.parametrize("delta, text, tone", [

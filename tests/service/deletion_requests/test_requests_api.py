@@ -102,7 +102,7 @@ def test_a_request_is_accepted_queued_and_due_in_30_days(submit, enqueued):
     assert enqueued == [body["id"]]
 
 
-def test_due_at_is_received_at_plus_30_days(client, admin, submit):
+def test_due_at_is_received_at_plus_the_deadline_30_days_in_these_tests(client, admin, submit):
     received_at = now() - 3 * DAY
     response = submit(received_at=received_at)
     assert response.status_code == 202
@@ -154,6 +154,24 @@ def test_the_request_is_enqueued_only_after_it_is_committed(backend, admin, digi
         response = client.post("/deletion-requests", headers=admin, json=request_body(digits))
         assert response.status_code == 202
     assert seen == [(response.json()["id"], "queued")]
+
+
+def test_a_broker_outage_after_the_commit_answers_202_and_the_sweep_wakes_the_request(backend, admin, digits,
+                                                                                         digits_model):
+    def broker_down(request_id: str) -> None:
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    with TestClient(create_app(backend.settings, enqueue=broker_down)) as client:
+        assert register_digits(client, admin, digits_model).status_code == 201
+        response = client.post("/deletion-requests", headers=admin, json=request_body(digits))
+        assert response.status_code == 202, response.text
+        assert client.get(response.headers["location"], headers=admin).json()["status"] == "queued"
+        assert "lethe_enqueue_failures_total 1.0" in client.get("/metrics").text
+    from worker.runs import sweep
+
+    woken: list[str] = []
+    sweep(backend.settings, woken.append)
+    assert woken == [response.json()["id"]]
 
 
 def test_a_request_29_days_old_is_at_risk(client, admin, submit):
@@ -632,6 +650,29 @@ def test_extend_moves_due_at_and_is_audit_logged(client, admin, accepted):
     assert event["detail"]["days"] == 30 and event["detail"]["reason"] == "complex request (Art. 12(3))"
     assert parse(event["detail"]["due_at"]) == parse(body["due_at"])
     assert body["status"] == "queued"
+
+
+def test_by_default_the_deadline_is_one_calendar_month_clamped_to_the_months_end(backend, admin, digits, digits_model):
+    settings = backend.settings.model_copy(update={"deadline": "P1M"})
+    with TestClient(create_app(settings, enqueue=lambda _id: None)) as client:
+        assert register_digits(client, admin, digits_model).status_code == 201
+        for i, (received, due) in enumerate([("2026-01-31T10:00:00+00:00", "2026-02-28T10:00:00+00:00"),
+                                              ("2026-03-31T23:30:00+00:00", "2026-04-30T23:30:00+00:00")]):
+            body = request_body(digits, external_id=f"subject-{i}", forget_class=str(i))
+            response = client.post("/deletion-requests", headers=admin, json={**body, "received_at": received})
+            assert response.status_code == 202, response.text
+            assert parse(response.json()["due_at"]) == parse(due)
+
+
+def test_a_due_date_does_not_move_when_the_deadline_setting_changes_later(backend, admin, digits, digits_model, client,
+                                                                          accepted):
+    due_at = parse(client.get(f"/deletion-requests/{accepted}", headers=admin).json()["due_at"])
+    later = backend.settings.model_copy(update={"deadline": "P45D"})  # the operator changes LETHE_DEADLINE
+    with TestClient(create_app(later, enqueue=lambda _id: None)) as changed:
+        assert parse(changed.get(f"/deletion-requests/{accepted}", headers=admin).json()["due_at"]) == due_at
+        body = changed.post(f"/deletion-requests/{accepted}/extend", headers=admin,
+                            json={"days": 10, "reason": "complex request"}).json()
+    assert parse(body["due_at"]) == due_at + 10 * DAY
 
 
 def test_extending_takes_an_at_risk_request_out_of_risk(client, admin, submit):

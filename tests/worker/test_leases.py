@@ -1,0 +1,73 @@
+"""A worker settles only what it still holds: once its lease is gone (expired and taken over, or a
+version published meanwhile), its outcome is discarded and its stored candidate deleted.
+
+Every test runs on the embedded default and on Postgres; the worker's steps are called in this
+process, in the order a stalled worker and its replacement would take them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from service.db import session_scope, utcnow
+from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.storage import artifact_store, sha256_of
+from tests.service_fixtures import register_digits, request_body
+from worker.runs import BatchResult, claim_batch, finish, settle_all, sweep
+
+
+@pytest.fixture
+def taken_over(backend, client, admin, digits, digits_model):
+    """A request claimed by worker w1, whose lease then expired; the sweep re-queued it and w2 claimed it."""
+    assert register_digits(client, admin, digits_model).status_code == 201
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    with session_scope(backend.settings.database) as session:
+        model_id = session.scalar(select(RegisteredModel.id))
+    stalled = claim_batch(backend.settings, model_id, "w1")
+    assert stalled is not None and request_id in stalled.requests
+    past = utcnow() - timedelta(seconds=1)
+    with session_scope(backend.settings.database) as session:
+        session.execute(update(RegisteredModel).values(run_lease_expires_at=past))
+        session.execute(update(DeletionRequest).values(lease_expires_at=past))
+    assert sweep(backend.settings, lambda _id: None)["requeued"] == 1
+    assert claim_batch(backend.settings, model_id, "w2") is not None
+    return stalled, request_id
+
+
+def held_by(backend, request_id: str) -> tuple[str, str | None]:
+    with session_scope(backend.settings.database) as session:
+        row = session.get(DeletionRequest, request_id)
+        return row.status, row.lease_owner
+
+
+def candidate_of(package, folder):
+    """A candidate package whose weights differ from the parent's (another sha256)."""
+    shutil.copytree(package, folder)
+    with open(folder / "model.safetensors", "ab") as weights:
+        weights.write(b" ")  # another sha256; a fenced-out candidate is never loaded
+    return folder
+
+
+def test_a_worker_whose_lease_was_taken_over_publishes_nothing_and_keeps_no_weights(backend, taken_over, digits_model,
+                                                                                    tmp_path):
+    stalled, request_id = taken_over
+    candidate = candidate_of(digits_model, tmp_path / "candidate")
+    sha256, _size = sha256_of(candidate / "model.safetensors")
+    report = {"classes": ["3"], "target_met": True, "forget_acc_after": {"3": 0.0}}
+    finish(backend.settings, stalled, "w1", rejected={}, runnable=stalled.requests,
+           result=BatchResult(report, {}, candidate, [], {}))
+    with session_scope(backend.settings.database) as session:
+        assert [v.version for v in session.scalars(select(ModelVersion))] == [1]
+    assert held_by(backend, request_id) == (S.RUNNING, "w2")
+    assert not artifact_store(backend.settings).exists(sha256)
+
+
+def test_a_worker_whose_lease_was_taken_over_does_not_fail_the_requests_another_worker_runs(backend, taken_over):
+    stalled, request_id = taken_over
+    settle_all(backend.settings, stalled, "w1", S.FAILED, error="RuntimeError: stalled worker")
+    assert held_by(backend, request_id) == (S.RUNNING, "w2")
