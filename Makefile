@@ -12,8 +12,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Two test processes (pytest-xdist), one per core of the CI machine, each with one torch thread
+# (tests/conftest.py); TEST_PROCESSES=0 runs the suite in this process.
+TEST_PROCESSES ?= 2
+
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/lethe demo $(DEMO_ARGS)

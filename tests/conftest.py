@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# `make test` runs the suite in two processes (pytest-xdist, one per core). Each gets one torch
+# thread, and so do the worker processes its tests start (they inherit it), so that busy threads
+# never outnumber the cores: two per core make torch's threads spin and everything crawl.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

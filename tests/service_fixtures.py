@@ -36,7 +36,11 @@ from service.db import engine_for, session_scope, upgrade_schema
 
 POSTGRES_ADMIN = os.environ.get("LETHE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LETHE_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_TEST_DB = int(os.environ.get("LETHE_TEST_REDIS_DB", "13"))  # parallel suites on one Redis: give each its own
+# Parallel suites on one Redis: give each its own db (LETHE_TEST_REDIS_DB), and each pytest-xdist
+# process of a suite the next one (gw0: 13, gw1: 14).
+REDIS_TEST_DB = (int(os.environ.get("LETHE_TEST_REDIS_DB", "13"))
+                 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0))
+assert REDIS_TEST_DB <= 15, f"Redis has dbs 0-15; lower LETHE_TEST_REDIS_DB or TEST_PROCESSES (db {REDIS_TEST_DB})"
 
 
 def postgres_available() -> bool:
@@ -255,10 +259,12 @@ class WorkerProcess:
             self.process.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 2 s: the test is over, and a warm shutdown of Celery's SQL
+        transport can take 10 s that nothing needs."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
