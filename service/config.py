@@ -12,7 +12,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.deadlines import Period
-from service.registry.storage import S3Location, split_s3_uri
+from service.s3_uris import S3Location, split_s3_uri
 
 
 # The generalisation check's gate (benchmarks/README.md, "Few images"): with 9 images in 3 folds, one
@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     gate_max_holdout_forget_acc: float = Field(GATE_MAX_HOLDOUT_FORGET_ACC, ge=0, le=100,
                                                description="publish gate: held-back forget images still recognised, %")
     retention_hours: float = Field(72.0, ge=0, description="superseded versions are deleted after this")
+    orphan_grace_hours: float = Field(6.0, gt=0, description="stored weights no version names, and unfinished "
+                                      "uploads, are deleted by the sweep once this old")
     lease_seconds: int = Field(120, ge=2, description="a worker's lease on a run; renewed by its heartbeat")
+    max_batch_requests: int = Field(16, ge=1, description="most queued requests of a model one run serves; the "
+                                    "rest wait for its next run, after other models' runs")
     sweep_seconds: float = Field(30.0, gt=0, description="how often the periodic sweep runs")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest accepted weights upload")
     dashboard_refresh_seconds: float = Field(15.0, ge=1, description="how often the requests table refreshes itself")

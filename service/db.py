@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -58,6 +58,14 @@ def _drop_on_commit(session: Session) -> None:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock, for leases: every host judges a lease by the same clock, not its own.
+    (The embedded SQLite database lives on the one host that uses it.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.execute(text("SELECT clock_timestamp()")).scalar_one()
+    return utcnow()
 
 
 def make_engine(url: str) -> Engine:

@@ -18,7 +18,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from service.errors import InvalidInput
-from service.registry.storage import CHUNK, S3Location, is_not_found, s3_client, split_s3_uri
+from service.registry.storage import CHUNK, is_not_found, s3_client
+from service.s3_uris import S3Location, split_s3_uri
 
 MAX_URI_LENGTH = 4096
 MANIFEST_SUFFIXES = (".csv", ".jsonl")

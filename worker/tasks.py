@@ -1,4 +1,4 @@
-"""Celery tasks, kept thin: ids cross the queue, the database says what to do (see worker.runs)."""
+"""Celery tasks, kept thin: ids cross the queue, the database says what to do (see worker.runs.pipeline)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from celery import shared_task
 from service.config import get_settings
 from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus
-from worker import runs
+from worker.runs.pipeline import process_model
+from worker.runs.sweep import sweep as sweep_once
 from service.queue import PROCESS_TASK, SWEEP_TASK, send_wakeup
 
 log = logging.getLogger("lethe.worker")
@@ -30,15 +31,18 @@ def process_request(request_id: str) -> None:
             return
         model_id = request.model_id
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    runs_done = runs.process_model(settings, model_id, worker_id)
-    log.info("request %s: model %s served in %d run(s) by %s", request_id, model_id, runs_done, worker_id,
-             extra={"deletion_request": request_id, "model_id": model_id, "runs": runs_done, "worker": worker_id})
+    waiting = process_model(settings, model_id, worker_id)
+    log.info("request %s: one run of model %s by %s; %s", request_id, model_id, worker_id,
+             "more queued" if waiting else "its queue is empty",
+             extra={"deletion_request": request_id, "model_id": model_id, "worker": worker_id})
+    if waiting is not None:  # to the back of the queue: other models' wake-ups come first
+        send_wakeup(settings, waiting)
 
 
 @shared_task(name=SWEEP_TASK)
 def sweep() -> dict:
     """Periodic: recover requests of dead workers, wake idle queues, flag deadlines, dispose of old weights."""
     settings = get_settings()
-    counts = runs.sweep(settings, lambda request_id: send_wakeup(settings, request_id))
+    counts = sweep_once(settings, lambda request_id: send_wakeup(settings, request_id))
     log.info("sweep: %s", counts)
     return counts

@@ -30,7 +30,9 @@ class DeletionRequest(Base):
     __tablename__ = "deletion_requests"
     __table_args__ = (
         UniqueConstraint("model_id", "external_id", name="uq_deletion_requests_model_external_id"),
-        UniqueConstraint("idempotency_key", name="uq_deletion_requests_idempotency_key"),
+        # Stripe's rule: an Idempotency-Key is the sender's (created_by names the API key), so two
+        # clients that happen to pick the same key never see each other's requests.
+        UniqueConstraint("created_by", "idempotency_key", name="uq_deletion_requests_idempotency_scope"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -53,6 +55,9 @@ class DeletionRequest(Base):
     seed: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set when a batch holding this request failed: it then runs in a batch of its own, so that a
+    # request whose images break a run fails alone and the others of that batch are not held back.
+    run_alone: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     fulfilled_version_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("model_versions.id"))

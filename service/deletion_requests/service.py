@@ -41,7 +41,7 @@ def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate,
     """
     digest = body_digest(body)
     if idempotency_key is not None:
-        existing = _by_idempotency_key(session, idempotency_key, digest)
+        existing = _by_idempotency_key(session, actor, idempotency_key, digest)
         if existing is not None:
             return existing, False
     model = session.scalar(select(RegisteredModel).where(RegisteredModel.name == body.model))
@@ -65,7 +65,7 @@ def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate,
             session.flush()
     except IntegrityError:
         if idempotency_key is not None:
-            existing = _by_idempotency_key(session, idempotency_key, digest)
+            existing = _by_idempotency_key(session, actor, idempotency_key, digest)
             if existing is not None:
                 return existing, False
         raise Conflict(f"model {body.model!r} already has a request with external_id {body.external_id!r}") from None
@@ -76,8 +76,10 @@ def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate,
     return request, True
 
 
-def _by_idempotency_key(session: Session, key: str, digest: str) -> DeletionRequest | None:
-    existing = session.scalar(select(DeletionRequest).where(DeletionRequest.idempotency_key == key))
+def _by_idempotency_key(session: Session, actor: str, key: str, digest: str) -> DeletionRequest | None:
+    """The request this sender made with this key, if any (keys are scoped to their sender)."""
+    existing = session.scalar(select(DeletionRequest).where(DeletionRequest.created_by == actor,
+                                                            DeletionRequest.idempotency_key == key))
     if existing is not None and existing.body_sha256 != digest:
         raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
     return existing

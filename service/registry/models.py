@@ -31,6 +31,9 @@ class RegisteredModel(Base):
         String(36), ForeignKey("model_versions.id", use_alter=True, name="fk_registered_models_current_version"))
     run_lease_owner: Mapped[str | None] = mapped_column(String(128))  # the worker running this model now
     run_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Fencing token: +1 at every claim. A worker settles or publishes only while the token it claimed
+    # with is still the model's, so one that stalled past its lease can write nothing after a new claim.
+    run_lease_token: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
 
     versions: Mapped[list[ModelVersion]] = relationship(
         back_populates="model", foreign_keys="ModelVersion.model_id", order_by="ModelVersion.version")

@@ -145,6 +145,19 @@ def publish_version(*, session: Session, model_id: str, sha256: str, size: int, 
     return version
 
 
+def remove_orphans(*, session: Session, store: ArtifactStore, grace_hours: float) -> tuple[int, int]:
+    """Weights no version names (a registration or run that crashed between storing them and
+    committing its row: for a registration, a copy of the base model in which every person is still
+    recognisable), and unfinished uploads, older than the grace period; returns (files, parts) removed.
+    The grace period covers the time between a put and the commit that names it."""
+    cutoff = utcnow() - timedelta(hours=grace_hours)
+    named = set(session.scalars(select(ModelVersion.sha256).where(ModelVersion.disposed_at.is_(None))))
+    orphans = [sha256 for sha256, written in store.stored() if sha256 not in named and written < cutoff]
+    for sha256 in orphans:
+        store.delete(sha256)
+    return len(orphans), store.remove_stale_parts(cutoff)
+
+
 def dispose_superseded(*, session: Session, store: ArtifactStore, retention_hours: float) -> list[ModelVersion]:
     """Delete the weights of versions superseded longer than the retention period; rows stay for the audit."""
     cutoff = utcnow() - timedelta(hours=retention_hours)

@@ -20,8 +20,11 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from service.s3_uris import split_s3_uri
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest PutObject; larger files go up as a multipart upload
 NOT_FOUND = ("404", "NoSuchKey", "NotFound")
-BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+ARTIFACT_KEY = re.compile(r"[0-9a-f]{2}/(?P<sha256>[0-9a-f]{64})\.safetensors")
 
 
 class ArtifactError(OSError):
@@ -44,29 +47,6 @@ def sha256_of(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-@dataclass(frozen=True)
-class S3Location:
-    """``s3://bucket/key``; ``key`` has no leading or trailing slash ('' is the whole bucket)."""
-
-    bucket: str
-    key: str
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-
-def split_s3_uri(uri: str) -> S3Location:
-    """``s3://bucket/key`` -> S3Location; ValueError for anything else (the key is taken literally)."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not BUCKET_PATTERN.fullmatch(bucket):
-        raise ValueError(f"{uri!r}: {bucket!r} is not an S3 bucket name")
-    if any(c in key for c in "\x00?#") or len(key) > 1024:
-        raise ValueError(f"{uri!r}: an S3 key has no query, fragment or NUL and at most 1024 characters")
-    return S3Location(bucket, key.strip("/"))
 
 
 @dataclass
@@ -107,6 +87,14 @@ class ArtifactStore(ABC):
     def delete(self, sha256: str) -> None: ...
 
     @abstractmethod
+    def stored(self) -> Iterator[tuple[str, datetime]]:
+        """Every artifact in the store: (sha256, when it was last written), for the orphan sweep."""
+
+    @abstractmethod
+    def remove_stale_parts(self, before: datetime) -> int:
+        """Delete unfinished uploads begun before ``before``; returns how many."""
+
+    @abstractmethod
     def check(self) -> None:
         """Readiness: the store is reachable and writable; OSError (with a short ``strerror``) otherwise."""
 
@@ -144,7 +132,8 @@ class FolderStore(ArtifactStore):
         sha256, size = sha256_of(source)
         target = self.path_for(sha256)
         if target.is_file():
-            source.unlink()  # same content stored already
+            source.unlink()  # same content stored already:
+            os.utime(target)  # fresh again, so the orphan sweep's grace period covers this put's commit too
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(source, 0o644)
@@ -178,6 +167,18 @@ class FolderStore(ArtifactStore):
 
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
+
+    def stored(self) -> Iterator[tuple[str, datetime]]:
+        for path in self.root.glob("??/*.safetensors"):
+            match = ARTIFACT_KEY.fullmatch(f"{path.parent.name}/{path.name}")
+            try:
+                if match:
+                    yield match["sha256"], datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+
+    def remove_stale_parts(self, before: datetime) -> int:
+        return remove_old_files((self.root / ".incoming").glob("*.part"), before)
 
     def check(self) -> None:
         """Readiness: the folder exists (or can be made) and takes a file; OSError otherwise."""
@@ -255,7 +256,9 @@ class S3Store(ArtifactStore):
         try:
             sha256, size = sha256_of(source)
             key = self.key_for(sha256)
-            if not self._holds(key, sha256, size):
+            if size <= SINGLE_PUT_LIMIT and self._holds(key, sha256, size):
+                self._refresh(key, sha256)
+            else:  # (a larger file already there is sent again: CopyObject stops at 5 GB)
                 with open(source, "rb") as body:
                     self._upload(body, key, sha256, size)
                 if not self._holds(key, sha256, size):
@@ -264,6 +267,13 @@ class S3Store(ArtifactStore):
         finally:
             source.unlink(missing_ok=True)
         return sha256, size
+
+    def _refresh(self, key: str, sha256: str) -> None:
+        """An object stored already (same content) is copied onto itself, so that its LastModified is
+        now and the orphan sweep's grace period covers the commit that will name it."""
+        self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                MetadataDirective="REPLACE", Metadata={"sha256": sha256},
+                                ContentType="application/octet-stream", ChecksumAlgorithm="SHA256")
 
     def _upload(self, body, key: str, sha256: str, size: int) -> None:
         if size <= SINGLE_PUT_LIMIT:
@@ -326,6 +336,27 @@ class S3Store(ArtifactStore):
     def delete(self, sha256: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key_for(sha256))
 
+    def stored(self) -> Iterator[tuple[str, datetime]]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                match = ARTIFACT_KEY.fullmatch(item["Key"][len(prefix):])
+                if match:
+                    yield match["sha256"], item["LastModified"]
+
+    def remove_stale_parts(self, before: datetime) -> int:
+        """Multipart uploads never completed (their parts are billed and hold weights), and this host's
+        temporary upload files."""
+        removed = 0
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] < before:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+                    removed += 1
+        return removed + remove_old_files(Path(tempfile.gettempdir()).glob("lethe-upload-*.part"), before)
+
     def check(self) -> None:
         """Readiness: the bucket answers HeadBucket with these credentials."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -345,6 +376,18 @@ class S3Store(ArtifactStore):
             "Bucket": self.bucket, "Key": self.key_for(sha256),
             "ResponseContentType": "application/octet-stream",
             "ResponseContentDisposition": 'attachment; filename="model.safetensors"'})
+
+
+def remove_old_files(paths: Iterator[Path], before: datetime) -> int:
+    removed = 0
+    for path in paths:
+        try:
+            if datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) < before:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished or removed meanwhile
+            continue
+    return removed
 
 
 def artifact_store(settings: Settings) -> ArtifactStore:

@@ -12,7 +12,8 @@ import pytest
 
 from service.config import Settings
 from service.errors import InvalidInput
-from service.registry.storage import S3Location, sha256_of
+from service.registry.storage import sha256_of
+from service.s3_uris import S3Location
 from service.sources import LocalSources, OutsideDataRoots, UnreadableSource, check_data_root
 from tests.service_fixtures import register_digits, request_body, wait_for, with_s3
 

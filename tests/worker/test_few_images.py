@@ -19,7 +19,7 @@ from service.config import Settings, UnlearnSettings
 from tests.digits import CLASSES, DigitsData
 from tests.worker.engine.test_unlearn import held_out_accuracy
 from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
-from worker.runs import holdout_errors
+from worker.runs.gate import holdout_errors
 
 FEW = 8
 OLD_DEFAULT = {"method": "lora-kl", "adapter_blocks": "later-half"}  # the service's setting before few images had one

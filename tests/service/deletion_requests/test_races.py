@@ -26,7 +26,7 @@ from service.deletion_requests.transitions import transition
 from service.errors import InvalidInput, install_error_handlers
 from service.registry.models import RegisteredModel
 from tests.service_fixtures import register_digits, request_body
-from worker.runs import claim_batch
+from worker.runs.leases import claim_batch
 
 
 @pytest.fixture

@@ -167,7 +167,7 @@ def test_a_broker_outage_after_the_commit_answers_202_and_the_sweep_wakes_the_re
         assert response.status_code == 202, response.text
         assert client.get(response.headers["location"], headers=admin).json()["status"] == "queued"
         assert "lethe_enqueue_failures_total 1.0" in client.get("/metrics").text
-    from worker.runs import sweep
+    from worker.runs.sweep import sweep
 
     woken: list[str] = []
     sweep(backend.settings, woken.append)
@@ -216,6 +216,18 @@ def test_the_same_idempotency_key_with_another_body_is_422(client, admin, submit
     assert_problem(other, 422, "idempotency_key_reused")
     assert enqueued == [first.json()["id"]]
     assert listed(client, admin) == ["subject-1"]
+
+
+def test_an_idempotency_key_is_its_senders_two_clients_with_the_same_key_get_two_requests(backend, client, admin,
+                                                                                          submit, enqueued):
+    other_client = make_key(backend.settings, "requests:write", "requests:read")
+    mine = submit(headers={"Idempotency-Key": "2026-12-01-0001"})
+    theirs = submit(external_id="subject-2", forget_class="4", headers={**other_client, "Idempotency-Key": "2026-12-01-0001"})
+    assert mine.status_code == theirs.status_code == 202, theirs.text
+    assert mine.json()["id"] != theirs.json()["id"]
+    again = submit(external_id="subject-2", forget_class="4", headers={**other_client, "Idempotency-Key": "2026-12-01-0001"})
+    assert again.json()["id"] == theirs.json()["id"]
+    assert len(enqueued) == 2
 
 
 def test_an_idempotency_key_replays_even_when_received_at_was_given(submit, enqueued):

@@ -65,6 +65,34 @@ def test_a_stored_file_is_content_addressed_and_reads_back_whole_in_ranges_and_a
     store.check()
 
 
+def test_stored_lists_every_artifact_and_putting_the_same_content_again_makes_it_fresh(store):
+    sha = store.put(incoming_with(store, WEIGHTS))[0]
+    other = store.put(incoming_with(store, b"other weights"))[0]
+    listed = dict(store.stored())
+    assert set(listed) == {sha, other}
+    written = listed[sha]
+    time.sleep(1.1)  # S3's LastModified has whole seconds
+    store.put(incoming_with(store, WEIGHTS))  # a registration of the same weights: about to be named again
+    assert dict(store.stored())[sha] > written
+
+
+def test_unfinished_uploads_older_than_the_cutoff_are_removed_and_newer_ones_kept(store, tmp_path, monkeypatch):
+    import tempfile
+    from datetime import datetime, timedelta, timezone
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the S3 store's local parts: this test's only
+    part = store.new_incoming()
+    part.write_bytes(b"half an upload")
+    now = datetime.now(timezone.utc)
+    assert store.remove_stale_parts(now - timedelta(hours=1)) == 0 and part.exists()
+    if isinstance(store, S3Store):  # a multipart upload never completed (moto dates every one 2010: made after
+        store.client.create_multipart_upload(Bucket=store.bucket, Key=store.key_for("f" * 64))  # the check above)
+    assert store.remove_stale_parts(now + timedelta(seconds=5)) == (2 if isinstance(store, S3Store) else 1)
+    assert not part.exists()
+    if isinstance(store, S3Store):
+        assert not store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads")
+
+
 def test_the_settings_choose_the_store(s3, tmp_path):
     from service.config import Settings
 

@@ -8,6 +8,7 @@ process, in the order a stalled worker and its replacement would take them.
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import timedelta
 
 import pytest
@@ -17,8 +18,11 @@ from service.db import session_scope, utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.storage import artifact_store, sha256_of
-from tests.service_fixtures import register_digits, request_body
-from worker.runs import BatchResult, claim_batch, finish, settle_all, sweep
+from tests.service_fixtures import free_port, register_digits, request_body, wait_for
+from worker.runs.leases import Heartbeat, claim_batch
+from worker.runs.settle import finish, settle_failure
+from worker.runs.sweep import sweep
+from worker.runs.train import BatchResult
 
 
 @pytest.fixture
@@ -69,5 +73,42 @@ def test_a_worker_whose_lease_was_taken_over_publishes_nothing_and_keeps_no_weig
 
 def test_a_worker_whose_lease_was_taken_over_does_not_fail_the_requests_another_worker_runs(backend, taken_over):
     stalled, request_id = taken_over
-    settle_all(backend.settings, stalled, "w1", S.FAILED, error="RuntimeError: stalled worker")
+    settle_failure(backend.settings, stalled, "w1", error="RuntimeError: stalled worker")
     assert held_by(backend, request_id) == (S.RUNNING, "w2")
+
+
+def test_a_batch_claimed_before_a_newer_claim_by_the_same_worker_settles_nothing(backend, client, admin, digits,
+                                                                                  digits_model):
+    """The fencing token: a worker id alone cannot tell an old claim from a new one."""
+    assert register_digits(client, admin, digits_model).status_code == 201
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    with session_scope(backend.settings.database) as session:
+        model_id = session.scalar(select(RegisteredModel.id))
+    old = claim_batch(backend.settings, model_id, "w1")
+    past = utcnow() - timedelta(seconds=1)
+    with session_scope(backend.settings.database) as session:
+        session.execute(update(RegisteredModel).values(run_lease_expires_at=past))
+        session.execute(update(DeletionRequest).values(lease_expires_at=past))
+    sweep(backend.settings, lambda _id: None)
+    new = claim_batch(backend.settings, model_id, "w1")
+    assert new.lease_token > old.lease_token
+    settle_failure(backend.settings, old, "w1", error="RuntimeError: the old claim's run")
+    assert held_by(backend, request_id) == (S.RUNNING, "w1")
+    settle_failure(backend.settings, new, "w1", error="RuntimeError: the new claim's run")
+    assert held_by(backend, request_id) == (S.FAILED, None)
+
+
+def test_a_heartbeat_that_keeps_failing_gives_the_lease_up_before_it_could_expire(backend, taken_over):
+    stalled, _request_id = taken_over
+    # The database becomes unreachable for this worker: every renewal fails (connection refused).
+    unreachable = backend.settings.model_copy(update={
+        "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone", "lease_seconds": 3})
+    heartbeat = Heartbeat(unreachable, stalled, "w1")
+    started = time.monotonic()
+    heartbeat.start()
+    try:
+        wait_for(lambda: heartbeat.lost, timeout=unreachable.lease_seconds, interval=0.05,
+                 message="the heartbeat to give the lease up")
+    finally:
+        heartbeat.stop()
+    assert time.monotonic() - started < unreachable.lease_seconds

@@ -1,5 +1,6 @@
 """The periodic sweep, called directly: dead workers' requests come back, deadlines are flagged
-once, superseded weights are disposed of after the retention period."""
+once, superseded weights are disposed of after the retention period, weights no version names
+after a grace period."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from service.deletion_requests.transitions import transition
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import publish_version
 from tests.service_fixtures import register_digits, request_body
-from worker import runs
+from worker.runs.sweep import sweep
 
 
 def submit(client, admin, digits, **changes) -> str:
@@ -30,7 +31,7 @@ def test_a_request_whose_worker_lease_expired_is_queued_again_and_woken(backend,
         model = session.get(RegisteredModel, row.model_id)
         model.run_lease_owner, model.run_lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
     woken: list[str] = []
-    counts = runs.sweep(backend.settings, woken.append)
+    counts = sweep(backend.settings, woken.append)
     assert counts["requeued"] == 1 and woken == [request_id]
     body = client.get(f"/deletion-requests/{request_id}", headers=admin).json()
     assert body["status"] == "queued"
@@ -43,8 +44,8 @@ def test_a_queued_request_is_woken_even_when_its_message_was_lost(backend, clien
     register_digits(client, admin, digits_model)
     first, second = submit(client, admin, digits), submit(client, admin, digits, external_id="s2", forget_class="4")
     woken: list[str] = []
-    runs.sweep(backend.settings, woken.append)
-    assert woken == [first]  # one wake-up per model: the worker then serves the model's whole queue
+    sweep(backend.settings, woken.append)
+    assert woken == [first]  # one wake-up per model: each run of the model wakes its next one
     assert second not in woken
 
 
@@ -55,8 +56,8 @@ def test_deadlines_are_flagged_once_each(backend, client, admin, digits, digits_
     overdue = submit(client, admin, digits, external_id="late", forget_class="4",
                      received_at=(now - timedelta(days=31)).isoformat())
     fresh = submit(client, admin, digits, external_id="fresh", forget_class="5")
-    first = runs.sweep(backend.settings, lambda _: None)
-    again = runs.sweep(backend.settings, lambda _: None)
+    first = sweep(backend.settings, lambda _: None)
+    again = sweep(backend.settings, lambda _: None)
     assert (first["at_risk"], first["overdue"]) == (1, 1) and (again["at_risk"], again["overdue"]) == (0, 0)
     events = {i: [e["event"] for e in client.get(f"/deletion-requests/{i}", headers=admin).json()["events"]]
               for i in (at_risk, overdue, fresh)}
@@ -77,13 +78,31 @@ def test_superseded_weights_are_deleted_after_the_retention_period_and_answer_41
         publish_version(session=session, model_id=model.id, sha256=sha256, size=size, card=first.card,
                         classes_forgotten=["3"], metrics={})
         first_sha = first.sha256
-    kept = runs.sweep(backend.settings, lambda _: None)
+    kept = sweep(backend.settings, lambda _: None)
     assert kept["disposed"] == 0 and store.exists(first_sha)  # within the 72 h retention
 
     settings = backend.settings.model_copy(update={"retention_hours": 0})
-    assert runs.sweep(settings, lambda _: None)["disposed"] == 1
+    assert sweep(settings, lambda _: None)["disposed"] == 1
     assert not store.exists(first_sha) and store.exists(sha256)
     response = client.get("/models/digits/versions/1/weights", headers=admin)
     assert response.status_code == 410 and response.json()["code"] == "gone"
     listed = client.get("/models/digits/versions", headers=admin).json()["versions"]
     assert listed[0]["sha256"] == first_sha and listed[0]["download_url"] is None and listed[0]["disposed_at"]
+
+
+def test_weights_no_version_names_are_deleted_after_the_grace_period(backend, client, admin, digits, digits_model):
+    """A registration or run that crashed between storing weights and committing the row naming them."""
+    register_digits(client, admin, digits_model)
+    store = client.app.state.store
+    with session_scope(backend.settings.database) as session:
+        named = session.scalar(select(ModelVersion.sha256))
+    incoming = store.new_incoming()
+    incoming.write_bytes(b"a crashed registration's copy of the base model")
+    orphan = store.put(incoming)[0]
+    kept = sweep(backend.settings, lambda _: None)
+    assert kept["orphans"] == 0 and store.exists(orphan)  # within the grace period: its commit may be coming
+
+    later = backend.settings.model_copy(update={"orphan_grace_hours": 1e-9})
+    assert sweep(later, lambda _: None)["orphans"] == 1
+    assert not store.exists(orphan) and store.exists(named)
+    assert client.get("/models/digits/versions/1/weights", headers=admin).status_code == 200

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.config import Settings
-from worker.runs import holdout_errors
+from worker.runs.gate import holdout_errors
 
 
 def holdout(acc: float | None, held_back: int) -> dict:

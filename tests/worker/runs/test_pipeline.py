@@ -1,0 +1,114 @@
+"""What one run serves: requests for the same class with different forget sets are trained on
+together, and each is verified on its own set before it completes (embedded default and Postgres;
+the run is called in this process)."""
+
+from __future__ import annotations
+
+import shutil
+
+from sqlalchemy import select
+
+from service.config import get_unlearn_settings
+from service.db import session_scope
+from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.registry.models import RegisteredModel
+from tests.service_fixtures import register_digits, request_body
+from worker.runs.leases import claim_batch
+from worker.runs.pipeline import process_model, run_batch
+
+
+def split_forget_set(digits, backend, cls: str) -> tuple[list, list]:
+    """The class's training images as two disjoint forget sets (two people's requests for one class)."""
+    images = sorted(digits.train_class(cls).iterdir())
+    halves = []
+    for i, part in enumerate((images[0::2], images[1::2])):
+        folder = digits.root / f"split-{backend.name}-{i}" / cls
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for image in part:
+            shutil.copy(image, folder / image.name)
+        halves.append(folder)
+    return images, halves
+
+
+def test_two_requests_for_one_class_train_on_both_sets_and_each_is_verified_on_its_own(
+        backend, client, admin, digits, digits_model):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    images, halves = split_forget_set(digits, backend, "3")
+    ids = [client.post("/deletion-requests", headers=admin,
+                       json=request_body(digits, external_id=f"subject-{i}", uri=f"file://{half}")).json()["id"]
+           for i, half in enumerate(halves)]
+    with session_scope(backend.settings.database) as session:
+        model_id = session.scalar(select(RegisteredModel.id))
+    batch = claim_batch(backend.settings, model_id, "w1")
+    assert set(batch.requests) == set(ids)
+    run_batch(backend.settings, batch, "w1")
+    target = get_unlearn_settings().target_forget_acc
+    with session_scope(backend.settings.database) as session:
+        rows = [session.get(DeletionRequest, i) for i in ids]
+        assert [r.status for r in rows] == [S.COMPLETED, S.COMPLETED], [r.error for r in rows]
+        for row in rows:
+            assert row.metrics["forget_set_size"] == {"3": len(images)}  # the union, not one request's set
+            own = row.metrics["own_forget_set"]
+            assert own["forget_acc_before"] > 50 and own["forget_acc_after"] <= target
+
+
+def model_id_of(backend) -> str:
+    with session_scope(backend.settings.database) as session:
+        return session.scalar(select(RegisteredModel.id))
+
+
+def statuses(backend, ids) -> list[str]:
+    with session_scope(backend.settings.database) as session:
+        return [session.get(DeletionRequest, i).status for i in ids]
+
+
+def test_a_run_serves_at_most_max_batch_requests_oldest_first(backend, client, admin, digits, digits_model):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    ids = [client.post("/deletion-requests", headers=admin,
+                       json=request_body(digits, external_id=f"subject-{c}", forget_class=c)).json()["id"]
+           for c in ("3", "5", "7")]
+    capped = backend.settings.model_copy(update={"max_batch_requests": 2})
+    batch = claim_batch(capped, model_id_of(backend), "w1")
+    assert list(batch.requests) == ids[:2]
+    assert statuses(backend, ids) == [S.RUNNING, S.RUNNING, S.QUEUED]
+
+
+def test_a_worker_runs_one_batch_per_wake_up_and_names_the_next_for_the_queue(backend, client, admin, digits,
+                                                                              digits_model):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    ids = [client.post("/deletion-requests", headers=admin,
+                       json=request_body(digits, external_id=f"subject-{c}", forget_class=c)).json()["id"]
+           for c in ("3", "5")]
+    capped = backend.settings.model_copy(update={"max_batch_requests": 1})
+    assert process_model(capped, model_id_of(backend), "w1") == ids[1]  # sent to the back of the queue
+    assert statuses(backend, ids) == [S.COMPLETED, S.QUEUED]
+
+
+def test_a_request_whose_images_break_its_batch_fails_alone_and_the_other_completes(
+        backend, client, admin, digits, digits_model, tmp_path):
+    # The model's anchor set holds one image of digit 3's forget set: a run forgetting 3 is refused by
+    # the engine, a run forgetting 5 is not. Both requests land in one batch.
+    anchor = digits.root / f"anchor-{backend.name}"
+    shutil.rmtree(anchor, ignore_errors=True)
+    anchor.mkdir()
+    shutil.copy(sorted(digits.train_class("3").iterdir())[0], anchor / "stray.png")
+    for i, image in enumerate(sorted((digits.test / "0").iterdir())[:8]):  # stand-ins for images of no class
+        shutil.copy(image, anchor / f"other-{i}.png")
+    with open(digits_model / "model.json", "rb") as card, open(digits_model / "model.safetensors", "rb") as weights:
+        assert client.post("/models", headers=admin, data={"name": "digits", "anchor_set": f"file://{anchor}"},
+                           files={"card": card, "weights": weights}).status_code == 201
+    poison, fine = [client.post("/deletion-requests", headers=admin,
+                                json=request_body(digits, external_id=f"subject-{c}", forget_class=c)).json()["id"]
+                    for c in ("3", "5")]
+    model_id = model_id_of(backend)
+    first = claim_batch(backend.settings, model_id, "w1")
+    assert set(first.requests) == {poison, fine}
+    run_batch(backend.settings, first, "w1")
+    assert statuses(backend, [poison, fine]) == [S.QUEUED, S.QUEUED]  # the batch failed: each runs alone next
+    while (batch := claim_batch(backend.settings, model_id, "w1")) is not None:
+        assert len(batch.requests) == 1
+        run_batch(backend.settings, batch, "w1")
+    assert statuses(backend, [poison, fine]) == [S.FAILED, S.COMPLETED]
+    with session_scope(backend.settings.database) as session:
+        assert "anchor source holds images of a forget set" in session.get(DeletionRequest, poison).error

@@ -1,0 +1,50 @@
+"""The batch a run serves and the context every step of the run gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.config import Settings
+from service.sources import LocalSources
+
+if TYPE_CHECKING:
+    from worker.runs.leases import Heartbeat
+
+
+@dataclass
+class Batch:
+    """The requests one run serves, with what the run needs to know (ids and values, no ORM rows)."""
+
+    model_id: str
+    model_name: str
+    lease_token: int  # the model's fencing token this batch was claimed with
+    version_id: str
+    version: int
+    eval_set_uri: str | None
+    anchor_set_uri: str | None
+    forgotten_earlier: list[str]  # classes the starting version has forgotten already
+    requests: dict[str, tuple[str, str, int]]  # request id -> (class, forget uri, seed)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(dict.fromkeys(c for c, _, _ in self.requests.values()))
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run: who runs which batch, its folder and forget-set sources, the heartbeat the engine reports to."""
+
+    settings: Settings
+    batch: Batch
+    worker_id: str
+    workdir: Path
+    sources: LocalSources  # s3:// sets are downloaded under the run's folder
+    heartbeat: Heartbeat
+
+
+def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:
+    """What a run's log lines carry (``extra=``: fields of their own in JSON logs)."""
+    return {"model": batch.model_name, "version": batch.version, "deletion_requests": list(batch.requests),
+            "classes": batch.classes, "worker": worker_id}

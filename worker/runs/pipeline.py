@@ -1,0 +1,73 @@
+"""One run, start to end: claim, prepare, train, gate, settle (see the package's docstring)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from sqlalchemy import select
+
+from service.config import Settings
+from service.db import session_scope
+from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.sources import LocalSources
+from worker.run_folders import make_run_folder, remove_stale_run_folders_safely
+from worker.runs.batch import Batch, RunContext, run_fields
+from worker.runs.leases import Heartbeat, claim_batch
+from worker.runs.prepare import check_sources, materialise_version
+from worker.runs.settle import finish, settle_cancellation, settle_failure
+from worker.runs.train import unlearn_batch
+
+log = logging.getLogger("lethe.worker")
+
+
+def process_model(settings: Settings, model_id: str, worker_id: str) -> str | None:
+    """Run one batch of the model's queue; returns a request still queued for it (the next wake-up),
+    or None. One batch per wake-up, so that a worker alternates between models with waiting work
+    instead of draining one model's queue while the others wait."""
+    batch = claim_batch(settings, model_id, worker_id)
+    if batch is None:  # nothing queued, or another worker runs the model: it wakes the next run itself
+        return None
+    run_batch(settings, batch, worker_id)
+    with session_scope(settings.database) as session:
+        return session.scalar(select(DeletionRequest.id).where(
+            DeletionRequest.model_id == model_id, DeletionRequest.status == S.QUEUED)
+            .order_by(DeletionRequest.created_at).limit(1))
+
+
+def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
+    from worker.engine import UnlearningCancelled
+
+    remove_stale_run_folders_safely()
+    workdir, workdir_lock = make_run_folder()
+    heartbeat = Heartbeat(settings, batch, worker_id)
+    heartbeat.start()
+    ctx = RunContext(settings, batch, worker_id, workdir, LocalSources(settings.allowed_data_roots, workdir / "sources"),
+                     heartbeat)
+    fields, started, outcome = run_fields(batch, worker_id), time.monotonic(), "finished"
+    log.info("run started: model %s version %d, %d request(s)", batch.model_name, batch.version,
+             len(batch.requests), extra=fields)
+    try:
+        current = materialise_version(ctx, workdir / "current")
+        rejected = check_sources(ctx, current)
+        runnable = {rid: spec for rid, spec in batch.requests.items() if rid not in rejected}
+        result = unlearn_batch(ctx, runnable, current) if runnable else None
+        finish(settings, batch, worker_id, rejected, runnable, result)
+    except UnlearningCancelled:
+        outcome = "canceled"
+        settle_cancellation(settings, batch, worker_id)
+    except Exception as exc:  # fails the run with its message; the lease is released
+        outcome = "failed"
+        log.exception("run failed for model %s", batch.model_name, extra=fields)
+        settle_failure(settings, batch, worker_id, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        heartbeat.stop()
+        # Adapters never leave memory; the folder holds the temporary files (the version's weights,
+        # downloaded forget sets, the candidate).
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.close(workdir_lock)
+        seconds = round(time.monotonic() - started, 3)
+        log.info("run %s: model %s in %.1f s", outcome, batch.model_name, seconds,
+                 extra={**fields, "outcome": outcome, "seconds": seconds})

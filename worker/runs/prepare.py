@@ -1,0 +1,70 @@
+"""Before training: the current version as a package the engine reads, and each request's forget
+set checked (readable, inside the data roots, of a class the version has) and measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service.db import session_scope
+from service.errors import ServiceError
+from service.registry.models import ModelVersion
+from service.registry.storage import artifact_store
+from service.sources import LocalSources
+from worker.runs.batch import RunContext
+
+
+def materialise_version(ctx: RunContext, folder: Path) -> Path:
+    """The current version as a package folder the engine can read: the weights linked from a folder store,
+    downloaded (and checked against their sha256) from S3."""
+    with session_scope(ctx.settings.database) as session:
+        version = session.get(ModelVersion, ctx.batch.version_id)
+        card, sha256 = version.card, version.sha256
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(json.dumps(card))
+    artifact_store(ctx.settings).fetch(sha256, folder / "model.safetensors")
+    return folder
+
+
+def check_sources(ctx: RunContext, package: Path) -> dict[str, str]:
+    """Requests whose forget set cannot be used, with the reason: outside the data roots once
+    symlinks are resolved, missing, unreadable, a class the version does not have, or (with the
+    generalisation check on) one image, which the check cannot hold any image of back."""
+    from worker.engine import EngineError
+    from worker.engine.images import count_images
+
+    rejected = {}
+    for request_id, (cls, uri, _seed) in ctx.batch.requests.items():
+        try:
+            forget_accuracy(package, {cls: uri}, ctx.sources)
+            if ctx.settings.gate_holdout_folds and count_images(str(ctx.sources.path(uri))) < 2:
+                rejected[request_id] = ("forget set too small for the generalisation check (1 image): "
+                                        "send at least 2 images of the class")
+        except ServiceError as exc:
+            rejected[request_id] = exc.detail
+        except EngineError as exc:
+            rejected[request_id] = str(exc)
+    return rejected
+
+
+def forget_accuracy(package: Path, specs: dict[str, str], sources: LocalSources) -> dict[str, float]:
+    """Each class's accuracy on its forget set under the given package (OutsideDataRoots, UnreadableSource
+    or the engine's error when a set cannot be read)."""
+    from worker.engine import ForgetSpec, forget_set_accuracies
+
+    return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(sources.path(u))) for c, u in specs.items()))
+
+
+def own_forget_accuracy(package: Path, requests: dict[str, tuple[str, str, int]], sources: LocalSources
+                        ) -> dict[str, float]:
+    """Each request's accuracy on its own forget set under the package."""
+    return {r: forget_accuracy(package, {cls: uri}, sources)[cls] for r, (cls, uri, _seed) in requests.items()}
+
+
+def class_sets(requests: dict[str, tuple[str, str, int]]) -> dict[str, list[str]]:
+    """Each class's forget sets, one per request (a set two requests share counted once), in request order."""
+    sets: dict[str, list[str]] = {}
+    for cls, uri, _seed in requests.values():
+        if uri not in sets.setdefault(cls, []):
+            sets[cls].append(uri)
+    return sets

@@ -1,0 +1,134 @@
+"""Settling a batch: publish version n+1 and complete its requests, or fail, cancel or re-queue
+them; always inside ``settling``, so a worker that lost its lease writes nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from typing import Any
+
+from sqlalchemy import select
+
+from service.config import Settings
+from service.db import session_scope
+from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.deletion_requests.transitions import record, transition
+from service.registry.models import ModelVersion
+from service.registry.service import publish_version
+from service.registry.storage import artifact_store
+from worker.runs.batch import Batch
+from worker.runs.leases import settling
+from worker.runs.train import BatchResult
+
+log = logging.getLogger("lethe.worker")
+
+
+def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str, str],
+           runnable: dict[str, tuple[str, str, int]], result: BatchResult | None) -> None:
+    actor = f"worker:{worker_id}"
+    sha256 = size = card = None
+    if result is not None and result.package is not None and not result.gate_errors:
+        store = artifact_store(settings)
+        incoming = store.new_incoming()
+        shutil.move(result.package / "model.safetensors", incoming)
+        sha256, size = store.put(incoming)
+        card = json.loads((result.package / "model.json").read_text())
+    with settling(settings, batch, worker_id, publishing=sha256 is not None) as held:
+        if held is not None:
+            session, rows = held
+            for request_id, reason in rejected.items():
+                if request_id in rows:
+                    transition(session=session, request=rows[request_id], to=S.REJECTED, actor=actor,
+                               detail={"error": reason})
+                    rows[request_id].error = reason
+            if result is not None:
+                settle_result(session, batch, rows, runnable, result, sha256, size, card, actor)
+    if held is None and sha256 is not None:
+        discard_unreferenced(settings, sha256)
+
+
+def discard_unreferenced(settings: Settings, sha256: str) -> None:
+    """Delete a candidate's stored weights that no version names (a fenced-out run's)."""
+    with session_scope(settings.database) as session:
+        named = session.scalar(select(ModelVersion.id).where(ModelVersion.sha256 == sha256).limit(1))
+    if named is None:
+        artifact_store(settings).delete(sha256)
+
+
+def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
+                  sha256: str | None, size: int | None, card: dict[str, Any] | None, actor: str) -> None:
+    current = session.get(ModelVersion, batch.version_id)
+    if result.report is not None and result.gate_errors:
+        log.warning("model %s: the candidate missed the publish gate: %s", batch.model_name,
+                    "; ".join(result.gate_errors), extra={"model": batch.model_name, "gate": result.gate_errors})
+        for request_id in runnable.keys() & rows.keys():
+            row = rows[request_id]
+            transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": result.gate_errors})
+            row.error, row.metrics = "; ".join(result.gate_errors), request_metrics(result, request_id)
+        return
+    fulfilled = current
+    if result.report is not None:
+        forgotten = list(dict.fromkeys([*current.classes_forgotten, *result.report["classes"]]))
+        fulfilled = publish_version(session=session, model_id=batch.model_id, sha256=sha256, size=size,
+                                    card=card, classes_forgotten=forgotten, metrics=summarise(result.report))
+        log.info("model %s: version %d published, forgetting %s", batch.model_name, fulfilled.version,
+                 ", ".join(result.report["classes"]),
+                 extra={"model": batch.model_name, "published_version": fulfilled.version, "sha256": sha256,
+                        "deletion_requests": list(runnable), "training_seconds": result.report.get("seconds")})
+    for request_id, (cls, _uri, _seed) in runnable.items():
+        row = rows.get(request_id)
+        if row is None:  # no longer this worker's: whoever runs it now settles it
+            continue
+        if cls in result.already_forgotten:
+            record(session=session, request=row, event="already_forgotten", actor=actor,
+                   detail={"version": current.version, "forget_acc": result.already_forgotten[cls]})
+            row.metrics = {"already_forgotten": True, "forget_acc": result.already_forgotten[cls],
+                           "version": current.version}
+        else:
+            row.metrics = request_metrics(result, request_id)
+        row.fulfilled_version_id = fulfilled.id
+        transition(session=session, request=row, to=S.COMPLETED, actor=actor, detail={"version": fulfilled.version})
+
+
+def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
+    """The run's evidence, with this request's own forget set measured apart from its class's union."""
+    metrics = summarise(result.report)
+    if request_id in result.own_after:
+        metrics["own_forget_set"] = {"forget_acc_before": result.own_before[request_id],
+                                     "forget_acc_after": result.own_after[request_id]}
+    return metrics
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
+            "forget_acc_after", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
+            "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
+            "anchor_images")
+    return {k: report[k] for k in keep if k in report}
+
+
+def settle_failure(settings: Settings, batch: Batch, worker_id: str, error: str) -> None:
+    """A run that raised. Alone, its request fails with the error. In a batch, the cause may be one
+    request's images or class: every request goes back to the queue to run alone, so that only the
+    one that causes the failure fails (and the others are not held back by it)."""
+    with settling(settings, batch, worker_id) as held:
+        rows = list(held[1].values()) if held else []
+        for row in rows:
+            if len(rows) == 1:
+                transition(session=held[0], request=row, to=S.FAILED, actor=f"worker:{worker_id}",
+                           detail={"error": error})
+                row.error = error
+            else:
+                transition(session=held[0], request=row, to=S.QUEUED, actor=f"worker:{worker_id}",
+                           detail={"reason": f"its batch of {len(rows)} failed ({error}); it runs alone next"})
+                row.run_alone = True
+
+
+def settle_cancellation(settings: Settings, batch: Batch, worker_id: str) -> None:
+    """Canceled requests end; the others of the batch go back to the queue for the next run."""
+    with settling(settings, batch, worker_id) as held:
+        for row in (held[1].values() if held else ()):
+            to = S.CANCELED if row.cancel_requested else S.QUEUED
+            transition(session=held[0], request=row, to=to, actor=f"worker:{worker_id}",
+                       detail={"reason": "canceled during the run" if to == S.CANCELED else "batch canceled"})

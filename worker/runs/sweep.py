@@ -1,0 +1,67 @@
+"""The periodic sweep: re-queue requests whose worker died, wake idle queues, flag deadlines,
+dispose of superseded weights and of weights no version names."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select, update
+
+from service.config import Settings
+from service.db import db_now, session_scope
+from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.deletion_requests.transitions import record, transition
+from service.registry.models import RegisteredModel
+from service.registry.service import dispose_superseded, remove_orphans
+from service.registry.storage import artifact_store
+
+log = logging.getLogger("lethe.worker")
+
+
+def sweep(settings: Settings, enqueue) -> dict[str, int]:
+    """Re-queue requests whose worker died, wake idle queues, flag deadlines, dispose of old weights
+    and of weights no version names."""
+    counts = {"requeued": 0, "woken": 0, "at_risk": 0, "overdue": 0, "disposed": 0, "orphans": 0, "stale_parts": 0}
+    wake: set[str] = set()
+    with session_scope(settings.database) as session:
+        now = db_now(session)  # leases are judged by the database's clock, as they were granted
+        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.status == S.RUNNING,
+                                                                 DeletionRequest.lease_expires_at < now)
+                                   .with_for_update(skip_locked=True)):  # a worker settling it now goes first
+            transition(session=session, request=row, to=S.QUEUED, actor="sweep",
+                       detail={"reason": f"lease of {row.lease_owner} expired"})
+            counts["requeued"] += 1
+            wake.add(row.id)
+        session.execute(update(RegisteredModel).where(RegisteredModel.run_lease_expires_at < now)
+                        .values(run_lease_owner=None, run_lease_expires_at=None))
+        # One wake-up per model with waiting work, in case its message was lost.
+        oldest_per_model: dict[str, str] = {}
+        for model_id, request_id in session.execute(select(DeletionRequest.model_id, DeletionRequest.id).where(
+                DeletionRequest.status == S.QUEUED).order_by(DeletionRequest.created_at)):
+            oldest_per_model.setdefault(model_id, request_id)
+        wake |= set(oldest_per_model.values())
+        counts["woken"] = len(wake)
+        flag_deadlines(session, now, counts)
+        store = artifact_store(settings)
+        counts["disposed"] = len(dispose_superseded(session=session, store=store,
+                                                    retention_hours=settings.retention_hours))
+        counts["orphans"], counts["stale_parts"] = remove_orphans(session=session, store=store,
+                                                                  grace_hours=settings.orphan_grace_hours)
+    for request_id in wake:
+        enqueue(request_id)
+    return counts
+
+
+def flag_deadlines(session, now, counts: dict[str, int]) -> None:
+    """Once per request: an audit event when it becomes at risk and when it becomes overdue."""
+    active = DeletionRequest.status.in_([S.RECEIVED, S.QUEUED, S.RUNNING])
+    for row in session.scalars(select(DeletionRequest).where(active, DeletionRequest.at_risk_from <= now)):
+        flagged = {e.event for e in row.events}
+        if row.due_at < now and "overdue" not in flagged:
+            record(session=session, request=row, event="overdue", actor="sweep", detail={"due_at": row.due_at.isoformat()})
+            log.warning("deletion request %s (%s) is overdue since %s", row.id, row.external_id, row.due_at)
+            counts["overdue"] += 1
+        elif row.due_at >= now and "at_risk" not in flagged:
+            record(session=session, request=row, event="at_risk", actor="sweep", detail={"due_at": row.due_at.isoformat()})
+            log.warning("deletion request %s (%s) is at risk: due %s", row.id, row.external_id, row.due_at)
+            counts["at_risk"] += 1
