@@ -9,13 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.adapters import lora_b_matrices
 from worker.engine.augment import DEFAULT_AUGMENTATION
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
-from worker.engine.losses import (adversarial_neighbours, bounded_forget_loss, l1_distance, l1_norm, masked_kl_loss,
-                                  masked_teacher, negative_ce_loss, random_labels_loss)
+from worker.engine.losses import adversarial_neighbours, masked_kl_loss, masked_teacher
 from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.prefix import split_frozen_prefix
@@ -111,15 +109,14 @@ class UnlearningLoop:
         self.augmentation = DEFAULT_AUGMENTATION if config.augment else None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.effective_lr)
-        self.initial = [p.detach().clone() for p in self.trainable] if self.method.regulariser == "weight-l1" else []
-        self.lora_b = lora_b_matrices(model) if self.method.regulariser == "lora-l1" else []
+        self.penalty = self.method.regulariser.bind(model, self.trainable) if self.method.regulariser else None
         self.forget_samplers = [CyclingSampler(x.shape[0], config.batch_size, generator) for x in forget.images]
         self.retain_sampler = (CyclingSampler(retain_data.labels.numel(), config.batch_size, generator)
                                if retain_data is not None else None)
         # masked-kl: the original model's targets, computed once (the adapters start at zero, so the
         # model is still the original here); rows follow the forget sets' order.
         self.teachers = ([self._teacher(x) for x in forget.images]
-                         if self.method.forget_objective == "masked-kl" else [])
+                         if self.method.forget is not None and self.method.forget.needs_teacher else [])
         # neighbours: adversarial neighbours of every forget image on the original model, and the
         # original's masked softmax on them, computed once for the same reason.
         self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
@@ -234,10 +231,12 @@ class UnlearningLoop:
               retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = (),
               anchor_chunk: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         loss = torch.zeros((), device=self.runtime.device)
-        objective = self.method.forget_objective
-        if objective != "none":
+        forget = self.method.forget
+        if forget is not None:
             # The mean over classes of each class's loss, so a large forget set does not drown a small one.
-            terms = [self._forget_term(logits, labels, c) for c, (logits, labels) in enumerate(zip(forget_chunks, targets))]
+            terms = [forget.loss(logits, labels, self._batch_teachers[c] if forget.needs_teacher else None,
+                                 self.generator)
+                     for c, (logits, labels) in enumerate(zip(forget_chunks, targets))]
             loss = loss + torch.stack(terms).mean()
         if neighbour_chunks:
             terms = [masked_kl_loss(logits, teacher[i]) for logits, teacher, i in
@@ -247,21 +246,9 @@ class UnlearningLoop:
             loss = loss + self.config.anchor_weight * masked_kl_loss(anchor_chunk[0], self.anchor_teacher[self._anchor_index])
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
-        if self.method.regulariser == "lora-l1":
-            loss = loss + self.config.l1_weight * l1_norm(self.lora_b)
-        elif self.method.regulariser == "weight-l1":
-            loss = loss + self.config.l1_weight * l1_distance(self.trainable, self.initial)
+        if self.penalty is not None:
+            loss = loss + self.config.l1_weight * self.penalty()
         return loss
-
-    def _forget_term(self, logits: torch.Tensor, labels: torch.Tensor, forget_set: int) -> torch.Tensor:
-        objective = self.method.forget_objective
-        if objective == "bounded":
-            return bounded_forget_loss(logits, labels)
-        if objective == "masked-kl":
-            return masked_kl_loss(logits, self._batch_teachers[forget_set])
-        if objective == "negative":
-            return negative_ce_loss(logits, labels)
-        return random_labels_loss(logits, labels, self.generator)
 
     # --- measurements ------------------------------------------------------------------------
 
