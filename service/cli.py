@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -273,6 +274,13 @@ def run_unlearn(args: argparse.Namespace) -> int:
             max_forget_prob=args.max_forget_prob,
             holdout_folds=args.holdout_folds, holdout_images=args.holdout_images,
         )
+        if config.holdout_folds:  # before training: the check cannot judge one photo, and the user asked for it
+            from worker.engine.unlearn import forget_set_distinct_images
+
+            for cls, count in forget_set_distinct_images(inputs.model, inputs.forget).items():
+                if count < 2:
+                    return fail(f"--holdout-folds: the forget set of {cls} holds {count} different photo(s); "
+                                "the generalisation check needs at least 2 (3 or more give it a fair chance)")
         out = check_output_folder(args.out)  # before training: a run is minutes of work to lose
         report_path = report_location(args.report, out)
         bar = ProgressBar(sys.stderr)
@@ -285,7 +293,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             report_path = out.with_name(out.name + ".report.json")
         write_json(report_path, report)
     except EngineError as exc:
-        return fail(str(exc))
+        return fail(as_flags(str(exc)))
     except OSError as exc:
         return fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
     print(summary_line(report), file=sys.stderr)
@@ -327,14 +335,29 @@ def summary_line(report: dict) -> str:
         e = report["evaluation"]
         line += (f"; held-out Acc_f {e['acc_f_before']:.1f} -> {e['acc_f_after']:.1f}, "
                  f"Acc_r {e['acc_r_before']:.1f} -> {e['acc_r_after']:.1f}")
-    if not report.get("stop_rule_met", True):
+    asked_margin = report["config"].get("confirm_views") or report["config"].get("max_forget_prob", 1.0) < 1.0
+    if asked_margin and report.get("target_met") and not report.get("stop_rule_met", True):
         line += "; the stop rule's margin (views or probability bound) was not reached within --max-steps"
     if report.get("holdout"):
         h = report["holdout"]
-        held = ", ".join(f"{c} {a:.1f}% of {h['held_back'][c]}" if a is not None else f"{c} not checkable (one image)"
+        held = ", ".join(f"{c} {a:.1f}% of {h['held_back'][c]}" if a is not None
+                         else f"{c} not checkable (fewer than 2 different photos the model recognises)"
                          for c, a in h["forget_acc"].items())
         line += f"; held-back images still recognised: {held} ({h['folds_run']} of {h['folds']} folds)"
     return line
+
+
+CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "confirm_views", "max_forget_prob", "anchor_weight", "holdout_folds", "holdout_images", "max_steps",
+    "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
+    "precision", "select_on_eval")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
+
+
+def as_flags(message: str) -> str:
+    """An engine message about a config field, in the flag's name (``confirm_views`` -> ``--confirm-views``)."""
+    for name, flag in CONFIG_FLAGS.items():
+        message = re.sub(rf"(?<![-\w]){re.escape(name)}(?!\w)", flag, message)
+    return message
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -183,7 +183,7 @@ class UnlearnSettings(BaseSettings):
     lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_steps: int = Field(100, ge=1)
     target_forget_acc: float = Field(1.0, ge=0, le=100, description="also the publish gate's forget-set target")
-    l1_weight: float = Field(1e-3, ge=0)
+    l1_weight: float = Field(1e-3, ge=0, allow_inf_nan=False)
     rank: int = Field(8, ge=1)
     adapter_blocks: Literal["all", "later-half"] = Field("later-half", description="later-half: adapters only in "
                                                          "the later half of the ViT's blocks; all: the paper's")
@@ -194,7 +194,8 @@ class UnlearnSettings(BaseSettings):
     confirm_views: int = Field(0, ge=0, description="stop rule: this many fixed random views per image forgotten too")
     max_forget_prob: float = Field(1.0, gt=0, le=1, description="stop rule: the class's probability on each forget "
                                    "image at most this (1: the prediction only)")
-    anchor_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="weight of the KL to the original on a model's anchor set")
+    anchor_weight: float = Field(1.0, gt=0, le=1e3, allow_inf_nan=False,
+                                 description="weight of the KL to the original on a model's anchor set")
     # Few images (a person's handful of photos): forget sets smaller than this get the settings below
     # instead, chosen per run from its smallest forget set. Why (benchmarks/README.md, "Few images"):
     # forgetting 8 of a digit's images, 10 digits x 3 seeds, the setting above leaves 34 % of the

@@ -17,7 +17,7 @@ from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Gone, InvalidInput, NotFound
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.storage import ArtifactStore
-from service.sources import Root, check_data_root
+from service.sources import Root, check_data_root, resolve_in_data_root
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"current"}
@@ -48,14 +48,32 @@ def validate_package(card_bytes: bytes, weights_path: Path):
     return card
 
 
+def check_image_set(role: str, uri: str, data_roots: list[Root]) -> None:
+    """A set the model's every run will read must exist, inside the data roots, and hold images: a
+    broken one would fail each later request of the model, on the data subject's account. (Local sets
+    are listed here; an s3:// set is read by the first run.)"""
+    from worker.engine import EngineError
+    from worker.engine.images import count_images
+
+    check_data_root(uri, data_roots)
+    if uri.startswith("s3://"):
+        return
+    try:
+        path = resolve_in_data_root(uri, data_roots)
+        if count_images(str(path)) == 0:
+            raise InvalidInput(f"{role}: {uri} holds no images")
+    except EngineError as exc:
+        raise InvalidInput(f"{role}: {exc}") from None
+
+
 def register_model(*, session: Session, store: ArtifactStore, name: str, card_bytes: bytes, weights_path: Path,
                    eval_set: str | None, data_roots: list[Root], anchor_set: str | None = None) -> ModelVersion:
     """A new model as version 1, with ``current`` pointing at it. ``weights_path`` goes into the store
     (stored and verified before the row that names it is written)."""
     check_model_name(name)
-    for uri in (eval_set, anchor_set):
+    for role, uri in (("eval_set", eval_set), ("anchor_set", anchor_set)):
         if uri is not None:
-            check_data_root(uri, data_roots)
+            check_image_set(role, uri, data_roots)
     if session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)):
         raise Conflict(f"a model named {name!r} is registered already")
     card = validate_package(card_bytes, weights_path)

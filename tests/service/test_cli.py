@@ -52,19 +52,33 @@ def test_an_existing_report_file_is_never_overwritten(digits_model, digits, tmp_
     assert card.read_text() == before
 
 
+def test_the_generalisation_check_on_one_photo_is_refused_before_training(digits_model, digits, tmp_path, capsys):
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    photo = sorted(digits.train_class("3").iterdir())[0]
+    for i in range(4):  # one photo, four files
+        (copies / f"{i}.png").write_bytes(photo.read_bytes())
+    args = unlearn_args(digits_model, digits, tmp_path / "out", "--holdout-folds", "3")
+    args[args.index("--forget") + 1] = f"3={copies}"
+    assert main(args) == EXIT_BAD_INPUT
+    assert "holds 1 different photo(s); the generalisation check needs at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (["--forget", "3"], "--forget expects CLASS=SOURCE"),
     (["--forget", "cat=/nowhere"], "'cat' is not one of the model's classes"),
     (["--forget", "3=/nowhere/at/all"], "/nowhere/at/all: no such file or directory"),
     (["--method", "finetune"], "needs a retain source"),
     (["--targets", "q_proj"], "no linear layers named 'q_proj'"),
-    (["--rank", "0"], "rank must be at least 1"),
-    (["--select-on-eval"], "select_on_eval needs a labelled evaluation source"),
-    (["--holdout-folds", "1"], "holdout_folds must be 0"),
-    (["--confirm-views", "-1"], "confirm_views must be in [0, 64]"),
-    (["--confirm-views", "1000000000"], "confirm_views must be in [0, 64]"),
-    (["--max-forget-prob", "0"], "max_forget_prob is a probability"),
-    (["--anchor-weight", "0"], "anchor_weight must be a positive number"),
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--select-on-eval"], "needs a labelled evaluation source"),
+    (["--holdout-folds", "1"], "--holdout-folds must be 0"),
+    (["--confirm-views", "-1"], "--confirm-views must be in [0, 64]"),
+    (["--confirm-views", "1000000000"], "--confirm-views must be in [0, 64]"),
+    (["--max-forget-prob", "0"], "--max-forget-prob is a probability"),
+    (["--anchor-weight", "0"], "--anchor-weight must be in (0, 1000]"),
+    (["--anchor-weight", "1e308"], "--anchor-weight must be in (0, 1000]"),
     (["--anchor", "/nowhere/anchor"], "/nowhere/anchor: no such file or directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(change, message, digits_model, digits, tmp_path, capsys):

@@ -13,6 +13,7 @@ from worker.engine.methods import METHODS, Method
 DEVICES = ("auto", "cpu", "cuda")
 ADAPTER_BLOCKS = ("all", "later-half")
 PRECISIONS = ("auto", "fp32", "bf16")
+MAX_ANCHOR_WEIGHT = 1e3  # the anchor term against the forget term: beyond this it only overflows the loss
 MAX_CONFIRM_VIEWS = 64  # views are kept for the whole run: N times the forget set's tokens
 
 
@@ -105,7 +106,8 @@ class UnlearnConfig:
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (0 <= self.confirm_views <= MAX_CONFIRM_VIEWS, f"confirm_views must be in [0, {MAX_CONFIRM_VIEWS}]"),
             (0.0 < self.max_forget_prob <= 1.0, "max_forget_prob is a probability in (0, 1]"),
-            (math.isfinite(self.anchor_weight) and self.anchor_weight > 0, "anchor_weight must be a positive number"),
+            (math.isfinite(self.anchor_weight) and 0 < self.anchor_weight <= MAX_ANCHOR_WEIGHT,
+             f"anchor_weight must be in (0, {MAX_ANCHOR_WEIGHT:g}]"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,
              "holdout_folds must be 0 (no generalisation check) or at least 2"),
             (self.holdout_images >= 1, "holdout_images must be at least 1"),

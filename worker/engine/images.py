@@ -54,6 +54,7 @@ class ImageSet:
     pixels: torch.Tensor
     labels: tuple[str | None, ...]
     skipped: tuple[str, ...]  # names of undecodable files, when skipping was asked for
+    duplicates: int = 0  # exact copies of another image of the set, dropped (forget sets)
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -149,7 +150,9 @@ def _decode(entry: ImageEntry, spec: InputSpec) -> np.ndarray:
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its message is PIL's repr of our buffer, a memory address
+        raise ImageSourceError(f"{entry.name}: not a decodable JPEG/PNG/BMP/PGM/WebP image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageSourceError(f"{entry.name}: not a decodable JPEG/PNG/BMP/PGM/WebP image ({exc})") from None
     return array[:, :, None] if array.ndim == 2 else array
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ import torch
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
+from worker.engine.duplicates import any_near, distinct_count, exact_duplicates, groups
 from worker.engine.images import ImageSet, normalise, read_images
 from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
@@ -43,8 +43,9 @@ class HoldoutReport:
 
     folds: int  # the folds each forget set was cut into
     folds_run: int  # fewer when enough images were held back early (config.holdout_images)
-    held_back: dict[str, int]  # per class: images scored
-    forget_acc: dict[str, float | None]  # per class: % of its held-back images still recognised; None: too few images
+    held_back: dict[str, int]  # per class: held-back images scored (those the original model recognised)
+    forget_acc: dict[str, float | None]  # per class: % of those still recognised; None: none to score
+    not_recognised: dict[str, int]  # per class: held-back images the original did not recognise either (not scored)
     steps: list[int]  # per fold run
     seconds: float
 
@@ -58,6 +59,7 @@ class UnlearnReport:
     classes: list[str]
     forget_set_size: dict[str, int]
     skipped_images: dict[str, list[str]]  # per source ("forget:<class>", "eval", "retain"), when skipping
+    forget_duplicates: dict[str, int]  # per class: exact copies of another forget image, dropped before training
     steps: int
     steps_run: int
     seconds: float  # adapters attached -> merged: the unlearning itself
@@ -169,6 +171,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         classes=list(forget.class_names),
         forget_set_size={f.class_name: len(s) for f, s in zip(inputs.forget, forget_sets)},
         skipped_images=skipped,
+        forget_duplicates={f.class_name: s.duplicates for f, s in zip(inputs.forget, forget_sets)},
         steps=outcome.steps,
         steps_run=outcome.steps_run,
         seconds=round(seconds, 3),
@@ -226,13 +229,22 @@ def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device:
 
 
 def read_forget_set(forget: ForgetSpec, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
-    """A class's images from every source it was given, as one set."""
+    """A class's images from every source it was given, as one set, each image once: an exact copy
+    (same decoded pixels) of another is dropped and counted in ``duplicates``."""
     sets = [read_images(source, spec, skip_bad=skip_bad) for source in forget.sources]
-    if len(sets) == 1:
-        return sets[0]
-    return ImageSet(source=" + ".join(s.source for s in sets), pixels=torch.cat([s.pixels for s in sets]),
-                    labels=tuple(label for s in sets for label in s.labels),
-                    skipped=tuple(name for s in sets for name in s.skipped))
+    pixels = torch.cat([s.pixels for s in sets])
+    labels = tuple(label for s in sets for label in s.labels)
+    keep = ~exact_duplicates(pixels)
+    return ImageSet(source=" + ".join(s.source for s in sets), pixels=pixels[keep],
+                    labels=tuple(label for label, k in zip(labels, keep.tolist()) if k),
+                    skipped=tuple(name for s in sets for name in s.skipped), duplicates=int((~keep).sum()))
+
+
+def forget_set_distinct_images(model: str, forget: tuple[ForgetSpec, ...]) -> dict[str, int]:
+    """How many different photos each class's forget set holds (near-duplicates counted once): what
+    the service's size rules (one image, few images) count."""
+    card = load_package(model).card
+    return {f.class_name: distinct_count(read_forget_set(f, card.input).pixels) for f in forget}
 
 
 @dataclass(frozen=True)
@@ -281,9 +293,17 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
     """
     started, config = time.perf_counter(), training.config
     generator = torch.Generator().manual_seed(config.seed)
-    folds = [torch.randperm(x.shape[0], generator=generator).tensor_split(min(config.holdout_folds, x.shape[0]))
-             if x.shape[0] >= 2 else None for x in forget.images]
+    # Near-duplicates (one photo re-encoded, resized...) share a fold: a copy of a held-back image
+    # in the training folds would make the held-back image seen.
+    folds = [_group_folds(_pixels(x, training.spec), config.holdout_folds, generator) for x in forget.images]
+    # Only held-back images the original recognises as the class can show anything: an image it
+    # never recognised (another person's photo, padding) would count as "forgotten" for free.
+    original = fresh_model()
+    known = [predict(original, x, training.runtime, config.eval_batch_size) == i
+             for x, i in zip(forget.images, forget.class_indices)]
+    del original
     held = [0] * len(forget.images)
+    unknown = [0] * len(forget.images)
     recognised = [0] * len(forget.images)
     steps: list[int] = []
     fold_config = dataclasses.replace(config, select_on_eval=False)
@@ -291,13 +311,16 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         if all(f is None or j >= len(f) or n >= config.holdout_images for f, n in zip(folds, held)):
             break
         parts = [_fold(x, f, j) for x, f in zip(forget.images, folds)]
+        scoring = [_fold(k, f, j)[1] for k, f in zip(known, folds)]
         fold_forget = dataclasses.replace(forget, images=tuple(train for train, _ in parts))
         model = fresh_model()
         before = forget_set_accuracy(model, fold_forget, training.runtime, config.eval_batch_size)
         phase = f"holdout {j + 1}/{config.holdout_folds}"
         report_progress = (lambda p: on_progress(dataclasses.replace(p, phase=phase))) if on_progress else None
         trained, _, outcome = training.run(model, fold_forget, before, on_progress=report_progress, config=fold_config)
-        for c, (_, scored) in enumerate(parts):
+        for c, ((_, held_out), mask) in enumerate(zip(parts, scoring)):
+            scored = held_out[mask]
+            unknown[c] += int((~mask).sum())
             if scored.shape[0]:
                 predictions = predict(trained, scored, training.runtime, config.eval_batch_size)
                 recognised[c] += int((predictions == forget.class_indices[c]).sum())
@@ -308,8 +331,27 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         held_back=dict(zip(forget.class_names, held)),
         forget_acc={name: (100.0 * r / n if f is not None and n else None)
                     for name, f, r, n in zip(forget.class_names, folds, recognised, held)},
+        not_recognised=dict(zip(forget.class_names, unknown)),
         steps=steps, seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _pixels(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Normalised inputs back in [0, 1]."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1)
+    return (images * std + mean).cpu()
+
+
+def _group_folds(images: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, ...] | None:
+    """Up to ``k`` folds of image indices, near-duplicates always in the same fold (groups in an order
+    drawn from ``generator``); None when the set holds fewer than two different photos."""
+    group_of = groups(images)
+    count = int(group_of.max()) + 1 if len(group_of) else 0
+    if count < 2:
+        return None
+    order = torch.randperm(count, generator=generator).tensor_split(min(k, count))
+    return tuple(torch.isin(group_of, members).nonzero().flatten() for members in order)
 
 
 def _fold(images: torch.Tensor, folds: tuple[torch.Tensor, ...] | None, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,10 +400,8 @@ def _anchor(source: str, card: ModelCard, config: UnlearnConfig, runtime: Runtim
 def _check_anchor_apart(source: str, forget_sets: list[ImageSet], anchor_pixels: torch.Tensor) -> None:
     """An anchor holding a forget image would hold the original's output on it in place, against the
     forgetting, and would show every fold of the generalisation check the images it holds back."""
-    digest = lambda pixels: {hashlib.sha256(p.numpy().tobytes()).digest() for p in pixels}  # noqa: E731
-    forgotten = set().union(*(digest(s.pixels) for s in forget_sets))
-    if forgotten & digest(anchor_pixels):
-        raise ImageSourceError(f"{source}: the anchor source holds images of a forget set")
+    if any(any_near(anchor_pixels, s.pixels) for s in forget_sets):  # a copy, re-encoded or touched up, too
+        raise ImageSourceError(f"{source}: the anchor source holds images of a forget set (or near-copies of them)")
 
 
 def _in_input_dtypes(merged: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -12,18 +13,41 @@ from service.registry.models import ModelVersion
 from worker.runs.batch import Batch
 
 
+@dataclass
+class GateVerdict:
+    """Why a candidate may not be published: reasons of the whole candidate (``batch``) and reasons
+    of one class's requests (``per_class``). No reason names a class: class names are often people's."""
+
+    batch: list[str] = field(default_factory=list)
+    per_class: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.batch and not any(self.per_class.values())
+
+    def failing_classes(self) -> set[str]:
+        return {c for c, reasons in self.per_class.items() if reasons}
+
+    def reasons(self) -> list[str]:
+        """Every reason, for the log."""
+        return self.batch + [r for reasons in self.per_class.values() for r in reasons]
+
+
 def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float,
-                requested: set[str]) -> list[str]:
-    """Why the candidate may not be published (empty: it may). The generalisation check judges the
-    batch's own classes (``requested``): an earlier class forgotten again is judged by its re-check."""
-    errors = []
-    if not report["target_met"]:
-        worst = max(report["forget_acc_after"].values())
-        errors.append(f"forget-set accuracy {worst:.1f}% did not reach the {target}% target")
+                requested: set[str]) -> GateVerdict:
+    """The gate. The generalisation check and the forget-set target judge each of the batch's own
+    classes (``requested``) apart; an earlier class forgotten again is judged by its re-check."""
+    verdict = GateVerdict(per_class={c: [] for c in requested})
+    errors = verdict.batch
+    for cls, acc in report["forget_acc_after"].items():
+        if acc > target:
+            reason = f"forget-set accuracy {acc:.1f}% did not reach the {target}% target"
+            (verdict.per_class[cls] if cls in requested else errors).append(reason)
     not_forgotten = [c for c, r in report.get("rechecks", {}).items() if r["status"] == "not_forgotten"]
     if not_forgotten:
-        errors.append(f"earlier classes no longer forgotten: {', '.join(not_forgotten)}")
-    errors += holdout_errors(settings, report.get("holdout"), requested)
+        errors.append(f"{len(not_forgotten)} class(es) forgotten by earlier requests would no longer be forgotten")
+    for cls in requested:
+        verdict.per_class[cls] += holdout_errors(settings, report.get("holdout"), {cls})
     evaluation = report.get("evaluation")
     if evaluation:
         if evaluation["acc_f_after"] > settings.gate_max_eval_forget_acc:
@@ -33,7 +57,7 @@ def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target
         report["cumulative_retain_drop"] = drop
         if drop > settings.gate_max_retain_drop:
             errors.append(f"cumulative Acc_r drop {drop:.1f} points exceeds {settings.gate_max_retain_drop}")
-    return errors
+    return verdict
 
 
 def holdout_errors(settings: Settings, holdout: dict[str, Any] | None, classes: set[str] | None = None) -> list[str]:
@@ -47,8 +71,8 @@ def holdout_errors(settings: Settings, holdout: dict[str, Any] | None, classes: 
         if classes is not None and cls not in classes:
             continue
         if acc is None:
-            errors.append(f"forget set too small for the generalisation check ({holdout['held_back'][cls]} image(s) "
-                          "held back; send at least 2 images)")
+            errors.append("the generalisation check could not score any held-back image (it needs at least 2 "
+                          "different photos of the class that the model recognises; at least 3 give a fair chance)")
         elif acc > settings.gate_max_holdout_forget_acc:
             errors.append(f"forgetting did not generalise: {acc:.1f}% of {holdout['held_back'][cls]} held-back forget "
                           f"images still recognised (gate {settings.gate_max_holdout_forget_acc}%)")

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from service.config import Settings
 from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.errors import ServiceError
 from service.sources import LocalSources
 from worker.run_folders import make_run_folder, remove_stale_run_folders_safely
 from worker.runs.batch import Batch, RunContext, run_fields
@@ -38,7 +39,7 @@ def process_model(settings: Settings, model_id: str, worker_id: str) -> str | No
 
 
 def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
-    from worker.engine import UnlearningCancelled
+    from worker.engine import EngineError, UnlearningCancelled
 
     remove_stale_run_folders_safely()
     workdir, workdir_lock = make_run_folder()
@@ -61,7 +62,8 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
     except Exception as exc:  # fails the run with its message; the lease is released
         outcome = "failed"
         log.exception("run failed for model %s", batch.model_name, extra=fields)
-        settle_failure(settings, batch, worker_id, error=f"{type(exc).__name__}: {exc}")
+        expected = isinstance(exc, (EngineError, ServiceError))  # bad input: its message is the whole story
+        settle_failure(settings, batch, worker_id, error=str(exc) if expected else f"{type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop()
         # Adapters never leave memory; the folder holds the temporary files (the version's weights,

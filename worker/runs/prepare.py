@@ -29,17 +29,18 @@ def materialise_version(ctx: RunContext, folder: Path) -> Path:
 def check_sources(ctx: RunContext, package: Path) -> dict[str, str]:
     """Requests whose forget set cannot be used, with the reason: outside the data roots once
     symlinks are resolved, missing, unreadable, a class the version does not have, or (with the
-    generalisation check on) one image, which the check cannot hold any image of back."""
+    generalisation check on) one photo, which the check cannot hold any image of back: copies of one
+    photo (re-encoded, resized, renamed) count once."""
     from worker.engine import EngineError
-    from worker.engine.images import count_images
 
     rejected = {}
     for request_id, (cls, uri, _seed) in ctx.batch.requests.items():
         try:
             forget_accuracy(package, {cls: uri}, ctx.sources)
-            if ctx.settings.gate_holdout_folds and count_images(str(ctx.sources.path(uri))) < 2:
-                rejected[request_id] = ("forget set too small for the generalisation check (1 image): "
-                                        "send at least 2 images of the class")
+            if ctx.settings.gate_holdout_folds and distinct_images(package, {cls: [uri]}, ctx.sources)[cls] < 2:
+                rejected[request_id] = ("forget set too small for the generalisation check (1 different photo): "
+                                        "send at least 2 different photos of the class (3 or more give the check "
+                                        "a fair chance)")
         except ServiceError as exc:
             rejected[request_id] = exc.detail
         except EngineError as exc:
@@ -53,6 +54,16 @@ def forget_accuracy(package: Path, specs: dict[str, str], sources: LocalSources)
     from worker.engine import ForgetSpec, forget_set_accuracies
 
     return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(sources.path(u))) for c, u in specs.items()))
+
+
+def distinct_images(package: Path, sets: dict[str, list[str]], sources: LocalSources) -> dict[str, int]:
+    """How many different photos each class's sets hold together (copies counted once)."""
+    from worker.engine import ForgetSpec
+    from worker.engine.unlearn import forget_set_distinct_images
+
+    specs = tuple(ForgetSpec(c, str(sources.path(first)), tuple(str(sources.path(u)) for u in more))
+                  for c, (first, *more) in sets.items())
+    return forget_set_distinct_images(str(package), specs)
 
 
 def own_forget_accuracy(package: Path, requests: dict[str, tuple[str, str, int]], sources: LocalSources

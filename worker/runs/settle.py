@@ -28,7 +28,7 @@ def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str,
            runnable: dict[str, tuple[str, str, int]], result: BatchResult | None) -> None:
     actor = f"worker:{worker_id}"
     sha256 = size = card = None
-    if result is not None and result.package is not None and not result.gate_errors:
+    if result is not None and result.package is not None and result.gate.passed:
         store = artifact_store(settings)
         incoming = store.new_incoming()
         shutil.move(result.package / "model.safetensors", incoming)
@@ -59,21 +59,17 @@ def discard_unreferenced(settings: Settings, sha256: str) -> None:
 def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
                   sha256: str | None, size: int | None, card: dict[str, Any] | None, actor: str) -> None:
     current = session.get(ModelVersion, batch.version_id)
-    if result.report is not None and result.gate_errors:
-        log.warning("model %s: the candidate missed the publish gate: %s", batch.model_name,
-                    "; ".join(result.gate_errors), extra={"model": batch.model_name, "gate": result.gate_errors})
-        for request_id in runnable.keys() & rows.keys():
-            row = rows[request_id]
-            transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": result.gate_errors})
-            row.error, row.metrics = "; ".join(result.gate_errors), request_metrics(result, request_id)
+    if result.report is not None and not result.gate.passed:
+        settle_gate_failure(session, batch, rows, runnable, result, actor)
         return
     fulfilled = current
     if result.report is not None:
         forgotten = list(dict.fromkeys([*current.classes_forgotten, *result.report["classes"]]))
         fulfilled = publish_version(session=session, model_id=batch.model_id, sha256=sha256, size=size,
                                     card=card, classes_forgotten=forgotten, metrics=summarise(result.report))
-        log.info("model %s: version %d published, forgetting %s", batch.model_name, fulfilled.version,
-                 ", ".join(result.report["classes"]),
+        # No class name in the log: a class is often a person, and the requests name them to who may read them.
+        log.info("model %s: version %d published, forgetting %d class(es)", batch.model_name, fulfilled.version,
+                 len(result.report["classes"]),
                  extra={"model": batch.model_name, "published_version": fulfilled.version, "sha256": sha256,
                         "deletion_requests": list(runnable), "training_seconds": result.report.get("seconds")})
     for request_id, (cls, _uri, _seed) in runnable.items():
@@ -91,20 +87,66 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
         transition(session=session, request=row, to=S.COMPLETED, actor=actor, detail={"version": fulfilled.version})
 
 
+def settle_gate_failure(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
+                        actor: str) -> None:
+    """The candidate may not be published. A request fails with its own class's reasons and the
+    whole candidate's; a request whose class passed, in a batch where another class failed, goes
+    back to the queue to run alone, so one person's failure does not fail (or show in) another's."""
+    gate = result.gate
+    log.warning("model %s: the candidate missed the publish gate: %s", batch.model_name, "; ".join(gate.reasons()),
+                extra={"model": batch.model_name, "gate": gate.reasons()})
+    failing = gate.failing_classes()
+    for request_id in runnable.keys() & rows.keys():
+        row, cls = rows[request_id], runnable[request_id][0]
+        reasons = gate.batch + gate.per_class.get(cls, [])
+        if reasons:
+            transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": reasons})
+            row.error, row.metrics = "; ".join(reasons), request_metrics(result, request_id)
+        else:  # its own class passed; another of the batch did not
+            transition(session=session, request=row, to=S.QUEUED, actor=actor,
+                       detail={"reason": f"{len(failing)} other class(es) of its batch missed the gate; it runs "
+                                         "alone next"})
+            row.run_alone = True
+
+
 def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
-    """The run's evidence, with this request's own forget set measured apart from its class's union."""
-    metrics = summarise(result.report)
+    """The run's evidence as this request may see it: its own class's figures only (the batch's
+    other classes are other people), and its own forget set measured apart from its class's union."""
+    cls = result_class(result, request_id)
+    metrics = own_class_only(summarise(result.report), cls)
     if request_id in result.own_after:
         metrics["own_forget_set"] = {"forget_acc_before": result.own_before[request_id],
                                      "forget_acc_after": result.own_after[request_id]}
     return metrics
 
 
+def result_class(result: BatchResult, request_id: str) -> str | None:
+    return result.request_classes.get(request_id)
+
+
+PER_CLASS = ("forget_set_size", "forget_acc_before", "forget_acc_after", "forget_duplicates")
+
+
+def own_class_only(metrics: dict[str, Any], cls: str | None) -> dict[str, Any]:
+    """``metrics`` with every per-class figure narrowed to ``cls``; no re-checks of earlier classes
+    (those are the version's evidence, on the model's page)."""
+    narrowed = {k: v for k, v in metrics.items() if k != "rechecks"}
+    narrowed["classes"] = [cls] if cls is not None else []
+    for key in PER_CLASS:
+        if isinstance(metrics.get(key), dict):
+            narrowed[key] = {c: v for c, v in metrics[key].items() if c == cls}
+    holdout = metrics.get("holdout")
+    if holdout:
+        narrowed["holdout"] = {k: ({c: x for c, x in v.items() if c == cls} if isinstance(v, dict) else v)
+                               for k, v in holdout.items()}
+    return narrowed
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
             "forget_acc_after", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
             "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
-            "anchor_images")
+            "anchor_images", "forget_duplicates")
     return {k: report[k] for k in keep if k in report}
 
 

@@ -14,8 +14,8 @@ from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.errors import ServiceError
 from worker.runs.batch import RunContext
-from worker.runs.gate import gate_errors
-from worker.runs.prepare import class_sets, forget_accuracy, own_forget_accuracy
+from worker.runs.gate import GateVerdict, gate_errors
+from worker.runs.prepare import class_sets, distinct_images, forget_accuracy, own_forget_accuracy
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,11 @@ class BatchResult:
     report: dict[str, Any] | None  # the engine's report; None when no training was needed
     already_forgotten: dict[str, float]  # class -> forget-set accuracy on the current version
     package: Path | None  # the candidate version, written under the run's folder
-    gate_errors: list[str]
+    gate: GateVerdict
     rechecks: dict[str, Any]  # earlier classes re-checked on the candidate
     own_before: dict[str, float] = field(default_factory=dict)  # request id -> its own set's accuracy, current version
     own_after: dict[str, float] = field(default_factory=dict)  # ... and on the candidate (the requests trained for)
+    request_classes: dict[str, str] = field(default_factory=dict)  # request id -> its class
 
 
 def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], current: Path) -> BatchResult:
@@ -42,12 +43,11 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     already = {c: acc for c, acc in already.items() if acc <= target}
     to_forget = {c: uris for c, uris in sets.items() if c not in already}
     if not to_forget:
-        return BatchResult(None, already, None, [], {}, before, {})
-    from worker.engine.images import count_images
-
+        return BatchResult(None, already, None, GateVerdict(), {}, before, {})
     seed = max(seed for _, _, seed in runnable.values())
-    # The setting (few images or many) follows this batch's own forget sets, not earlier classes forgotten again.
-    smallest = min(sum(count_images(str(ctx.sources.path(u))) for u in uris) for uris in to_forget.values())
+    # The setting (few images or many) follows this batch's own forget sets (different photos, copies
+    # counted once), not earlier classes forgotten again.
+    smallest = min(distinct_images(current, to_forget, ctx.sources).values())
     report, candidate = run_engine(ctx, current, to_forget, seed, smallest, ctx.workdir / "candidate")
     rechecks = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
     regressed = {c: [r["uri"]] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
@@ -59,10 +59,13 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
     trained = {r: spec for r, spec in runnable.items() if spec[0] in to_forget}
     after = own_forget_accuracy(candidate, trained, ctx.sources)
-    errors = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
-    errors += [f"deletion request {r}: its own forget set is still {acc:.1f}% recognised (target {target}%)"
-               for r, acc in after.items() if acc > target]
-    return BatchResult(report, already, candidate, errors, rechecks, before, after)
+    verdict = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
+    for request_id, acc in after.items():
+        if acc > target:  # this request's own photos, apart from the class's union
+            verdict.per_class[runnable[request_id][0]].append(
+                f"its own forget set is still {acc:.1f}% recognised (target {target}%)")
+    return BatchResult(report, already, candidate, verdict, rechecks, before, after,
+                       {r: spec[0] for r, spec in runnable.items()})
 
 
 def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], seed: int, smallest: int,

@@ -197,6 +197,22 @@ def test_an_eval_set_outside_the_data_roots_or_not_a_file_uri_is_422(client, adm
     assert_nothing_registered(backend)
 
 
+@pytest.mark.parametrize("field", ["eval_set", "anchor_set"])
+@pytest.mark.parametrize("problem_set", ["missing", "empty"])
+def test_an_eval_or_anchor_set_that_is_missing_or_holds_no_images_is_422(client, admin, backend, digits, digits_model,
+                                                                          field, problem_set):
+    """Every run of the model would read it: a broken one would fail each data subject's request later."""
+    folder = digits.root / f"{problem_set}-{field}-{backend.name}"
+    if problem_set == "empty":
+        folder.mkdir(exist_ok=True)
+    with open(digits_model / "model.json", "rb") as card, open(digits_model / "model.safetensors", "rb") as weights:
+        response = client.post("/models", headers=admin, data={"name": "digits", field: f"file://{folder}"},
+                               files={"card": card, "weights": weights})
+    problem = assert_problem(response, 422)
+    assert problem["detail"].startswith(f"{field}: ") and "Error" not in problem["detail"]
+    assert_nothing_registered(backend)
+
+
 @pytest.mark.parametrize("missing", ["name", "card", "weights"])
 def test_a_missing_multipart_field_is_422(client, admin, backend, digits_model, missing):
     data = {"name": "digits"}

@@ -120,7 +120,7 @@ def test_the_check_holds_back_every_image_once_when_the_set_is_small(digits_mode
     result = unlearn(inputs(digits_model, digits), UnlearnConfig(holdout_folds=3, holdout_images=size, seed=0, **LATE))
     holdout = result.report.holdout
     assert holdout.folds == holdout.folds_run == 3 and len(holdout.steps) == 3
-    assert holdout.held_back[FORGET] == size
+    assert holdout.held_back[FORGET] + holdout.not_recognised[FORGET] == size
     assert 0.0 <= holdout.forget_acc[FORGET] <= 100.0
     # The check leaves the run itself alone: the same weights as a run without it.
     plain = unlearn(inputs(digits_model, digits), UnlearnConfig(seed=0, **LATE))
@@ -130,8 +130,9 @@ def test_the_check_holds_back_every_image_once_when_the_set_is_small(digits_mode
 def test_the_check_stops_adding_folds_once_enough_images_were_held_back(digits_model, digits):
     size = len(list(digits.train_class(FORGET).iterdir()))
     result = unlearn(inputs(digits_model, digits), UnlearnConfig(holdout_folds=4, holdout_images=10, seed=0, **LATE))
-    assert result.report.holdout.folds_run == 1
-    assert result.report.holdout.held_back[FORGET] == math.ceil(size / 4)
+    holdout = result.report.holdout
+    assert holdout.folds_run == 1
+    assert holdout.held_back[FORGET] + holdout.not_recognised[FORGET] == math.ceil(size / 4)
 
 
 def test_a_class_of_one_image_cannot_be_checked(digits_model, digits, tmp_path):
@@ -205,3 +206,65 @@ def test_an_anchor_holding_a_forget_image_is_refused(digits_model, digits, tmp_p
         (anchor / image.name).write_bytes(image.read_bytes())
     with pytest.raises(ImageSourceError, match="holds images of a forget set"):
         unlearn(inputs(digits_model, digits, anchor_source=str(anchor)), UnlearnConfig(**LATE))
+
+
+# --- copies of one photo, and images the model never recognised ---------------------------------
+
+def saved_copies(folder: Path, images: list[Path], changes: dict[str, callable]) -> Path:
+    """Each image saved once per change (a pixel-array function), as a PNG of its own."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for image in images:
+        pixels = np.asarray(Image.open(image), dtype=np.int16)
+        for name, change in changes.items():
+            Image.fromarray(np.clip(change(pixels), 0, 255).astype(np.uint8)).save(folder / f"{image.stem}-{name}.png")
+    return folder
+
+
+def test_exact_copies_of_one_photo_are_one_photo_to_training_and_to_the_check(digits_model, digits, tmp_path):
+    photo = sorted(digits.train_class(FORGET).iterdir())[:1]
+    copies = saved_copies(tmp_path / "copies" / FORGET, photo, {str(i): (lambda p: p) for i in range(6)})
+    result = unlearn(UnlearnInputs(model=str(digits_model), forget=(ForgetSpec(FORGET, str(copies)),)),
+                     UnlearnConfig(holdout_folds=3, seed=0, **LATE))
+    assert result.report.forget_set_size == {FORGET: 1} and result.report.forget_duplicates == {FORGET: 5}
+    assert result.report.holdout.forget_acc == {FORGET: None}  # one photo: nothing can be held back
+
+
+def test_near_copies_are_grouped_and_different_photos_are_not():
+    from worker.engine.duplicates import distinct_count, groups
+
+    torch.manual_seed(0)  # three smooth "photos" (as photos are): random 4x4 scenes, enlarged to 32x32
+    scenes = torch.rand(3, 1, 4, 4) * 255
+    photos = torch.nn.functional.interpolate(scenes, size=32, mode="bilinear", align_corners=False).to(torch.uint8)
+    brighter = (photos.int() + 2).clamp(max=255).to(torch.uint8)
+    noisy = (photos.int() + torch.randint(-3, 4, photos.shape)).clamp(0, 255).to(torch.uint8)
+    together = torch.cat([photos, brighter, noisy])
+    assert groups(together).tolist() == [0, 1, 2] * 3
+    assert distinct_count(together) == 3
+
+
+def test_an_anchor_holding_a_touched_up_copy_of_a_forget_image_is_refused(digits_model, digits, tmp_path):
+    from worker.engine import ImageSourceError
+
+    anchor = saved_copies(tmp_path / "anchor" / "any", sorted(digits.train_class(FORGET).iterdir())[:1],
+                          {"brighter": lambda p: p + 1})
+    for image in sorted(digits.train_class("5").iterdir())[:3]:
+        (anchor / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(ImageSourceError, match="holds images of a forget set"):
+        unlearn(inputs(digits_model, digits, anchor_source=str(anchor)), UnlearnConfig(**LATE))
+
+
+def test_the_check_scores_only_held_back_images_the_original_recognised(digits_model, digits, tmp_path):
+    # Three photos of the class, padded with six of another class: the padding was never recognised
+    # as the class, so it cannot count as forgotten.
+    padded = tmp_path / "padded" / FORGET
+    padded.mkdir(parents=True)
+    for image in [*sorted(digits.train_class(FORGET).iterdir())[:3], *sorted(digits.train_class("5").iterdir())[:6]]:
+        (padded / image.name).write_bytes(image.read_bytes())
+    result = unlearn(UnlearnInputs(model=str(digits_model), forget=(ForgetSpec(FORGET, str(padded)),)),
+                     UnlearnConfig(holdout_folds=3, seed=0, **LATE))
+    holdout = result.report.holdout
+    assert holdout.held_back[FORGET] + holdout.not_recognised[FORGET] == 9
+    assert holdout.not_recognised[FORGET] >= 6 and holdout.held_back[FORGET] <= 3

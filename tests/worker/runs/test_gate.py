@@ -23,9 +23,24 @@ def test_at_the_gate_or_below_the_run_passes():
     assert holdout_errors(settings, holdout(30.0, 9)) == holdout_errors(settings, holdout(0.0, 9)) == []
 
 
-def test_a_forget_set_too_small_to_check_fails_the_run():
+def test_a_forget_set_the_check_could_not_score_fails_the_run():
     (error,) = holdout_errors(Settings(), holdout(None, 0))
-    assert "too small for the generalisation check" in error and "at least 2" in error
+    assert "could not score any held-back image" in error and "at least 2 different photos" in error
+
+
+def test_the_gate_judges_each_of_the_batchs_classes_apart_and_names_none():
+    from worker.runs.gate import gate_errors
+
+    report = {"target_met": True, "forget_acc_after": {"subject03": 0.0, "subject07": 0.0},
+              "holdout": {"folds": 3, "folds_run": 3, "held_back": {"subject03": 3, "subject07": 9},
+                          "forget_acc": {"subject03": 33.3, "subject07": 0.0}},
+              "rechecks": {"subject01": {"status": "not_forgotten"}}}
+    verdict = gate_errors(Settings(gate_max_holdout_forget_acc=30.0), batch=None, report=report, target=1.0,
+                          requested={"subject03", "subject07"})
+    assert verdict.per_class["subject07"] == [] and len(verdict.per_class["subject03"]) == 1
+    assert verdict.batch == ["1 class(es) forgotten by earlier requests would no longer be forgotten"]
+    assert not verdict.passed and verdict.failing_classes() == {"subject03"}
+    assert not any("subject" in reason for reason in verdict.reasons())
 
 
 def test_no_check_no_error():

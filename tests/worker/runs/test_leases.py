@@ -19,6 +19,7 @@ from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.storage import artifact_store, sha256_of
 from tests.service_fixtures import free_port, register_digits, request_body, wait_for
+from worker.runs.gate import GateVerdict
 from worker.runs.leases import Heartbeat, claim_batch
 from worker.runs.settle import finish, settle_failure
 from worker.runs.sweep import sweep
@@ -64,7 +65,7 @@ def test_a_worker_whose_lease_was_taken_over_publishes_nothing_and_keeps_no_weig
     sha256, _size = sha256_of(candidate / "model.safetensors")
     report = {"classes": ["3"], "target_met": True, "forget_acc_after": {"3": 0.0}}
     finish(backend.settings, stalled, "w1", rejected={}, runnable=stalled.requests,
-           result=BatchResult(report, {}, candidate, [], {}))
+           result=BatchResult(report, {}, candidate, GateVerdict(), {}))
     with session_scope(backend.settings.database) as session:
         assert [v.version for v in session.scalars(select(ModelVersion))] == [1]
     assert held_by(backend, request_id) == (S.RUNNING, "w2")

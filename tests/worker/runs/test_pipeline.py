@@ -112,3 +112,32 @@ def test_a_request_whose_images_break_its_batch_fails_alone_and_the_other_comple
     assert statuses(backend, [poison, fine]) == [S.FAILED, S.COMPLETED]
     with session_scope(backend.settings.database) as session:
         assert "anchor source holds images of a forget set" in session.get(DeletionRequest, poison).error
+
+
+def test_one_class_failing_the_gate_fails_its_requests_alone_and_the_other_class_runs_again_alone(
+        backend, client, admin, digits, digits_model):
+    from worker.runs.gate import GateVerdict
+    from worker.runs.settle import finish
+    from worker.runs.train import BatchResult
+
+    assert register_digits(client, admin, digits_model).status_code == 201
+    failing, passing = [client.post("/deletion-requests", headers=admin,
+                                    json=request_body(digits, external_id=f"subject-{c}", forget_class=c)).json()["id"]
+                        for c in ("3", "5")]
+    batch = claim_batch(backend.settings, model_id_of(backend), "w1")
+    reason = "forgetting did not generalise: 33.3% of 3 held-back forget images still recognised (gate 30.0%)"
+    report = {"classes": ["3", "5"], "target_met": True, "forget_acc_before": {"3": 100.0, "5": 100.0},
+              "forget_acc_after": {"3": 0.0, "5": 0.0}, "forget_set_size": {"3": 3, "5": 9},
+              "holdout": {"folds": 3, "folds_run": 3, "held_back": {"3": 3, "5": 9},
+                          "forget_acc": {"3": 33.3, "5": 0.0}, "not_recognised": {"3": 0, "5": 0}},
+              "rechecks": {"7": {"status": "unverifiable"}}}
+    result = BatchResult(report, {}, None, GateVerdict(per_class={"3": [reason], "5": []}), {},
+                         request_classes={failing: "3", passing: "5"})
+    finish(backend.settings, batch, "w1", rejected={}, runnable=batch.requests, result=result)
+    with session_scope(backend.settings.database) as session:
+        failed, requeued = session.get(DeletionRequest, failing), session.get(DeletionRequest, passing)
+        assert (failed.status, failed.error) == (S.FAILED, reason)
+        assert (requeued.status, requeued.run_alone, requeued.error) == (S.QUEUED, True, None)
+        # Its evidence is its own class's: not the other person's figures, nor earlier people's re-checks.
+        assert failed.metrics["classes"] == ["3"] and failed.metrics["holdout"]["forget_acc"] == {"3": 33.3}
+        assert "5" not in str(failed.metrics["forget_set_size"]) and "rechecks" not in failed.metrics
