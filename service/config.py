@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
                                             "still separate folders by colons, the older form)")
     deadline: str = Field("P1M", description="legal deadline, an ISO 8601 period added to received_at in calendar "
                           "time: P1M (GDPR Art. 12(3), one month; 31 Jan -> 28/29 Feb), P45D (CCPA)")
-    deadline_days: int | None = Field(None, ge=1, description="the older form: LETHE_DEADLINE=P<n>D")
+    deadline_days: int | None = Field(None, ge=1, le=366, description="the older form: LETHE_DEADLINE=P<n>D")
     max_extension_days: int = Field(60, ge=0, description="GDPR Art. 12(3): up to two more months")
     gate_max_retain_drop: float = Field(5.0, ge=0, description="publish gate: cumulative Acc_r drop, points")
     gate_max_eval_forget_acc: float = Field(5.0, ge=0, le=100, description="publish gate: held-out Acc_f, %")
@@ -58,6 +59,8 @@ class Settings(BaseSettings):
     orphan_grace_hours: float = Field(6.0, gt=0, description="stored weights no version names, and unfinished "
                                       "uploads, are deleted by the sweep once this old")
     lease_seconds: int = Field(120, ge=2, description="a worker's lease on a run; renewed by its heartbeat")
+    max_attempts: int = Field(5, ge=1, description="runs a request may start that never come back (the worker died "
+                              "or lost its lease) before it fails instead of running again")
     max_batch_requests: int = Field(16, ge=1, description="most queued requests of a model one run serves; the "
                                     "rest wait for its next run, after other models' runs")
     sweep_seconds: float = Field(30.0, gt=0, description="how often the periodic sweep runs")
@@ -79,7 +82,10 @@ class Settings(BaseSettings):
     @field_validator("deadline")
     @classmethod
     def _deadline_is_a_period(cls, value: str) -> str:
-        return str(Period.parse(value))
+        period = Period.parse(value)
+        if period.after(datetime(2000, 1, 1)) > datetime(2001, 1, 1):  # the law's deadlines are months
+            raise ValueError(f"{value!r} is longer than a year; a legal deadline is a month or two (P1M, P45D)")
+        return str(period)
 
     @model_validator(mode="after")
     def _deadline_days_is_the_older_form(self) -> Settings:

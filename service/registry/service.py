@@ -163,17 +163,29 @@ def publish_version(*, session: Session, model_id: str, sha256: str, size: int, 
     return version
 
 
-def remove_orphans(*, session: Session, store: ArtifactStore, grace_hours: float) -> tuple[int, int]:
+def remove_orphans(*, settings, store: ArtifactStore, grace_hours: float) -> tuple[int, int]:
     """Weights no version names (a registration or run that crashed between storing them and
     committing its row: for a registration, a copy of the base model in which every person is still
     recognisable), and unfinished uploads, older than the grace period; returns (files, parts) removed.
-    The grace period covers the time between a put and the commit that names it."""
+    The grace period covers the time between a put and the commit that names it; each candidate is
+    looked at again (named now? written again since the listing?) just before it is deleted."""
+    from service.db import session_scope
+
     cutoff = utcnow() - timedelta(hours=grace_hours)
-    named = set(session.scalars(select(ModelVersion.sha256).where(ModelVersion.disposed_at.is_(None))))
-    orphans = [sha256 for sha256, written in store.stored() if sha256 not in named and written < cutoff]
-    for sha256 in orphans:
-        store.delete(sha256)
-    return len(orphans), store.remove_stale_parts(cutoff)
+    with session_scope(settings.database) as session:
+        named = set(session.scalars(select(ModelVersion.sha256).where(ModelVersion.disposed_at.is_(None))))
+    candidates = [sha256 for sha256, written in store.stored() if sha256 not in named and written < cutoff]
+    removed = 0
+    for sha256 in candidates:
+        with session_scope(settings.database) as session:
+            if session.scalar(select(ModelVersion.id).where(ModelVersion.sha256 == sha256,
+                                                            ModelVersion.disposed_at.is_(None)).limit(1)):
+                continue
+        written = store.written(sha256)
+        if written is not None and written < cutoff:
+            store.delete(sha256)
+            removed += 1
+    return removed, store.remove_stale_parts(cutoff)
 
 
 def dispose_superseded(*, session: Session, store: ArtifactStore, retention_hours: float) -> list[ModelVersion]:

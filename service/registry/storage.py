@@ -91,6 +91,10 @@ class ArtifactStore(ABC):
         """Every artifact in the store: (sha256, when it was last written), for the orphan sweep."""
 
     @abstractmethod
+    def written(self, sha256: str) -> datetime | None:
+        """When the artifact was last written; None when it is not in the store."""
+
+    @abstractmethod
     def remove_stale_parts(self, before: datetime) -> int:
         """Delete unfinished uploads begun before ``before``; returns how many."""
 
@@ -176,6 +180,12 @@ class FolderStore(ArtifactStore):
                     yield match["sha256"], datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
             except FileNotFoundError:  # deleted meanwhile
                 continue
+
+    def written(self, sha256: str) -> datetime | None:
+        try:
+            return datetime.fromtimestamp(self.path_for(sha256).stat().st_mtime, timezone.utc)
+        except FileNotFoundError:
+            return None
 
     def remove_stale_parts(self, before: datetime) -> int:
         return remove_old_files((self.root / ".incoming").glob("*.part"), before)
@@ -343,6 +353,14 @@ class S3Store(ArtifactStore):
                 match = ARTIFACT_KEY.fullmatch(item["Key"][len(prefix):])
                 if match:
                     yield match["sha256"], item["LastModified"]
+
+    def written(self, sha256: str) -> datetime | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key_for(sha256))["LastModified"]
+        except Exception as exc:
+            if is_not_found(exc):
+                return None
+            raise
 
     def remove_stale_parts(self, before: datetime) -> int:
         """Multipart uploads never completed (their parts are billed and hold weights), and this host's

@@ -14,6 +14,8 @@ from service.config import Settings, SettingsError, UnlearnSettings, load_settin
     ("LETHE_DEADLINE", "1M", "'1M' is not an ISO 8601 period"),
     ("LETHE_DEADLINE", "PT72H", "not an ISO 8601 period of years, months, weeks or days"),
     ("LETHE_DEADLINE", "P0D", "an empty period"),
+    ("LETHE_DEADLINE", "P9999W99999D", "longer than a year"),
+    ("LETHE_DEADLINE_DAYS", "100000", "less than or equal to 366"),
     ("LETHE_GATE_HOLDOUT_FOLDS", "1", "one fold holds back the whole forget set"),
     ("LETHE_GATE_HOLDOUT_FOLDS", "-1", "greater than or equal to 0"),
     ("LETHE_GATE_MAX_HOLDOUT_FORGET_ACC", "101", "less than or equal to 100"),

@@ -20,17 +20,22 @@ class GateVerdict:
 
     batch: list[str] = field(default_factory=list)
     per_class: dict[str, list[str]] = field(default_factory=dict)
+    per_request: dict[str, list[str]] = field(default_factory=dict)  # e.g. a request's own forget set
 
     @property
     def passed(self) -> bool:
-        return not self.batch and not any(self.per_class.values())
+        return not self.batch and not any(self.per_class.values()) and not any(self.per_request.values())
+
+    def own_reasons(self, request_id: str, cls: str) -> list[str]:
+        return self.per_class.get(cls, []) + self.per_request.get(request_id, [])
 
     def failing_classes(self) -> set[str]:
         return {c for c, reasons in self.per_class.items() if reasons}
 
     def reasons(self) -> list[str]:
         """Every reason, for the log."""
-        return self.batch + [r for reasons in self.per_class.values() for r in reasons]
+        return (self.batch + [r for reasons in self.per_class.values() for r in reasons]
+                + [r for reasons in self.per_request.values() for r in reasons])
 
 
 def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float,

@@ -31,8 +31,7 @@ def claim_batch(settings: Settings, model_id: str, worker_id: str) -> Batch | No
         leased = session.execute(
             update(RegisteredModel)
             .where(RegisteredModel.id == model_id,
-                   or_(RegisteredModel.run_lease_owner.is_(None), RegisteredModel.run_lease_expires_at < now,
-                       RegisteredModel.run_lease_owner == worker_id))
+                   or_(RegisteredModel.run_lease_owner.is_(None), RegisteredModel.run_lease_expires_at < now))
             .values(run_lease_owner=worker_id, run_lease_expires_at=expires,
                     run_lease_token=RegisteredModel.run_lease_token + 1)
         ).rowcount
@@ -91,21 +90,39 @@ def settling(settings: Settings, batch: Batch, worker_id: str, *, publishing: bo
     """The one transaction in which a worker writes a batch's outcome, and only while its lease holds:
     the model row is locked and must still carry this worker and the batch's fencing token (and, to
     publish, the version the batch started from). Yields (session, the requests this worker still
-    runs), or None when it was fenced out: then it writes nothing and logs why. Releases the lease."""
+    runs), or None when it was fenced out: then it writes nothing of the outcome and logs why.
+    Releases the lease."""
     with session_scope(settings.database) as session:
         model = session.scalar(select(RegisteredModel).where(RegisteredModel.id == batch.model_id).with_for_update())
-        reason = None
         if model.run_lease_owner != worker_id or model.run_lease_token != batch.lease_token:
-            reason = "the model's lease passed to another claim"
-        elif publishing and model.current_version_id != batch.version_id:
-            reason = "another version was published meanwhile"
-        if reason is not None:
-            log.warning("model %s: %s during the run; its outcome is discarded and its requests left to whoever "
-                        "holds them", batch.model_name, reason, extra=run_fields(batch, worker_id))
+            log.warning("model %s: the model's lease passed to another claim during the run; its outcome is "
+                        "discarded and its requests left to whoever holds them", batch.model_name,
+                        extra=run_fields(batch, worker_id))
+            yield None
+            return
+        if publishing and model.current_version_id != batch.version_id:
+            # Still this worker's lease, but its candidate forgot on a version that is no longer current:
+            # its requests run again, on the new one.
+            log.warning("model %s: another version was published during the run; its requests run again",
+                        batch.model_name, extra=run_fields(batch, worker_id))
+            for row in held_rows(session, batch, worker_id).values():
+                back_to_queue(session, row, f"worker:{worker_id}", "another version was published during its run")
+            release_model(session, batch, worker_id)
             yield None
             return
         yield session, held_rows(session, batch, worker_id)
         release_model(session, batch, worker_id)
+
+
+def back_to_queue(session, row: DeletionRequest, actor: str, why: str, *, alone: bool = False) -> None:
+    """A request its run could not settle goes back to the queue (to run alone, when ``alone``), or
+    ends canceled if its cancel arrived meanwhile: a cancel acknowledged is never run again."""
+    if row.cancel_requested:
+        transition(session=session, request=row, to=S.CANCELED, actor=actor, detail={"reason": "canceled during the run"})
+        return
+    transition(session=session, request=row, to=S.QUEUED, actor=actor,
+               detail={"reason": why + ("; it runs alone next" if alone else "")})
+    row.run_alone = row.run_alone or alone
 
 
 def held_rows(session, batch: Batch, worker_id: str) -> dict[str, DeletionRequest]:

@@ -8,17 +8,15 @@ import logging
 import shutil
 from typing import Any
 
-from sqlalchemy import select
 
 from service.config import Settings
-from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import record, transition
 from service.registry.models import ModelVersion
 from service.registry.service import publish_version
 from service.registry.storage import artifact_store
 from worker.runs.batch import Batch
-from worker.runs.leases import settling
+from worker.runs.leases import back_to_queue, settling
 from worker.runs.train import BatchResult
 
 log = logging.getLogger("lethe.worker")
@@ -44,16 +42,8 @@ def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str,
                     rows[request_id].error = reason
             if result is not None:
                 settle_result(session, batch, rows, runnable, result, sha256, size, card, actor)
-    if held is None and sha256 is not None:
-        discard_unreferenced(settings, sha256)
-
-
-def discard_unreferenced(settings: Settings, sha256: str) -> None:
-    """Delete a candidate's stored weights that no version names (a fenced-out run's)."""
-    with session_scope(settings.database) as session:
-        named = session.scalar(select(ModelVersion.id).where(ModelVersion.sha256 == sha256).limit(1))
-    if named is None:
-        artifact_store(settings).delete(sha256)
+    # A fenced-out run's stored candidate is left to the orphan sweep: the same bytes may be what
+    # the worker that took over stores and is about to name (runs are reproducible).
 
 
 def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
@@ -95,18 +85,17 @@ def settle_gate_failure(session, batch: Batch, rows: dict[str, DeletionRequest],
     gate = result.gate
     log.warning("model %s: the candidate missed the publish gate: %s", batch.model_name, "; ".join(gate.reasons()),
                 extra={"model": batch.model_name, "gate": gate.reasons()})
-    failing = gate.failing_classes()
+    alone = len(runnable) == 1
     for request_id in runnable.keys() & rows.keys():
         row, cls = rows[request_id], runnable[request_id][0]
-        reasons = gate.batch + gate.per_class.get(cls, [])
+        # Its own reasons fail it; the whole candidate's fail it only when it ran alone (in a batch
+        # they may be another request's doing); otherwise it runs again, alone.
+        reasons = gate.own_reasons(request_id, cls) + (gate.batch if alone or gate.own_reasons(request_id, cls) else [])
         if reasons:
             transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": reasons})
             row.error, row.metrics = "; ".join(reasons), request_metrics(result, request_id)
-        else:  # its own class passed; another of the batch did not
-            transition(session=session, request=row, to=S.QUEUED, actor=actor,
-                       detail={"reason": f"{len(failing)} other class(es) of its batch missed the gate; it runs "
-                                         "alone next"})
-            row.run_alone = True
+        else:
+            back_to_queue(session, row, actor, "another request of its batch missed the gate", alone=True)
 
 
 def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
@@ -162,9 +151,8 @@ def settle_failure(settings: Settings, batch: Batch, worker_id: str, error: str)
                            detail={"error": error})
                 row.error = error
             else:
-                transition(session=held[0], request=row, to=S.QUEUED, actor=f"worker:{worker_id}",
-                           detail={"reason": f"its batch of {len(rows)} failed ({error}); it runs alone next"})
-                row.run_alone = True
+                back_to_queue(held[0], row, f"worker:{worker_id}", f"its batch of {len(rows)} failed ({error})",
+                              alone=True)
 
 
 def settle_cancellation(settings: Settings, batch: Batch, worker_id: str) -> None:

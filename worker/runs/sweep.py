@@ -4,6 +4,7 @@ dispose of superseded weights and of weights no version names."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from sqlalchemy import select, update
 
@@ -21,19 +22,20 @@ log = logging.getLogger("lethe.worker")
 def sweep(settings: Settings, enqueue) -> dict[str, int]:
     """Re-queue requests whose worker died, wake idle queues, flag deadlines, dispose of old weights
     and of weights no version names."""
-    counts = {"requeued": 0, "woken": 0, "at_risk": 0, "overdue": 0, "disposed": 0, "orphans": 0, "stale_parts": 0}
+    counts = {"requeued": 0, "failed": 0, "woken": 0, "at_risk": 0, "overdue": 0, "disposed": 0, "orphans": 0,
+              "stale_parts": 0}
     wake: set[str] = set()
     with session_scope(settings.database) as session:
         now = db_now(session)  # leases are judged by the database's clock, as they were granted
-        for row in session.scalars(select(DeletionRequest).where(DeletionRequest.status == S.RUNNING,
-                                                                 DeletionRequest.lease_expires_at < now)
-                                   .with_for_update(skip_locked=True)):  # a worker settling it now goes first
-            transition(session=session, request=row, to=S.QUEUED, actor="sweep",
-                       detail={"reason": f"lease of {row.lease_owner} expired"})
-            counts["requeued"] += 1
-            wake.add(row.id)
+        # The model rows first, as a worker's heartbeat and settling lock them: one lock order, no deadlock.
         session.execute(update(RegisteredModel).where(RegisteredModel.run_lease_expires_at < now)
                         .values(run_lease_owner=None, run_lease_expires_at=None))
+        expired = session.scalars(select(DeletionRequest).where(
+            DeletionRequest.status == S.RUNNING, DeletionRequest.lease_expires_at < now)
+            .with_for_update(skip_locked=True)).all()  # a worker settling it now goes first
+        batch_sizes = Counter(row.lease_owner for row in expired)
+        for row in expired:
+            recover(session, row, batch_sizes[row.lease_owner], settings, counts, wake)
         # One wake-up per model with waiting work, in case its message was lost.
         oldest_per_model: dict[str, str] = {}
         for model_id, request_id in session.execute(select(DeletionRequest.model_id, DeletionRequest.id).where(
@@ -42,14 +44,35 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
         wake |= set(oldest_per_model.values())
         counts["woken"] = len(wake)
         flag_deadlines(session, now, counts)
-        store = artifact_store(settings)
+    # Storage in transactions of its own: listing a store must not hold the locks above.
+    store = artifact_store(settings)
+    with session_scope(settings.database) as session:
         counts["disposed"] = len(dispose_superseded(session=session, store=store,
                                                     retention_hours=settings.retention_hours))
-        counts["orphans"], counts["stale_parts"] = remove_orphans(session=session, store=store,
-                                                                  grace_hours=settings.orphan_grace_hours)
+    counts["orphans"], counts["stale_parts"] = remove_orphans(settings=settings, store=store,
+                                                              grace_hours=settings.orphan_grace_hours)
     for request_id in wake:
         enqueue(request_id)
     return counts
+
+
+def recover(session, row: DeletionRequest, batch_size: int, settings: Settings, counts: dict[str, int],
+            wake: set[str]) -> None:
+    """A request whose worker died mid-run. Its batch runs again, each request alone when the batch
+    held several (one of them may be what kills the worker); after ``LETHE_MAX_ATTEMPTS`` runs that
+    never came back, it fails, so a request that kills every worker cannot block its model's queue."""
+    if row.attempts >= settings.max_attempts:
+        error = (f"its run ended {row.attempts} times without an outcome (the worker died or lost its lease); "
+                 "retry it once the cause is fixed")
+        transition(session=session, request=row, to=S.FAILED, actor="sweep", detail={"error": error})
+        row.error = error
+        counts["failed"] += 1
+        return
+    transition(session=session, request=row, to=S.QUEUED, actor="sweep",
+               detail={"reason": f"lease of {row.lease_owner} expired" + ("; it runs alone next" if batch_size > 1 else "")})
+    row.run_alone = row.run_alone or batch_size > 1
+    counts["requeued"] += 1
+    wake.add(row.id)
 
 
 def flag_deadlines(session, now, counts: dict[str, int]) -> None:

@@ -62,8 +62,7 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     verdict = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
     for request_id, acc in after.items():
         if acc > target:  # this request's own photos, apart from the class's union
-            verdict.per_class[runnable[request_id][0]].append(
-                f"its own forget set is still {acc:.1f}% recognised (target {target}%)")
+            verdict.per_request[request_id] = [f"its own forget set is still {acc:.1f}% recognised (target {target}%)"]
     return BatchResult(report, already, candidate, verdict, rechecks, before, after,
                        {r: spec[0] for r, spec in runnable.items()})
 

@@ -69,6 +69,9 @@ def test_a_worker_whose_lease_was_taken_over_publishes_nothing_and_keeps_no_weig
     with session_scope(backend.settings.database) as session:
         assert [v.version for v in session.scalars(select(ModelVersion))] == [1]
     assert held_by(backend, request_id) == (S.RUNNING, "w2")
+    # Its stored candidate is the orphan sweep's (the worker that took over may store the same bytes).
+    later = backend.settings.model_copy(update={"orphan_grace_hours": 1e-9})
+    assert sweep(later, lambda _id: None)["orphans"] == 1
     assert not artifact_store(backend.settings).exists(sha256)
 
 

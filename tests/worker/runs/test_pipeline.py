@@ -141,3 +141,26 @@ def test_one_class_failing_the_gate_fails_its_requests_alone_and_the_other_class
         # Its evidence is its own class's: not the other person's figures, nor earlier people's re-checks.
         assert failed.metrics["classes"] == ["3"] and failed.metrics["holdout"]["forget_acc"] == {"3": 33.3}
         assert "5" not in str(failed.metrics["forget_set_size"]) and "rechecks" not in failed.metrics
+
+
+def test_of_two_requests_for_one_class_the_one_whose_own_set_is_still_recognised_fails_alone(
+        backend, client, admin, digits, digits_model):
+    from worker.runs.gate import GateVerdict
+    from worker.runs.settle import finish
+    from worker.runs.train import BatchResult
+
+    assert register_digits(client, admin, digits_model).status_code == 201
+    images, halves = split_forget_set(digits, backend, "3")
+    first, second = [client.post("/deletion-requests", headers=admin,
+                                 json=request_body(digits, external_id=f"subject-{i}", uri=f"file://{h}")).json()["id"]
+                     for i, h in enumerate(halves)]
+    batch = claim_batch(backend.settings, model_id_of(backend), "w1")
+    reason = "its own forget set is still 12.5% recognised (target 1.0%)"
+    report = {"classes": ["3"], "target_met": True, "forget_acc_after": {"3": 0.9}}
+    result = BatchResult(report, {}, None, GateVerdict(per_class={"3": []}, per_request={first: [reason]}), {},
+                         request_classes={first: "3", second: "3"})
+    finish(backend.settings, batch, "w1", rejected={}, runnable=batch.requests, result=result)
+    with session_scope(backend.settings.database) as session:
+        failed, requeued = session.get(DeletionRequest, first), session.get(DeletionRequest, second)
+        assert (failed.status, failed.error) == (S.FAILED, reason)
+        assert (requeued.status, requeued.run_alone, requeued.error) == (S.QUEUED, True, None)

@@ -106,3 +106,34 @@ def test_weights_no_version_names_are_deleted_after_the_grace_period(backend, cl
     assert sweep(later, lambda _: None)["orphans"] == 1
     assert not store.exists(orphan) and store.exists(named)
     assert client.get("/models/digits/versions/1/weights", headers=admin).status_code == 200
+
+
+def dead_worker_holds(backend, request_ids: list[str], attempts: int = 1) -> None:
+    """The requests run under a worker that died: status running, its lease expired."""
+    with session_scope(backend.settings.database) as session:
+        for request_id in request_ids:
+            row = session.get(DeletionRequest, request_id)
+            transition(session=session, request=row, to="running", actor="worker:dead")
+            row.lease_owner, row.lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
+            row.attempts = attempts
+
+
+def test_a_dead_workers_batch_runs_again_each_request_alone(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    ids = [submit(client, admin, digits), submit(client, admin, digits, external_id="s2", forget_class="4")]
+    dead_worker_holds(backend, ids)
+    assert sweep(backend.settings, lambda _: None)["requeued"] == 2
+    with session_scope(backend.settings.database) as session:
+        rows = [session.get(DeletionRequest, i) for i in ids]
+        assert [(r.status, r.run_alone) for r in rows] == [("queued", True), ("queued", True)]
+
+
+def test_a_request_whose_runs_keep_dying_fails_instead_of_blocking_its_model(backend, client, admin, digits,
+                                                                            digits_model):
+    register_digits(client, admin, digits_model)
+    request_id = submit(client, admin, digits)
+    dead_worker_holds(backend, [request_id], attempts=backend.settings.max_attempts)
+    counts = sweep(backend.settings, lambda _: None)
+    assert (counts["failed"], counts["requeued"]) == (1, 0)
+    body = client.get(f"/deletion-requests/{request_id}", headers=admin).json()
+    assert body["status"] == "failed" and "ended 5 times without an outcome" in body["error"]
