@@ -240,8 +240,9 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-folds", type=int, default=defaults.holdout_folds, metavar="K",
                    help="generalisation check: hold back each of K folds of the forget set in turn, forget the rest, "
                         "report how many held-back images are still recognised (0: off; default: %(default)s)")
-    p.add_argument("--holdout-images", type=int, default=defaults.holdout_images, metavar="N",
-                   help="stop adding folds once N images of each class were held back (default: %(default)s)")
+    p.add_argument("--holdout-images", type=int, default=None, metavar="N",
+                   help=f"with --holdout-folds: stop adding folds once N images of each class were held back "
+                        f"(default: {defaults.holdout_images})")
     p.add_argument("--select-on-eval", action="store_true",
                    help="keep the checkpoint with the best (Acc_r + 100 - Acc_f)/2 on --eval that meets the target")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -272,8 +273,11 @@ def run_unlearn(args: argparse.Namespace) -> int:
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
             max_forget_prob=args.max_forget_prob,
-            holdout_folds=args.holdout_folds, holdout_images=args.holdout_images,
+            holdout_folds=args.holdout_folds,
+            **({"holdout_images": args.holdout_images} if args.holdout_images is not None else {}),
         )
+        if args.holdout_images is not None and not args.holdout_folds:
+            return fail("--holdout-images needs --holdout-folds (the generalisation check is off without it)")
         if config.holdout_folds:  # before training: the check cannot judge one photo, and the user asked for it
             from worker.engine.unlearn import forget_set_distinct_images
 

@@ -80,6 +80,8 @@ def test_the_generalisation_check_on_one_photo_is_refused_before_training(digits
     (["--anchor-weight", "0"], "--anchor-weight must be in (0, 1000]"),
     (["--anchor-weight", "1e308"], "--anchor-weight must be in (0, 1000]"),
     (["--anchor", "/nowhere/anchor"], "/nowhere/anchor: no such file or directory"),
+    (["--holdout-images", "10"], "--holdout-images needs --holdout-folds"),
+    (["--holdout-folds", "3", "--holdout-images", "0"], "--holdout-images must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(change, message, digits_model, digits, tmp_path, capsys):
     args = unlearn_args(digits_model, digits, tmp_path / "out")
