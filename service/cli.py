@@ -279,10 +279,10 @@ def run_unlearn(args: argparse.Namespace) -> int:
         if args.holdout_images is not None and not args.holdout_folds:
             return fail("--holdout-images needs --holdout-folds (the generalisation check is off without it)")
         if config.holdout_folds:  # before training: the check cannot judge one photo, and the user asked for it
-            from worker.engine.unlearn import forget_set_distinct_images
+            from worker.engine.unlearn import forget_set_facts
 
-            for cls, count in forget_set_distinct_images(inputs.model, inputs.forget).items():
-                if count < 2:
+            for cls, facts in forget_set_facts(inputs.model, inputs.forget).items():
+                if (count := facts.distinct) < 2:
                     return fail(f"--holdout-folds: the forget set of {cls} holds {count} different photo(s); "
                                 "the generalisation check needs at least 2 (3 or more give it a fair chance)")
         out = check_output_folder(args.out)  # before training: a run is minutes of work to lose

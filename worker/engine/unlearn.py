@@ -207,10 +207,19 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
     return UnlearnResult(report=report, card=card.with_lineage(lineage), state_dict=state_dict)
 
 
-def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
-                          batch_size: int = 512) -> dict[str, float]:
-    """Each class's accuracy (%) on its forget set under a model package, in eval mode: the check
-    a service runs before training (already forgotten?) and on later versions (still forgotten?).
+@dataclass(frozen=True)
+class ForgetSetFacts:
+    """What a service checks of a forget set under a model, from one read of it."""
+
+    accuracy: float  # % of its images the model predicts as the class
+    images: int  # its images, exact copies counted once
+    distinct: int  # its different photos, near-copies counted once: what size rules count
+
+
+def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
+                     batch_size: int = 512) -> dict[str, ForgetSetFacts]:
+    """Each class's forget set under a model package, in eval mode: its accuracy (already forgotten?
+    still forgotten on a later version?) and how many images and different photos it holds.
 
     Args:
         model: model package folder.
@@ -222,10 +231,18 @@ def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], *, device:
     package = load_package(model)
     card = package.card
     indices = tuple(card.class_index(f.class_name) for f in forget)
-    images = tuple(normalise(read_forget_set(f, card.input).pixels.to(runtime.device), card.input) for f in forget)
+    sets = [read_forget_set(f, card.input) for f in forget]
+    images = tuple(normalise(s.pixels.to(runtime.device), card.input) for s in sets)
     network = build_model(card, package.state_dict).to(runtime.device)
     data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
-    return dict(zip(data.class_names, forget_set_accuracy(network, data, runtime, batch_size)))
+    accuracies = forget_set_accuracy(network, data, runtime, batch_size)
+    return {f.class_name: ForgetSetFacts(acc, len(s), distinct_count(s.pixels))
+            for f, s, acc in zip(forget, sets, accuracies)}
+
+
+def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], **options) -> dict[str, float]:
+    """Each class's accuracy (%) on its forget set under a model package (see ``forget_set_facts``)."""
+    return {c: facts.accuracy for c, facts in forget_set_facts(model, forget, **options).items()}
 
 
 def read_forget_set(forget: ForgetSpec, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
@@ -238,13 +255,6 @@ def read_forget_set(forget: ForgetSpec, spec: InputSpec, *, skip_bad: bool = Fal
     return ImageSet(source=" + ".join(s.source for s in sets), pixels=pixels[keep],
                     labels=tuple(label for label, k in zip(labels, keep.tolist()) if k),
                     skipped=tuple(name for s in sets for name in s.skipped), duplicates=int((~keep).sum()))
-
-
-def forget_set_distinct_images(model: str, forget: tuple[ForgetSpec, ...]) -> dict[str, int]:
-    """How many different photos each class's forget set holds (near-duplicates counted once): what
-    the service's size rules (one image, few images) count."""
-    card = load_package(model).card
-    return {f.class_name: distinct_count(read_forget_set(f, card.input).pixels) for f in forget}
 
 
 @dataclass(frozen=True)

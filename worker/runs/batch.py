@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,8 @@ class RunContext:
     workdir: Path
     sources: LocalSources  # s3:// sets are downloaded under the run's folder
     heartbeat: Heartbeat
+    # Forget-set facts read once per run: (package, class, sets) -> ForgetSetFacts (see prepare.facts)
+    facts: dict[tuple, Any] = field(default_factory=dict)
 
 
 def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:

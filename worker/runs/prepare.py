@@ -36,8 +36,8 @@ def check_sources(ctx: RunContext, package: Path) -> dict[str, str]:
     rejected = {}
     for request_id, (cls, uri, _seed) in ctx.batch.requests.items():
         try:
-            forget_accuracy(package, {cls: uri}, ctx.sources)
-            if ctx.settings.gate_holdout_folds and distinct_images(package, {cls: [uri]}, ctx.sources)[cls] < 2:
+            read = facts(ctx, package, cls, [uri])  # raises when the set cannot be read
+            if ctx.settings.gate_holdout_folds and read.distinct < 2:
                 rejected[request_id] = ("forget set too small for the generalisation check (1 different photo): "
                                         "send at least 2 different photos of the class (3 or more give the check "
                                         "a fair chance)")
@@ -56,20 +56,27 @@ def forget_accuracy(package: Path, specs: dict[str, str], sources: LocalSources)
     return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(sources.path(u))) for c, u in specs.items()))
 
 
-def distinct_images(package: Path, sets: dict[str, list[str]], sources: LocalSources) -> dict[str, int]:
-    """How many different photos each class's sets hold together (copies counted once)."""
+def facts(ctx: RunContext, package: Path, cls: str, uris: list[str]):
+    """The engine's facts of a class's sets (together) under a package, read once per run: the
+    source check, the "already forgotten?" check and the few-image threshold share one read."""
     from worker.engine import ForgetSpec
-    from worker.engine.unlearn import forget_set_distinct_images
+    from worker.engine.unlearn import forget_set_facts
 
-    specs = tuple(ForgetSpec(c, str(sources.path(first)), tuple(str(sources.path(u)) for u in more))
-                  for c, (first, *more) in sets.items())
-    return forget_set_distinct_images(str(package), specs)
+    key = (str(package), cls, tuple(uris))
+    if key not in ctx.facts:
+        first, *more = (str(ctx.sources.path(u)) for u in uris)
+        ctx.facts[key] = forget_set_facts(str(package), (ForgetSpec(cls, first, tuple(more)),))[cls]
+    return ctx.facts[key]
 
 
-def own_forget_accuracy(package: Path, requests: dict[str, tuple[str, str, int]], sources: LocalSources
-                        ) -> dict[str, float]:
+def distinct_images(ctx: RunContext, package: Path, sets: dict[str, list[str]]) -> dict[str, int]:
+    """How many different photos each class's sets hold together (copies counted once)."""
+    return {cls: facts(ctx, package, cls, uris).distinct for cls, uris in sets.items()}
+
+
+def own_forget_accuracy(ctx: RunContext, package: Path, requests: dict[str, tuple[str, str, int]]) -> dict[str, float]:
     """Each request's accuracy on its own forget set under the package."""
-    return {r: forget_accuracy(package, {cls: uri}, sources)[cls] for r, (cls, uri, _seed) in requests.items()}
+    return {r: facts(ctx, package, cls, [uri]).accuracy for r, (cls, uri, _seed) in requests.items()}
 
 
 def class_sets(requests: dict[str, tuple[str, str, int]]) -> dict[str, list[str]]:

@@ -36,7 +36,7 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     Two requests for one class are trained on together (the union of their sets), and each is
     verified on its own set: a request never completes on figures measured on someone else's images."""
     target = get_unlearn_settings().target_forget_acc
-    before = own_forget_accuracy(current, runnable, ctx.sources)
+    before = own_forget_accuracy(ctx, current, runnable)
     sets = class_sets(runnable)
     # A class is already forgotten only when every request's own set says so.
     already = {c: max(before[r] for r, (rc, _, _) in runnable.items() if rc == c) for c in sets}
@@ -47,7 +47,7 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     seed = max(seed for _, _, seed in runnable.values())
     # The setting (few images or many) follows this batch's own forget sets (different photos, copies
     # counted once), not earlier classes forgotten again.
-    smallest = min(distinct_images(current, to_forget, ctx.sources).values())
+    smallest = min(distinct_images(ctx, current, to_forget).values())
     report, candidate = run_engine(ctx, current, to_forget, seed, smallest, ctx.workdir / "candidate")
     rechecks = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
     regressed = {c: [r["uri"]] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
@@ -58,7 +58,7 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
             rechecks[cls] = {**check, "forgotten_again": cls in regressed}
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
     trained = {r: spec for r, spec in runnable.items() if spec[0] in to_forget}
-    after = own_forget_accuracy(candidate, trained, ctx.sources)
+    after = own_forget_accuracy(ctx, candidate, trained)
     verdict = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
     for request_id, acc in after.items():
         if acc > target:  # this request's own photos, apart from the class's union

@@ -13,8 +13,11 @@ from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.registry.models import RegisteredModel
 from tests.service_fixtures import register_digits, request_body
+from worker.runs.gate import GateVerdict
 from worker.runs.leases import claim_batch
 from worker.runs.pipeline import process_model, run_batch
+from worker.runs.settle import finish
+from worker.runs.train import BatchResult
 
 
 def split_forget_set(digits, backend, cls: str) -> tuple[list, list]:
@@ -116,10 +119,6 @@ def test_a_request_whose_images_break_its_batch_fails_alone_and_the_other_comple
 
 def test_one_class_failing_the_gate_fails_its_requests_alone_and_the_other_class_runs_again_alone(
         backend, client, admin, digits, digits_model):
-    from worker.runs.gate import GateVerdict
-    from worker.runs.settle import finish
-    from worker.runs.train import BatchResult
-
     assert register_digits(client, admin, digits_model).status_code == 201
     failing, passing = [client.post("/deletion-requests", headers=admin,
                                     json=request_body(digits, external_id=f"subject-{c}", forget_class=c)).json()["id"]
@@ -145,10 +144,6 @@ def test_one_class_failing_the_gate_fails_its_requests_alone_and_the_other_class
 
 def test_of_two_requests_for_one_class_the_one_whose_own_set_is_still_recognised_fails_alone(
         backend, client, admin, digits, digits_model):
-    from worker.runs.gate import GateVerdict
-    from worker.runs.settle import finish
-    from worker.runs.train import BatchResult
-
     assert register_digits(client, admin, digits_model).status_code == 201
     images, halves = split_forget_set(digits, backend, "3")
     first, second = [client.post("/deletion-requests", headers=admin,
