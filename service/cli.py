@@ -120,7 +120,7 @@ def _positive(text: str) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     from service.config import get_settings, get_unlearn_settings
     from service.logs import configure_logging
-    from worker.celery_app import celery_for
+    from worker.celery_app import celery_for, declare_queue
 
     settings = get_settings()
     get_unlearn_settings()  # a bad LETHE_UNLEARN_* stops the worker here, not each request it would run
@@ -131,7 +131,9 @@ def run_worker(args: argparse.Namespace) -> int:
             "--without-gossip", "--without-mingle"]
     if args.beat:
         argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
-    celery_for(settings.broker).worker_main(argv)
+    app = celery_for(settings.broker)
+    declare_queue(app)
+    app.worker_main(argv)
     return 0
 
 

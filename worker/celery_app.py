@@ -7,6 +7,7 @@ for the task's log lines: an erasure can be followed from its HTTP request to th
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 from celery import Celery, signals
@@ -32,6 +33,24 @@ def make_celery(settings: Settings) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+def declare_queue(app: Celery, attempts: int = 5) -> None:
+    """Create the queue before the worker starts. On the embedded SQL transport the queue is a table
+    row that kombu creates on first use without a lock: two workers starting at once race on it and
+    the loser dies with an IntegrityError (messages it had fetched would then be lost to the broker,
+    though not to the database and the sweep). Declaring it here, retried, settles the race."""
+    from kombu import Queue
+
+    for attempt in range(attempts):
+        try:
+            with app.connection_for_write() as connection:
+                Queue(QUEUE)(connection.default_channel).declare()
+            return
+        except Exception:  # the other worker created it meanwhile (or the broker is still starting)
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @lru_cache
