@@ -29,9 +29,6 @@ class GateVerdict:
     def own_reasons(self, request_id: str, cls: str) -> list[str]:
         return self.per_class.get(cls, []) + self.per_request.get(request_id, [])
 
-    def failing_classes(self) -> set[str]:
-        return {c for c, reasons in self.per_class.items() if reasons}
-
     def reasons(self) -> list[str]:
         """Every reason, for the log."""
         return (self.batch + [r for reasons in self.per_class.values() for r in reasons]

@@ -90,7 +90,8 @@ def settle_gate_failure(session, batch: Batch, rows: dict[str, DeletionRequest],
         row, cls = rows[request_id], runnable[request_id][0]
         # Its own reasons fail it; the whole candidate's fail it only when it ran alone (in a batch
         # they may be another request's doing); otherwise it runs again, alone.
-        reasons = gate.own_reasons(request_id, cls) + (gate.batch if alone or gate.own_reasons(request_id, cls) else [])
+        own = gate.own_reasons(request_id, cls)
+        reasons = own + gate.batch if own or alone else []
         if reasons:
             transition(session=session, request=row, to=S.FAILED, actor=actor, detail={"gate": reasons})
             row.error, row.metrics = "; ".join(reasons), request_metrics(result, request_id)
@@ -101,16 +102,12 @@ def settle_gate_failure(session, batch: Batch, rows: dict[str, DeletionRequest],
 def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
     """The run's evidence as this request may see it: its own class's figures only (the batch's
     other classes are other people), and its own forget set measured apart from its class's union."""
-    cls = result_class(result, request_id)
+    cls = result.request_classes.get(request_id)
     metrics = own_class_only(summarise(result.report), cls)
     if request_id in result.own_after:
         metrics["own_forget_set"] = {"forget_acc_before": result.own_before[request_id],
                                      "forget_acc_after": result.own_after[request_id]}
     return metrics
-
-
-def result_class(result: BatchResult, request_id: str) -> str | None:
-    return result.request_classes.get(request_id)
 
 
 PER_CLASS = ("forget_set_size", "forget_acc_before", "forget_acc_after", "forget_duplicates")
