@@ -42,15 +42,31 @@ def declare_queue(app: Celery, attempts: int = 5) -> None:
     though not to the database and the sweep). Declaring it here, retried, settles the race."""
     from kombu import Queue
 
-    for attempt in range(attempts):
-        try:
-            with app.connection_for_write() as connection:
-                Queue(QUEUE)(connection.default_channel).declare()
-            return
-        except Exception:  # the other worker created it meanwhile (or the broker is still starting)
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    try:
+        for attempt in range(attempts):
+            try:
+                with app.connection_for_write() as connection:
+                    Queue(QUEUE)(connection.default_channel).declare()
+                return
+            except Exception:  # the other worker created it meanwhile (or the broker is still starting)
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    finally:
+        _forget_sql_transport_engines()
+
+
+def _forget_sql_transport_engines() -> None:
+    """kombu's SQL transport caches its engine (and pooled connections) on the Channel class. The
+    worker forks its pool and its beat after this process declared the queue: a child that inherits
+    the parent's SQLite connections breaks them ("channel disconnected", wake-ups never consumed).
+    Each process must open its own, so the parent drops its cache before the fork."""
+    from kombu.transport import sqlalchemy as sql_transport
+
+    engines = sql_transport.Channel._engines
+    for engine, _ in list(engines.values()):
+        engine.dispose()
+    engines.clear()
 
 
 @lru_cache
