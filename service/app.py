@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.admission import Admission
 from service.config import Settings, get_settings
 from service.errors import PROBLEM_JSON, install_error_handlers, problem
 from service.logs import RequestLogging
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app = FastAPI(title="Lethe", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.store = artifact_store(settings)
+    app.state.admission = Admission(limit=settings.api_db_concurrency, max_waiting=settings.api_max_waiting,
+                                    wait_seconds=settings.api_queue_seconds)
     registry, http_metrics = make_registry(settings)
     if enqueue is None:
         def enqueue(request_id: str) -> None:

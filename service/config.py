@@ -65,6 +65,13 @@ class Settings(BaseSettings):
                                     "rest wait for its next run, after other models' runs")
     sweep_seconds: float = Field(30.0, gt=0, description="how often the periodic sweep runs")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest accepted weights upload")
+    min_free_bytes: int = Field(1024**3, ge=0, description="/readyz fails when the artifacts folder has less free")
+    api_db_concurrency: int = Field(10, ge=1, le=500, description="API calls of one API process that use the "
+                                    "database at once; the others wait their turn (each holds one connection)")
+    api_queue_seconds: float = Field(30.0, gt=0, le=600, description="longest an API call waits for its turn "
+                                     "before 503 overloaded with Retry-After")
+    api_max_waiting: int = Field(10_000, ge=0, description="API calls of one process waiting for their turn at "
+                                 "once; one more is answered 503 overloaded at once")
     dashboard_refresh_seconds: float = Field(15.0, ge=1, description="how often the requests table refreshes itself")
     dashboard_session_hours: float = Field(8.0, gt=0, le=24 * 30, description="a dashboard login lasts this long")
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line, for log shippers")

@@ -68,9 +68,18 @@ def db_now(session: Session) -> datetime:
     return utcnow()
 
 
+# A process's connections: this many are kept open; more are opened when needed and closed after,
+# never waited for. What bounds them is their users: the API admits LETHE_API_DB_CONCURRENCY calls at
+# a time (service.admission), a worker runs one task per process. A pool that made callers wait
+# could deadlock FastAPI's thread pool (see service.admission).
+POOL_SIZE = 10
+READ_ONLY = "lethe_read_only"  # execution option: a read-only transaction (SQLite: no write lock)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_SIZE, max_overflow=-1)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -82,13 +91,16 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(connection) -> None:
-            # Take the write lock up front: a deferred transaction that read first would fail
-            # with SQLITE_BUSY instead of waiting when another writer committed meanwhile.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(connection) -> None:
+            # A writer takes the write lock up front: a deferred transaction that read first would
+            # fail with SQLITE_BUSY instead of waiting when another writer committed meanwhile. A
+            # reader takes none (WAL: it reads a snapshot), so reads never queue behind writes.
+            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=-1, connect_args=connect_args)
 
 
 @lru_cache
@@ -98,6 +110,21 @@ def engine_for(url: str) -> Engine:
 
 def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+
+
+def read_only_session(url: str) -> Session:
+    """A session for a call that only reads (an HTTP GET): on SQLite it takes no write lock. It
+    refuses to flush a change, so a read path that starts writing fails in the tests, not later
+    under load (where a write upgraded from a stale read snapshot fails with SQLITE_BUSY)."""
+    session = Session(bind=engine_for(url).execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+    session.info[READ_ONLY] = True
+    return session
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_writes_when_read_only(session: Session, _context, _instances) -> None:
+    if session.info.get(READ_ONLY) and (session.new or session.dirty or session.deleted):
+        raise RuntimeError("a read-only session (an HTTP GET) tried to write")
 
 
 @contextmanager

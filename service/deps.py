@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CancelScope
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -14,7 +16,7 @@ from service.auth.service import authenticate, require_scope
 from service.config import Settings
 from service.dashboard.models import DashboardSession
 from service.dashboard.service import current_login
-from service.db import session_scope
+from service.db import read_only_session, session_factory
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -24,10 +26,37 @@ def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One transaction per request, committed after the view returns and before the response is sent."""
-    with session_scope(settings.database) as session:
-        yield session
+async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
+    """One transaction per request, committed after the view returns and before the response is sent.
+
+    The call first waits for its turn (``service.admission``: 503 ``overloaded`` when none comes),
+    in the event loop, before it holds a thread or a connection. A GET reads in a read-only session.
+    """
+    async with request.app.state.admission.turn():
+        read_only = request.method in ("GET", "HEAD")
+        session = read_only_session(settings.database) if read_only else session_factory(settings.database)()
+        try:
+            yield session
+        except BaseException:
+            with CancelScope(shield=True):
+                await run_in_threadpool(_end, session, commit=False)
+            raise
+        with CancelScope(shield=True):
+            await run_in_threadpool(_end, session, commit=True)
+
+
+def _end(session: Session, commit: bool) -> None:
+    """Commit (or roll back) and close, in one thread hop."""
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -6,6 +6,8 @@ stable machine-readable ``code``.
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
 
 PROBLEM_JSON = "application/problem+json"
@@ -20,6 +22,10 @@ class ServiceError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None
 
 
 class InvalidInput(ServiceError):
@@ -49,6 +55,10 @@ class Gone(ServiceError):
 class Unauthenticated(ServiceError):
     status, code, title = 401, "unauthenticated", "Authentication required"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
 
 class LoginRequired(Unauthenticated):
     """The dashboard's answer to a missing or expired login: a redirect to its login page."""
@@ -64,12 +74,56 @@ class PayloadTooLarge(ServiceError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 
 
+RETRY_AFTER_SECONDS = 5
+
+
+class Unavailable(ServiceError):
+    """A backend is down, full or busy: nothing was changed, and the same call can be sent again
+    after ``Retry-After`` seconds. The code names the backend, so the caller's operator knows where
+    to look."""
+
+    status, code, title = 503, "unavailable", "Service unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class Overloaded(Unavailable):
+    code, title = "overloaded", "Too many calls at once"
+
+
+class DatabaseUnavailable(Unavailable):
+    code, title = "database_unavailable", "Database unavailable"
+
+
+class StorageFull(Unavailable):
+    code, title = "storage_full", "Storage full"
+
+
+class ArtifactError(OSError):
+    """The artifact store cannot keep or give back an artifact (unreachable, refused, or a checksum
+    mismatch). An OSError, so callers that handle file errors handle it too; the API answers 503."""
+
+
+class StorageUnavailable(Unavailable):
+    code, title = "storage_unavailable", "Artifact store unavailable"
+
+
 def problem(status: int, code: str, title: str, detail: str, instance: str | None = None, **extra: Any) -> dict[str, Any]:
     body = {"type": f"https://lethe.dev/problems/{code}", "title": title, "status": status, "detail": detail,
             "code": code, **extra}
     if instance:
         body["instance"] = instance
     return body
+
+
+def database_unavailable(exc: Exception) -> Unavailable:
+    """What a driver error means to the caller: the database is down or busy (nothing was written),
+    or, SQLite's way of saying it, its disk is full."""
+    if "disk is full" in str(exc):
+        return StorageFull("the database's disk is full; nothing was written")
+    return DatabaseUnavailable("the database did not answer (down, restarting or busy); nothing was written")
 
 
 def install_error_handlers(app) -> None:
@@ -88,8 +142,8 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return respond(request, exc.status, problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra), headers)
+        return respond(request, exc.status, problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra),
+                       exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -113,10 +167,41 @@ def install_error_handlers(app) -> None:
         return respond(request, 422, problem(422, "invalid_input", "Invalid input",
                                              "a value could not be stored or compared (e.g. a NUL character)"))
 
+    @app.exception_handler(OverflowError)
+    async def _out_of_range(request: Request, exc: OverflowError):
+        # A number or date the database (or UTC) cannot hold; the edges validate the known ones.
+        return respond(request, 422, problem(422, "invalid_input", "Invalid input",
+                                             "a number or date is out of the range this service can store"))
+
+    from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_down(request: Request, exc: Exception):
+        unavailable = database_unavailable(exc)
+        logging.getLogger("lethe.api").warning("%s on %s: %s", unavailable.code, request.url.path,
+                                               type(getattr(exc, "orig", None) or exc).__name__)
+        return await _service_error(request, unavailable)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            logging.getLogger("lethe.api").warning("storage full on %s: %s", request.url.path, exc.strerror)
+            return await _service_error(request, StorageFull("no space left to store this; free space or retry "
+                                                             "later"))
+        if isinstance(exc, ArtifactError):  # the store is unreachable or refused (S3 down, credentials)
+            logging.getLogger("lethe.api").warning("artifact store unavailable on %s: %s", request.url.path,
+                                                   exc.strerror)
+            return await _service_error(request, StorageUnavailable("the artifact store did not answer; retry "
+                                                                    "later"))
+        return _internal_error(request)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        import logging
+        return _internal_error(request)
 
+    def _internal_error(request: Request):
         logging.getLogger("lethe.api").exception("unhandled error on %s", request.url.path)
         return respond(request, 500, problem(500, "internal_error", "Internal error",
                                              "the server failed to handle this request; it was logged"))

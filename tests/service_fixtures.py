@@ -288,6 +288,58 @@ def start_worker(backend: Backend, tmp_path: Path):
         worker.stop()
 
 
+class ApiProcess:
+    """A real ``lethe serve`` process on a free port of loopback, with the backend's settings."""
+
+    def __init__(self, backend: Backend, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env={**os.environ, **backend.env, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        import httpx
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"lethe serve exited: {self.output()[-2000:]}")
+            try:
+                return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, interval=0.2, message="lethe serve to answer /healthz")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def start_api(backend: Backend, tmp_path: Path):
+    apis: list[ApiProcess] = []
+
+    def start(**env: str) -> ApiProcess:
+        api = ApiProcess(backend, tmp_path / f"api-{len(apis)}.log", env=env)
+        apis.append(api)
+        return api
+
+    yield start
+    for api in apis:
+        api.stop()
+
+
 def free_port() -> int:
     """A TCP port free on loopback now, for a server a test starts."""
     with socket.socket() as s:

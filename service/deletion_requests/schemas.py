@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 NO_NUL = r"^[^\x00]*$"  # Postgres text cannot hold NUL
+
+
+def in_utc(value: datetime) -> datetime:
+    """An aware datetime moved to UTC; ValueError for one UTC cannot hold (9999-12-31T23:59-14:00)."""
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("out of range once moved to UTC") from None
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(in_utc)]
 
 
 class ForgetSetRef(BaseModel):
@@ -23,17 +34,13 @@ class DeletionRequestCreate(BaseModel):
     model: str = Field(min_length=1, max_length=64, pattern=NO_NUL)
     forget_class: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     forget_set: ForgetSetRef
-    received_at: AwareDatetime | None = Field(None, description="when the request reached the controller; default now")
+    received_at: UtcDatetime | None = Field(None, description="when the request reached the controller; default now")
 
     @field_validator("received_at")
     @classmethod
     def _plausible_time(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        try:
-            value = value.astimezone(timezone.utc)
-        except OverflowError:
-            raise ValueError("received_at is out of range") from None
         if value.year < 1970:
             raise ValueError("received_at must be after 1970")
         return value

@@ -18,7 +18,7 @@ from service.config import Settings
 from service.db import on_commit, utcnow
 from service.deadlines import at_risk_from
 from service.deletion_requests.models import FINISHED, DeletionRequest, RequestStatus as S
-from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody
+from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody, in_utc
 from service.deletion_requests.transitions import record, transition
 from service.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidTransition, NotFound
 from service.registry.models import RegisteredModel
@@ -167,7 +167,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created_at = datetime.fromisoformat(created_at)
         if created_at.tzinfo is None:
             raise ValueError("naive")
-        return created_at, str(uuid.UUID(str(last_id)))
+        return in_utc(created_at), str(uuid.UUID(str(last_id)))
     except (ValueError, TypeError) as exc:
         raise InvalidInput("malformed cursor") from exc
 

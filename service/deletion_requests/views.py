@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
-from pydantic import AwareDatetime
 
 from service.deletion_requests import service
 from service.deletion_requests.models import DeletionRequest
 from service.deletion_requests.schemas import (
+    UtcDatetime,
     AuditEventPublic,
     CancelBody,
     DeletionRequestAccepted,
@@ -60,7 +60,7 @@ def list_requests(session: SessionDep, _key: RequestsReader,
                   status: Annotated[list[str] | None, Query()] = None,
                   model: Annotated[str | None, Query(pattern=NAME_PATTERN.pattern)] = None,
                   at_risk: bool | None = None, overdue: bool | None = None,
-                  due_before: AwareDatetime | None = None,
+                  due_before: UtcDatetime | None = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 50,
                   cursor: Annotated[str | None, Query(max_length=500)] = None) -> DeletionRequestPage:
     filters = service.RequestFilter(status=status, model=model, at_risk=at_risk, overdue=overdue, due_before=due_before)

@@ -126,9 +126,16 @@ def incorporated_requests(*, session: Session, version: ModelVersion) -> list[De
         .order_by(DeletionRequest.finished_at, DeletionRequest.id)))
 
 
+MAX_VERSION = 2**31 - 1
+
+
 def get_version(*, session: Session, name: str, version: int) -> ModelVersion:
     model = get_model(session=session, name=name)
-    row = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version))
+    # Versions count from 1 in a 32-bit column: a number outside cannot name one (and would overflow
+    # the driver, 10**22 on SQLite).
+    in_range = 1 <= version <= MAX_VERSION
+    row = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
+                                                    ModelVersion.version == version)) if in_range else None
     if row is None:
         raise NotFound(f"model {name!r} has no version {version}")
     return row

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.errors import ArtifactError
 from service.s3_uris import split_s3_uri
 
 if TYPE_CHECKING:
@@ -33,10 +34,6 @@ CHUNK = 1 << 20
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest PutObject; larger files go up as a multipart upload
 NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 ARTIFACT_KEY = re.compile(r"[0-9a-f]{2}/(?P<sha256>[0-9a-f]{64})\.safetensors")
-
-
-class ArtifactError(OSError):
-    """The store cannot keep or give back an artifact (unreachable, refused, or a checksum mismatch)."""
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
@@ -114,8 +111,9 @@ class ArtifactStore(ABC):
 class FolderStore(ArtifactStore):
     """``root/<sha[:2]>/<sha>.safetensors``; files are renamed into place from ``root/.incoming``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
 
     def path_for(self, sha256: str) -> Path:
         return self.root / self.key_for(sha256)
@@ -191,10 +189,15 @@ class FolderStore(ArtifactStore):
         return remove_old_files((self.root / ".incoming").glob("*.part"), before)
 
     def check(self) -> None:
-        """Readiness: the folder exists (or can be made) and takes a file; OSError otherwise."""
+        """Readiness: the folder exists (or can be made), takes a file, and has LETHE_MIN_FREE_BYTES
+        free (a disk that is almost full would take the next request and fail its run); OSError otherwise."""
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ready-"):
             pass
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_bytes:
+            raise ArtifactError(errno.ENOSPC, f"storage almost full ({free} bytes free, "
+                                              f"LETHE_MIN_FREE_BYTES is {self.min_free_bytes})")
 
 
 AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -416,4 +419,4 @@ def artifact_store(settings: Settings) -> ArtifactStore:
     if settings.artifacts_uri and settings.artifacts_uri.startswith("s3://"):
         location = split_s3_uri(settings.artifacts_uri)
         return S3Store(location.bucket, location.key)
-    return FolderStore(settings.artifacts)
+    return FolderStore(settings.artifacts, min_free_bytes=settings.min_free_bytes)

@@ -24,6 +24,24 @@ class WeightsFileResponse(FileResponse):
 
     chunk_size = 1 << 20
 
+    def __init__(self, *args, honour_range: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.honour_range = honour_range
+
+    async def __call__(self, scope, receive, send) -> None:
+        if not self.honour_range:  # RFC 9110 14.2: a Range the server does not take is ignored (200, whole file)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: ``*`` matches any current representation, and If-None-Match compares weakly
+    (``W/"x"`` matches ``"x"``)."""
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
+
 
 def store_of(request: Request) -> ArtifactStore:
     return request.app.state.store
@@ -83,7 +101,7 @@ def get_current(request: Request, session: SessionDep, _key: ModelsReader,
     registered = service.resolve_model(session=session, name=model)
     version = service.current_version(session=session, model=registered)
     etag = f'"{version.sha256}"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag})
     body = to_public(session, registered, version)
     return Response(body.model_dump_json(), media_type="application/json", headers={"ETag": etag})
@@ -104,11 +122,14 @@ def download_weights(name: str, version: int, request: Request, session: Session
     service.check_weights_kept(version=row)
     store = store_of(request)
     headers = {"ETag": f'"{row.sha256}"', "X-Checksum-Sha256": row.sha256}
-    if headers["ETag"] in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
         return Response(status_code=304, headers=headers)
     if (path := store.local_path(row.sha256)) is not None:
+        # One byte range, as the remote store gives; anything else is ignored (RFC 9110 allows it)
+        # rather than answered 400 text/plain.
+        honour_range = parse_range(request.headers.get("range"), row.size) is not None
         return WeightsFileResponse(path, media_type="application/octet-stream", filename="model.safetensors",
-                                   headers=headers)
+                                   headers=headers, honour_range=honour_range)
     if settings.artifacts_redirect and request.method == "GET":  # HEAD: a presigned GET URL would refuse it
         url = store.presigned_url(row.sha256, settings.artifacts_presign_seconds)
         if url is not None:

@@ -92,3 +92,10 @@ def test_liveness_stays_trivial_when_nothing_else_answers(tmp_path):
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"].startswith("error")
+
+
+def test_an_artifacts_folder_with_less_than_the_minimum_free_space_is_not_ready(backend):
+    settings = backend.settings.model_copy(update={"min_free_bytes": 1 << 60})  # more than any disk has
+    response = readiness(settings)
+    assert response.status_code == 503
+    assert response.json()["checks"]["artifacts"].startswith("error: storage almost full")

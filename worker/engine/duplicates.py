@@ -37,15 +37,17 @@ def near(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b, p=1) / a.shape[1] <= NEAR
 
 
+def first_copies(pixels: torch.Tensor) -> torch.Tensor:
+    """long (N,): for each image, the index of the first image with exactly its decoded pixels (its own
+    index when it is the first)."""
+    first: dict[bytes, int] = {}
+    return torch.tensor([first.setdefault(hashlib.sha256(image.numpy().tobytes()).digest(), i)
+                         for i, image in enumerate(pixels)], dtype=torch.long)
+
+
 def exact_duplicates(pixels: torch.Tensor) -> torch.Tensor:
     """bool (N,): images whose decoded pixels repeat an earlier image's exactly."""
-    seen: set[bytes] = set()
-    repeated = []
-    for image in pixels:
-        digest = hashlib.sha256(image.numpy().tobytes()).digest()
-        repeated.append(digest in seen)
-        seen.add(digest)
-    return torch.tensor(repeated, dtype=torch.bool)
+    return first_copies(pixels) != torch.arange(pixels.shape[0])
 
 
 def groups(pixels: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ class ImageSet:
     labels: tuple[str | None, ...]
     skipped: tuple[str, ...]  # names of undecodable files, when skipping was asked for
     duplicates: int = 0  # exact copies of another image of the set, dropped (forget sets)
+    # A set read from several sources (one class's forget sets of several requests): bool (S, N),
+    # which images each source holds (an image two sources share is kept once, in both rows).
+    members: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.pixels.shape[0]

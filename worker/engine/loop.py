@@ -14,7 +14,7 @@ from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
 from worker.engine.losses import adversarial_neighbours, masked_kl_loss, masked_teacher
-from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy, predict, selection_score
+from worker.engine.metrics import eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.prefix import split_frozen_prefix
 from worker.engine.runtime import Runtime
@@ -39,6 +39,10 @@ class ForgetData:
     class_names: tuple[str, ...]
     class_indices: tuple[int, ...]
     images: tuple[torch.Tensor, ...]  # each (N_c, C, H, W) float
+    # Per class, bool (S, N_c) when its images came from several sources (requests), else None; ()
+    # for none at all. A class's accuracy is then its worst source's: each request's set must meet the
+    # target on its own, as each is verified on its own before it completes.
+    members: tuple[torch.Tensor | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -338,11 +342,25 @@ def forget_set_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Run
                         max_prob: float = 1.0) -> list[float]:
     """Each forgotten class's accuracy over its whole forget set, in eval mode; with ``max_prob`` < 1,
     the share of its images still recognised (see ``recognised``)."""
-    if max_prob >= 1.0:
-        return [accuracy(predict(model, x, runtime, batch_size), torch.full((x.shape[0],), i))
-                for x, i in zip(forget.images, forget.class_indices)]
-    return [recognised(eval_logits(model, x, runtime, batch_size), i, max_prob)
-            for x, i in zip(forget.images, forget.class_indices)]
+    result = []
+    for c, (x, i) in enumerate(zip(forget.images, forget.class_indices)):
+        if max_prob >= 1.0:
+            still = predict(model, x, runtime, batch_size) == i
+        else:
+            still = recognised_flags(eval_logits(model, x, runtime, batch_size), i, max_prob)
+        result.append(worst_source(still, forget.members[c] if forget.members else None))
+    return result
+
+
+def worst_source(still: torch.Tensor, members: torch.Tensor | None) -> float:
+    """Percentage of images still recognised; with ``members`` (S, N), that of the source where it is
+    highest. ``still`` may hold several views of each image, view after view (V * N)."""
+    if still.shape[0] == 0:
+        return 0.0
+    if members is None:
+        return still.float().mean().item() * 100.0
+    views = still.view(-1, members.shape[1])
+    return max(views[:, row].float().mean().item() * 100.0 for row in members.to(still.device) if row.any())
 
 
 def recognised(logits: torch.Tensor, class_index: int, max_prob: float = 1.0) -> float:
@@ -355,10 +373,15 @@ def recognised(logits: torch.Tensor, class_index: int, max_prob: float = 1.0) ->
     """
     if logits.shape[0] == 0:
         return 0.0
+    return recognised_flags(logits, class_index, max_prob).float().mean().item() * 100.0
+
+
+def recognised_flags(logits: torch.Tensor, class_index: int, max_prob: float = 1.0) -> torch.Tensor:
+    """bool (N,): which images ``recognised`` counts."""
     still = logits.argmax(1) == class_index
     if max_prob < 1.0:
         still |= logits.float().softmax(1)[:, class_index] > max_prob
-    return still.float().mean().item() * 100.0
+    return still
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -15,7 +15,7 @@ import torch
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
-from worker.engine.duplicates import any_near, distinct_count, exact_duplicates, groups
+from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.images import ImageSet, normalise, read_images
 from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
@@ -142,6 +142,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
             class_names=tuple(f.class_name for f in inputs.forget),
             class_indices=class_indices,
             images=tuple(normalise(s.pixels.to(runtime.device), card.input) for s in forget_sets),
+            members=tuple(s.members for s in forget_sets),
         )
         eval_before = _predict_labelled(model, eval_data, card, config, runtime)
         forget_before = forget_set_accuracy(model, forget, runtime, config.eval_batch_size)
@@ -251,10 +252,20 @@ def read_forget_set(forget: ForgetSpec, spec: InputSpec, *, skip_bad: bool = Fal
     sets = [read_images(source, spec, skip_bad=skip_bad) for source in forget.sources]
     pixels = torch.cat([s.pixels for s in sets])
     labels = tuple(label for s in sets for label in s.labels)
-    keep = ~exact_duplicates(pixels)
+    first = first_copies(pixels)
+    keep = first == torch.arange(pixels.shape[0])
+    members = None
+    if len(sets) > 1:
+        position = torch.cumsum(keep, 0) - 1  # where each kept image lands in the set
+        members = torch.zeros(len(sets), int(keep.sum()), dtype=torch.bool)
+        offset = 0
+        for row, part in enumerate(sets):
+            members[row, position[first[offset:offset + len(part)]]] = True
+            offset += len(part)
     return ImageSet(source=" + ".join(s.source for s in sets), pixels=pixels[keep],
                     labels=tuple(label for label, k in zip(labels, keep.tolist()) if k),
-                    skipped=tuple(name for s in sets for name in s.skipped), duplicates=int((~keep).sum()))
+                    skipped=tuple(name for s in sets for name in s.skipped), duplicates=int((~keep).sum()),
+                    members=members)
 
 
 @dataclass(frozen=True)
@@ -322,7 +333,8 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
             break
         parts = [_fold(x, f, j) for x, f in zip(forget.images, folds)]
         scoring = [_fold(k, f, j)[1] for k, f in zip(known, folds)]
-        fold_forget = dataclasses.replace(forget, images=tuple(train for train, _ in parts))
+        # The check scores a class's held-back images together, so its folds train on the union too.
+        fold_forget = dataclasses.replace(forget, images=tuple(train for train, _ in parts), members=())
         model = fresh_model()
         before = forget_set_accuracy(model, fold_forget, training.runtime, config.eval_batch_size)
         phase = f"holdout {j + 1}/{config.holdout_folds}"

@@ -527,6 +527,19 @@ def test_a_cursor_with_a_naive_timestamp_is_422(client, admin, submit):
     assert_problem(client.get("/deletion-requests", headers=admin, params={"cursor": cursor}), 422, "invalid_input")
 
 
+def test_a_cursor_whose_timestamp_utc_cannot_hold_is_422(client, admin, submit):
+    submit()
+    cursor = _b64(json.dumps(["0001-01-01T00:00:00+14:00", "7d0c3b9e-4f7e-4a3c-9d0e-2b1f6c8a5e41"]).encode())
+    assert_problem(client.get("/deletion-requests", headers=admin, params={"cursor": cursor}), 422, "invalid_input")
+
+
+@pytest.mark.parametrize("due_before", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+def test_a_due_before_that_utc_cannot_hold_is_422(client, admin, submit, due_before):
+    submit()
+    assert_problem(client.get("/deletion-requests", headers=admin, params={"due_before": due_before}), 422,
+                   "invalid_input")
+
+
 def test_a_cursor_over_500_characters_is_422(client, admin):
     assert_problem(client.get("/deletion-requests", headers=admin, params={"cursor": "a" * 501}), 422, "invalid_input")
 

@@ -269,6 +269,18 @@ def test_current_answers_304_when_the_client_has_it(client, admin, registered, i
     assert response.headers["etag"] == f'"{registered["sha256"]}"'
 
 
+@pytest.mark.parametrize("if_none_match", ["*", 'W/"{sha}"', '"other", W/"{sha}"'],
+                         ids=["any version", "weak", "weak in a list"])
+def test_current_answers_304_to_a_star_or_a_weak_validator(client, admin, registered, if_none_match):
+    # RFC 9110 13.1.2: If-None-Match compares weakly, and * matches whatever version is current.
+    response = client.get("/models/current", headers={**admin, "If-None-Match": if_none_match.format(
+        sha=registered["sha256"])})
+    assert response.status_code == 304
+    weights = client.get("/models/digits/versions/1/weights", headers={**admin, "If-None-Match": if_none_match.format(
+        sha=registered["sha256"])})
+    assert weights.status_code == 304 and weights.content == b""
+
+
 @pytest.mark.parametrize("if_none_match", ['"0000"', "{sha}", '"{sha}x"'],
                          ids=["another etag", "unquoted", "prefix match"])
 def test_current_answers_200_when_the_client_has_another_version(client, admin, registered, if_none_match):
@@ -345,6 +357,15 @@ def test_weights_support_a_suffix_range(client, admin, digits_model, registered)
     assert response.content == (digits_model / "model.safetensors").read_bytes()[-16:]
 
 
+@pytest.mark.parametrize("byte_range", ["bytes=abc", "items=0-5", "bytes=9-2", "bytes=", "bytes=0-1,4-5"])
+def test_a_range_that_is_not_one_byte_range_is_ignored_and_the_whole_file_sent(client, admin, digits_model,
+                                                                                registered, byte_range):
+    # RFC 9110 14.2 lets a server ignore a Range it does not take; before, these were 400 text/plain.
+    response = client.get("/models/digits/versions/1/weights", headers={**admin, "Range": byte_range})
+    assert response.status_code == 200
+    assert response.content == (digits_model / "model.safetensors").read_bytes()
+
+
 def test_an_unsatisfiable_range_is_416_not_500(client, admin, registered):
     start = registered["size"] + 10
     response = client.get("/models/digits/versions/1/weights", headers={**admin, "Range": f"bytes={start}-{start + 5}"})
@@ -355,8 +376,10 @@ def test_an_unsatisfiable_range_is_416_not_500(client, admin, registered):
                                               ("/models/nope/versions/1/weights", 404),
                                               ("/models/digits/versions/0/weights", 404),
                                               ("/models/digits/versions/-1/weights", 404),
+                                              (f"/models/digits/versions/{10**22}/weights", 404),
                                               ("/models/digits/versions/one/weights", 422)],
-                         ids=["version 99", "unknown model", "version 0", "negative version", "not a number"])
+                         ids=["version 99", "unknown model", "version 0", "negative version", "version 10^22",
+                              "not a number"])
 def test_weights_of_a_version_that_does_not_exist(client, admin, registered, path, status):
     assert_problem(client.get(path, headers=admin), status)
 

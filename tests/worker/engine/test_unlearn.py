@@ -29,8 +29,10 @@ from worker.engine import (
     unlearn,
 )
 from worker.engine.images import read_images
+from worker.engine.loop import worst_source
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict
-from worker.engine.package import ModelCard, build_model, load_package
+from worker.engine.package import InputSpec, ModelCard, build_model, load_package
+from worker.engine.unlearn import read_forget_set
 from worker.engine.runtime import pick_runtime
 
 SEEDS = (0, 1, 2)
@@ -101,15 +103,16 @@ def test_select_on_eval_forgets_and_keeps_the_others_on_the_test_split(selected_
     assert base_accuracy[1] - mean(acc_r for _, acc_r in held_out) <= 12.0
 
 
-def test_lora_kl_forgets_and_keeps_more_of_the_other_classes_than_the_bounded_loss(default_runs, digits_model,
-                                                                                   digits):
-    # Measured when this method was added (Acc_r drop, test split, seeds 0/1/2): lora-bounded
-    # 4.3/5.0/13.6, lora-kl 4.3/3.7/3.4 points; both reach Acc_f 0 on every seed.
+def test_lora_kl_forgets_on_every_seed_and_keeps_the_other_classes(digits_model, digits, base_accuracy):
+    # Whether it keeps *more* than the bounded loss is the benchmarks' to say (the paper table,
+    # benchmarks/README.md): on the digits model the two differ by less than their seed noise, and
+    # which is ahead depends on the CPU's arithmetic. Mean Acc_r drops, seeds 0/1/2: on an AVX2
+    # machine when the method was added, lora-bounded 7.6, lora-kl 3.8 points; on an AVX-512 one
+    # (one torch thread, as the suite runs), lora-bounded 1.2, lora-kl 1.4.
     kl_runs = [run(digits_model, digits, method="lora-kl", seed=seed) for seed in SEEDS]
     kl = [held_out_accuracy(r.card, r.state_dict, digits) for r in kl_runs]
-    bounded = [held_out_accuracy(r.card, r.state_dict, digits) for r in default_runs]
     assert all(r.target_met for r in kl_runs) and all(acc_f <= 5.0 for acc_f, _ in kl)
-    assert mean(acc_r for _, acc_r in kl) > mean(acc_r for _, acc_r in bounded)
+    assert base_accuracy[1] - mean(acc_r for _, acc_r in kl) <= 12.0
 
 
 def test_lora_adv_forgets_with_neighbours_that_add_images_to_every_step(digits_model, digits, base_accuracy):
@@ -388,3 +391,28 @@ def test_the_paper_method_moves_a_model_certain_of_its_forget_images(digits, dig
     result = run(package, digits, method="lora-bounded", max_steps=10)
     assert result.report.forget_acc_before[FORGET] == 100.0
     assert result.report.forget_acc_after[FORGET] < 100.0
+
+
+def test_a_class_read_from_several_sources_knows_which_images_each_holds(tmp_path):
+    shared = Image.fromarray(torch.full((8, 8), 200, dtype=torch.uint8).numpy())
+    for name, shades in (("a", (10, 20)), ("b", (30,))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for shade in shades:
+            Image.fromarray(torch.full((8, 8), shade, dtype=torch.uint8).numpy()).save(folder / f"{shade}.png")
+        shared.save(folder / "shared.png")  # one photo in both requests' sets
+    spec = InputSpec(size=(8, 8), mean=(0.5,), std=(0.5,), channels="L")
+    forget = ForgetSpec("3", str(tmp_path / "a"), more_sources=(str(tmp_path / "b"),))
+    images = read_forget_set(forget, spec)
+    assert len(images) == 4 and images.duplicates == 1  # the shared photo once
+    assert images.members.sum(1).tolist() == [3, 2]  # a: 10, 20, shared; b: 30, shared
+    assert images.members.all(0).sum() == 1
+
+
+def test_a_class_from_several_sources_is_as_recognised_as_its_worst_source():
+    still = torch.tensor([True, False, False, False, False, False])
+    members = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert worst_source(still, None) == pytest.approx(100 / 6)
+    assert worst_source(still, members) == pytest.approx(100 / 3)  # the first request's set: 1 of 3
+    two_views = torch.cat([still, torch.zeros(6, dtype=torch.bool)])  # view after view
+    assert worst_source(two_views, members) == pytest.approx(100 / 6)
