@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/api_load.py                       # 2 API workers, 32 connections, 25 MB weights
     .venv/bin/python benchmarks/api_load.py --workers 4 --concurrency 64 --requests 5000
     .venv/bin/python benchmarks/api_load.py --requests 200 --weights-mb 1 --out /tmp/smoke.json   # quick look
+    .venv/bin/python benchmarks/api_load.py --ramp 1,10,50,100,200,500,1000      # bursts, both backends
 
 It builds a throw-away stack: a new database on the Postgres server (``--postgres``), migrated with
 ``lethe db upgrade``; an API key; ``lethe serve --workers N`` (the production set-up: one process per
@@ -15,6 +16,14 @@ weights file. The load generator is a separate process (asyncio + httpx, ``--con
 connections), so client and servers share the machine's cores as they would on one host; every figure
 is therefore reported next to the trivial endpoint's, measured in the same run: that ratio is the one
 that carries to another machine.
+
+With ``--ramp 1,10,100,1000`` it measures bursts instead: at each step that many clients at once,
+each on a connection of its own, each sending a new deletion request, reading it back and reading
+``/models/current``, on each backend of ``--backends`` (Postgres + Redis, and the embedded SQLite
+default). Per step: requests/s, p50/p99/max latency, statuses, transport errors, 503s without
+Retry-After, and accepted requests missing from the database; then where errors and latency start.
+``--service-repo`` measures another checkout of Lethe (the commit before a change, say) with this
+script. Figures go to ``results/api_ramp.json``.
 
 Scenarios: ``POST /deletion-requests`` (distinct external ids, all for one class), ``GET
 /models/current`` with and without ``If-None-Match``, ``/healthz`` (the app's own trivial route, with
@@ -118,15 +127,75 @@ async def generate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def burst(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec['clients']`` clients at once, each on its own connection: POST a new request, GET it
+    back, GET /models/current. Every answer is recorded; a transport error is an error."""
+    import httpx
+
+    n = spec["clients"]
+    # Idle connections expire before the server's 5 s keep-alive does: reusing one the server is closing
+    # at that moment is a client-side race (ReadError), not something the server did wrong.
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n, keepalive_expiry=1.0)
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors: list[str] = []
+    accepted: list[str] = []
+    no_retry_after = 0
+
+    async with httpx.AsyncClient(base_url=spec["base_url"], limits=limits, timeout=spec["timeout"],
+                                 headers=spec["headers"]) as client:
+        gate = asyncio.Event()
+
+        async def call(method: str, path: str, **kwargs) -> httpx.Response | None:
+            nonlocal no_retry_after
+            started = time.perf_counter()
+            try:
+                response = await client.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                return None
+            latencies.append(time.perf_counter() - started)
+            statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
+            if response.status_code == 503 and "retry-after" not in response.headers:
+                no_retry_after += 1
+            return response
+
+        async def one_client(i: int) -> None:
+            await gate.wait()
+            external_id = f"{spec['id_prefix']}{i}"
+            posted = await call("POST", "/deletion-requests", content=spec["body"].replace("{id}", external_id),
+                                headers={"content-type": "application/json"})
+            if posted is not None and posted.status_code == 202:
+                accepted.append(external_id)
+                await call("GET", f"/deletion-requests/{posted.json()['id']}")
+            await call("GET", "/models/current")
+
+        tasks = [asyncio.create_task(one_client(i)) for i in range(n)]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        gate.set()
+        await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - started
+
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "clients": n, "requests": len(ms) + len(errors), "seconds": round(seconds, 3),
+        "requests_per_second": round(len(ms) / seconds, 1) if seconds else None,
+        "p50_ms": round(_percentile(ms, 50), 1) if ms else None, "p99_ms": round(_percentile(ms, 99), 1) if ms else None,
+        "max_ms": round(ms[-1], 1) if ms else None, "statuses": statuses, "errors": len(errors),
+        "first_errors": sorted(set(errors))[:3], "503_without_retry_after": no_retry_after, "accepted_ids": accepted,
+    }
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
     rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
     return sorted_values[rank - 1]
 
 
-def run_generator(spec: dict[str, Any]) -> dict[str, Any]:
+def run_generator(spec: dict[str, Any], mode: str = "--generate") -> dict[str, Any]:
     """The generator in a child process (its own interpreter and event loop)."""
-    done = subprocess.run([sys.executable, __file__, "--generate", json.dumps(spec)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, mode, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode != 0:
         raise LoadError(f"load generator failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(done.stdout)
@@ -156,9 +225,9 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) ->
     raise LoadError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def start(command: list[str], env: dict[str, str], log: Path, health_url: str) -> subprocess.Popen:
+def start(command: list[str], env: dict[str, str], log: Path, health_url: str, cwd: Path = REPO) -> subprocess.Popen:
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                    start_new_session=True)
     try:
         wait_until_up(health_url, process)
@@ -215,16 +284,20 @@ class Database:
         self.admin.dispose()
 
     def missing(self, external_ids: list[str]) -> list[str]:
-        """The ids with no deletion request row (queued, as the 202 said)."""
-        from sqlalchemy import create_engine, text
+        return missing_requests(self.url, external_ids)
 
-        engine = create_engine(self.url)
-        try:
-            with engine.connect() as c:
-                found = set(c.execute(text("SELECT external_id FROM deletion_requests WHERE status = 'queued'")).scalars())
-        finally:
-            engine.dispose()
-        return [i for i in external_ids if i not in found]
+
+def missing_requests(url: str, external_ids: list[str]) -> list[str]:
+    """The ids with no deletion request row (queued, as the 202 said)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            found = set(c.execute(text("SELECT external_id FROM deletion_requests WHERE status = 'queued'")).scalars())
+    finally:
+        engine.dispose()
+    return [i for i in external_ids if i not in found]
 
 
 def flush_redis(url: str) -> None:
@@ -364,6 +437,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"scenarios": results, "weights_download": download}
 
 
+# --- the ramp ----------------------------------------------------------------------------------
+
+def lethe_stack(stack: ExitStack, args: argparse.Namespace, backend: str) -> dict[str, Any]:
+    """A throw-away Lethe of ``args.service_repo`` on ``backend`` ("postgres": a new database and a
+    flushed Redis db; "embedded": SQLite and the SQL transport in a temporary home), migrated, with an
+    admin key, served by ``lethe serve --workers N`` and a registered model."""
+    repo = args.service_repo
+    home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lethe-ramp-{backend}-")))
+    data_root = home / "data"
+    (data_root / "forget").mkdir(parents=True)
+    env = {**os.environ, "LETHE_HOME": str(home / "lethe"), "LETHE_DATA_ROOTS": str(data_root),
+           "LETHE_LOG_LEVEL": "WARNING", "PYTHONPATH": str(repo)}
+    database = f"sqlite:///{home / 'lethe' / 'lethe.db'}"
+    if backend == "postgres":
+        database = stack.enter_context(Database(args.postgres)).url
+        redis_url = f"{args.redis.rstrip('/')}/{args.redis_db}"
+        flush_redis(redis_url)
+        stack.callback(flush_redis, redis_url)
+        env |= {"LETHE_DATABASE_URL": database, "LETHE_BROKER_URL": redis_url}
+    lethe = [sys.executable, "-m", "service.cli"]
+    for step in (["db", "upgrade"], ["keys", "create", "--name", "load", "--scope", "admin"]):
+        done = subprocess.run(lethe + step, env=env, capture_output=True, text=True, cwd=repo)
+        if done.returncode != 0:
+            raise LoadError(f"lethe {' '.join(step)}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    auth = {"Authorization": f"Bearer {done.stdout.strip().splitlines()[-1]}"}
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    stack.callback(stop, start(lethe + ["serve", "--port", str(port), "--workers", str(args.workers)], env,
+                               home / "api.log", f"{api}/healthz", cwd=repo))
+    register(api, auth, weights_package(home / "package", args.weights_mb))
+    return {"api": api, "auth": auth, "database": database, "forget_uri": (data_root / "forget").as_uri()}
+
+
+def run_ramp(args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for backend in args.backends:
+        with ExitStack() as stack:
+            lethe = lethe_stack(stack, args, backend)
+            body = json.dumps({"external_id": "{id}", "model": MODEL, "forget_class": CLASSES[3],
+                               "forget_set": {"uri": lethe["forget_uri"]}})
+            steps = []
+            for clients in args.ramp:
+                spec = {"base_url": lethe["api"], "headers": lethe["auth"], "clients": clients, "body": body,
+                        "timeout": args.client_timeout, "id_prefix": f"ramp-{clients}-{uuid.uuid4().hex[:6]}-"}
+                step = run_generator(spec, mode="--burst")
+                accepted = step.pop("accepted_ids")
+                step["accepted"] = len(accepted)
+                step["accepted_missing_from_database"] = len(missing_requests(lethe["database"], accepted))
+                steps.append(step)
+                print(f"{backend} {_ramp_line(step)}", flush=True)
+        figures[backend] = {"steps": steps, "first_trouble": first_trouble(steps)}
+    return figures
+
+
+def first_trouble(steps: list[dict[str, Any]]) -> dict[str, int | None]:
+    """The smallest number of clients at which each kind of trouble was seen (None: never)."""
+    def first(predicate) -> int | None:
+        return next((s["clients"] for s in steps if predicate(s)), None)
+
+    return {
+        "5xx other than 503": first(lambda s: any(k.startswith("5") and k != "503" for k in s["statuses"])),
+        "503": first(lambda s: "503" in s["statuses"]),
+        "transport errors": first(lambda s: s["errors"]),
+        "lost requests": first(lambda s: s["accepted_missing_from_database"]),
+        "p99 over 1 s": first(lambda s: (s["p99_ms"] or 0) > 1000),
+    }
+
+
+def _ramp_line(step: dict[str, Any]) -> str:
+    return (f"{step['clients']:>5} clients: {step['requests']} requests in {step['seconds']} s, "
+            f"{step['requests_per_second']} req/s, p50 {step['p50_ms']} ms, p99 {step['p99_ms']} ms, "
+            f"max {step['max_ms']} ms, statuses {step['statuses']}, errors {step['errors']}, "
+            f"lost {step['accepted_missing_from_database']}")
+
+
 def register(api: str, auth: dict[str, str], package: Path) -> dict[str, Any]:
     import httpx
 
@@ -393,8 +541,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights-mb", type=float, default=25.0, help="size of the weights file (default: 25)")
     parser.add_argument("--download-repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "api_load.json")
+    parser.add_argument("--ramp", type=_clients, default=None,
+                        help="measure bursts of this many simultaneous clients instead, e.g. 1,10,100,1000")
+    parser.add_argument("--backends", type=_backends, default=("postgres", "embedded"),
+                        help="the ramp's backends: postgres, embedded or both (default: both)")
+    parser.add_argument("--client-timeout", type=float, default=120.0, help="the ramp's client timeout, s")
+    parser.add_argument("--service-repo", type=Path, default=REPO,
+                        help="the checkout of Lethe the ramp serves (default: this one)")
     parser.add_argument("--generate", help=argparse.SUPPRESS)  # child mode: one scenario's spec, as JSON
+    parser.add_argument("--burst", help=argparse.SUPPRESS)  # child mode: one ramp step's spec, as JSON
     args = parser.parse_args(argv)
+    if args.ramp is not None and args.out == parser.get_default("out"):
+        args.out = REPO / "benchmarks" / "results" / "api_ramp.json"
+    if not (args.service_repo / "service" / "cli.py").is_file():
+        parser.error(f"--service-repo {args.service_repo} is not a checkout of Lethe (no service/cli.py)")
     for name in ("workers", "concurrency", "requests", "download_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -403,21 +563,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _clients(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of client counts") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError("client counts must be at least 1")
+    return steps
+
+
+def _backends(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(names) - {"postgres", "embedded"})
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"backends are postgres and embedded, not {', '.join(unknown) or text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.generate:
         print(json.dumps(asyncio.run(generate(json.loads(args.generate)))))
         return 0
+    if args.burst:
+        print(json.dumps(asyncio.run(burst(json.loads(args.burst)))))
+        return 0
     try:
-        figures = run(args)
+        figures = run_ramp(args) if args.ramp else run(args)
     except LoadError as exc:
         print(f"api_load: error: {exc}", file=sys.stderr)
         return 2
+    settings = {"workers": args.workers, "weights_mb": args.weights_mb}
+    settings |= ({"ramp": list(args.ramp), "backends": list(args.backends), "service_repo": str(args.service_repo)}
+                 if args.ramp else {"concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup})
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
-        "settings": {"workers": args.workers, "concurrency": args.concurrency, "requests": args.requests,
-                     "warmup": args.warmup, "weights_mb": args.weights_mb},
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": settings, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     } | figures
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")

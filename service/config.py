@@ -65,6 +65,18 @@ class Settings(BaseSettings):
                                     "rest wait for its next run, after other models' runs")
     sweep_seconds: float = Field(30.0, gt=0, description="how often the periodic sweep runs")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest accepted weights upload")
+    max_model_parameters: int = Field(1_000_000_000, ge=1, description="largest network a model card may describe, "
+                                      "counted before anything is built")
+    package_check_seconds: float = Field(120.0, gt=0, description="longest the check of an uploaded package may take")
+    package_check_memory_bytes: int = Field(16 * 1024**3, ge=256 * 1024**2, description="heap the check of an "
+                                            "uploaded package may use")
+    run_timeout: float = Field(7200.0, gt=0, description="seconds a run may take, reading to publishing; then its "
+                               "requests fail with that reason")
+    max_image_bytes: int = Field(64 * 1024**2, ge=1, description="largest image file (or archive member) a set may hold")
+    max_source_images: int = Field(200_000, ge=1, description="most images one forget, evaluation or anchor set may hold")
+    max_source_bytes: int = Field(8 * 1024**3, ge=1, description="most bytes of images one set may hold, decompressed")
+    max_source_pixels: int = Field(20_000_000_000, ge=1, description="most decoded pixels (width x height) one set may "
+                                   "hold")
     min_free_bytes: int = Field(1024**3, ge=0, description="/readyz fails when the artifacts folder has less free")
     api_db_concurrency: int = Field(10, ge=1, le=500, description="API calls of one API process that use the "
                                     "database at once; the others wait their turn (each holds one connection)")

@@ -44,6 +44,10 @@ class InvalidTransition(Conflict):
     code, title = "invalid_transition", "Status does not allow this"
 
 
+class AttemptsExhausted(Conflict):
+    code, title = "attempts_exhausted", "Ran too many times"
+
+
 class IdempotencyMismatch(InvalidInput):
     code, title = "idempotency_key_reused", "Idempotency-Key reused with a different body"
 

@@ -17,14 +17,29 @@ import posixpath
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from typing import TYPE_CHECKING
+
 from service.errors import InvalidInput
 from service.registry.storage import CHUNK, is_not_found, s3_client
 from service.s3_uris import S3Location, split_s3_uri
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from worker.engine.images import ReadLimits
 
 MAX_URI_LENGTH = 4096
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
 Root = Path | S3Location
+
+
+def read_limits(settings: Settings) -> ReadLimits:
+    """What one image set may hold (LETHE_MAX_IMAGE_BYTES, _MAX_SOURCE_IMAGES, _BYTES, _PIXELS): the same
+    for a run's reads and a registration's check."""
+    from worker.engine.images import ReadLimits
+
+    return ReadLimits(max_images=settings.max_source_images, max_image_bytes=settings.max_image_bytes,
+                      max_source_bytes=settings.max_source_bytes, max_pixels=settings.max_source_pixels)
 
 
 class OutsideDataRoots(InvalidInput):

@@ -237,8 +237,8 @@ def retry(request: Request, request_id: str, session: SessionDep, user: Dashboar
     service.check_csrf(user.csrf_token, csrf_token)
     service.require_writer(user)
     row = requests_service.get_request(session=session, request_id=request_id, for_update=True)
-    requests_service.retry(session=session, request=row, actor=f"dashboard:{user.api_key.name}",
-                           enqueue=request.app.state.enqueue)
+    requests_service.retry(session=session, settings=request.app.state.settings, request=row,
+                           actor=f"dashboard:{user.api_key.name}", enqueue=request.app.state.enqueue)
     return see_other(f"/dashboard/requests/{row.id}?done=retry")
 
 

@@ -20,7 +20,7 @@ from service.deadlines import at_risk_from
 from service.deletion_requests.models import FINISHED, DeletionRequest, RequestStatus as S
 from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody, in_utc
 from service.deletion_requests.transitions import record, transition
-from service.errors import Conflict, IdempotencyMismatch, InvalidInput, InvalidTransition, NotFound
+from service.errors import AttemptsExhausted, Conflict, IdempotencyMismatch, InvalidInput, InvalidTransition, NotFound
 from service.registry.models import RegisteredModel
 from service.registry.service import current_version
 from service.sources import check_data_root
@@ -181,11 +181,16 @@ def cancel(*, session: Session, request: DeletionRequest, actor: str, reason: st
     return transition(session=session, request=request, to=S.CANCELED, actor=actor, detail={"reason": reason})
 
 
-def retry(*, session: Session, request: DeletionRequest, actor: str, enqueue) -> DeletionRequest:
-    """A failed request runs again, with a new seed."""
+def retry(*, session: Session, settings: Settings, request: DeletionRequest, actor: str, enqueue) -> DeletionRequest:
+    """A failed request runs again, with a new seed, unless it ran LETHE_MAX_ATTEMPTS times already:
+    each run takes a worker for minutes, and one whose images fail every run would take it forever."""
     if request.status != S.FAILED:  # running -> queued exists for lost leases, not for callers
         raise InvalidTransition(f"only a failed request can be retried; this one is {request.status}",
                                 current_status=request.status)
+    if request.attempts >= settings.max_attempts:
+        raise AttemptsExhausted(f"this request ran {request.attempts} times (LETHE_MAX_ATTEMPTS is "
+                                f"{settings.max_attempts}); fix what its error names and send a new request",
+                                attempts=request.attempts)
     seed = secrets.randbelow(2**31)
     transition(session=session, request=request, to=S.QUEUED, actor=actor, detail={"seed": seed, "retry": True})
     request.seed, request.error, request.cancel_requested = seed, None, False

@@ -83,9 +83,11 @@ def cancel(request_id: str, session: SessionDep, key: RequestsWriter,
 
 
 @router.post("/{request_id}/retry", response_model=DeletionRequestPublic, summary="Run a failed request again (new seed)")
-def retry(request_id: str, request: Request, session: SessionDep, key: RequestsWriter) -> DeletionRequestPublic:
+def retry(request_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+          key: RequestsWriter) -> DeletionRequestPublic:
     row = service.get_request(session=session, request_id=request_id, for_update=True)
-    service.retry(session=session, request=row, actor=f"api-key:{key.name}", enqueue=enqueue_of(request))
+    service.retry(session=session, settings=settings, request=row, actor=f"api-key:{key.name}",
+                  enqueue=enqueue_of(request))
     return to_public(session, row)
 
 

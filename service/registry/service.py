@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -16,8 +15,12 @@ from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Gone, InvalidInput, NotFound
 from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.package_check import PackageLimits, PackageRejected, check_package
 from service.registry.storage import ArtifactStore
 from service.sources import Root, check_data_root, resolve_in_data_root
+
+if TYPE_CHECKING:
+    from worker.engine.images import ReadLimits
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"current"}
@@ -33,22 +36,16 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def validate_package(card_bytes: bytes, weights_path: Path):
-    """Parse the card and load the weights strictly into the network it describes (422 otherwise)."""
-    from worker.engine import EngineError
-    from worker.engine.package import ModelCard, build_model, read_weights
-
+def validate_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits) -> dict[str, Any]:
+    """The card, once its network loaded the weights strictly, checked in a child process with a
+    time and memory limit (``package_check``); 422 otherwise."""
     try:
-        card = ModelCard.from_dict(json.loads(card_bytes.decode("utf-8")))
-        build_model(card, read_weights(weights_path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidModelPackage(f"card is not JSON: {exc}") from None
-    except EngineError as exc:
-        raise InvalidModelPackage(str(exc).replace(str(weights_path), "weights")) from None
-    return card
+        return check_package(card_bytes, weights_path, limits)
+    except PackageRejected as exc:
+        raise InvalidModelPackage(str(exc)) from None
 
 
-def check_image_set(role: str, uri: str, data_roots: list[Root]) -> None:
+def check_image_set(role: str, uri: str, data_roots: list[Root], limits: ReadLimits) -> None:
     """A set the model's every run will read must exist, inside the data roots, and hold images: a
     broken one would fail each later request of the model, on the data subject's account. (Local sets
     are listed here; an s3:// set is read by the first run.)"""
@@ -60,23 +57,25 @@ def check_image_set(role: str, uri: str, data_roots: list[Root]) -> None:
         return
     try:
         path = resolve_in_data_root(uri, data_roots)
-        if count_images(str(path)) == 0:
+        if count_images(str(path), limits) == 0:
             raise InvalidInput(f"{role}: {uri} holds no images")
     except EngineError as exc:
         raise InvalidInput(f"{role}: {exc}") from None
 
 
 def register_model(*, session: Session, store: ArtifactStore, name: str, card_bytes: bytes, weights_path: Path,
-                   eval_set: str | None, data_roots: list[Root], anchor_set: str | None = None) -> ModelVersion:
+                   eval_set: str | None, data_roots: list[Root], limits: PackageLimits, image_limits: ReadLimits,
+                   anchor_set: str | None = None) -> ModelVersion:
     """A new model as version 1, with ``current`` pointing at it. ``weights_path`` goes into the store
-    (stored and verified before the row that names it is written)."""
+    (stored and verified before the row that names it is written). The package is checked before the
+    session is used: the check takes seconds, and must not hold the database meanwhile."""
     check_model_name(name)
     for role, uri in (("eval_set", eval_set), ("anchor_set", anchor_set)):
         if uri is not None:
-            check_image_set(role, uri, data_roots)
+            check_image_set(role, uri, data_roots, image_limits)
+    card = validate_package(card_bytes, weights_path, limits)
     if session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)):
         raise Conflict(f"a model named {name!r} is registered already")
-    card = validate_package(card_bytes, weights_path)
     sha256, size = store.put(weights_path)
     model = RegisteredModel(name=name, eval_set_uri=eval_set, anchor_set_uri=anchor_set)
     try:
@@ -85,7 +84,7 @@ def register_model(*, session: Session, store: ArtifactStore, name: str, card_by
             session.flush()
     except IntegrityError:
         raise Conflict(f"a model named {name!r} is registered already") from None
-    version = ModelVersion(model_id=model.id, version=1, sha256=sha256, size=size, card=card.raw, classes_forgotten=[])
+    version = ModelVersion(model_id=model.id, version=1, sha256=sha256, size=size, card=card, classes_forgotten=[])
     session.add(version)
     session.flush()
     model.current_version_id = version.id

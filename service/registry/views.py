@@ -12,6 +12,8 @@ from service.errors import PayloadTooLarge
 from service.registry import service
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.schemas import ModelVersionList, ModelVersionPublic, RequestRef
+from service.registry.package_check import limits_from
+from service.sources import read_limits
 from service.registry.storage import ArtifactStore
 
 router = APIRouter(tags=["models"])
@@ -70,13 +72,17 @@ def register_model(request: Request, response: Response, session: SessionDep, se
                    anchor_set: Annotated[str | None, Form(description="file:// or s3:// URI of unlabelled images of none "
                                                           "of the model's classes (e.g. CIFAR-10 images for a face model)")] = None,
                    ) -> ModelVersionPublic:
+    # End the key lookup's transaction: copying and checking the package take seconds, and must not
+    # hold the database meanwhile (on SQLite, its write lock: every other writer would wait).
+    session.commit()
     store = store_of(request)
     incoming = store.new_incoming()
     try:
         copy_limited(weights, incoming, settings.max_upload_bytes)
         version = service.register_model(session=session, store=store, name=name, card_bytes=card.file.read(1 << 20),
                                          weights_path=incoming, eval_set=eval_set or None, anchor_set=anchor_set or None,
-                                         data_roots=settings.allowed_data_roots)
+                                         data_roots=settings.allowed_data_roots, limits=limits_from(settings),
+                                         image_limits=read_limits(settings))
     finally:
         incoming.unlink(missing_ok=True)
     model = session.get(RegisteredModel, version.model_id)

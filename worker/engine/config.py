@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.engine.errors import ConfigError
+from worker.engine.images import ReadLimits
 from worker.engine.methods import METHODS, Method
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,6 +44,7 @@ class UnlearnInputs:
     # Unlabelled images of none of the model's classes (e.g. CIFAR-10 for a face model): the run
     # holds the original's outputs on them in place. Not retain data: nothing of the training set.
     anchor_source: str | None = None
+    read_limits: ReadLimits = ReadLimits()  # what each source may hold
 
     def __post_init__(self) -> None:
         if not self.forget:

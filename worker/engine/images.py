@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +30,68 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from worker.engine.errors import ImageSourceError
+from worker.engine.errors import ImageSourceError, UnlearningCancelled
 from worker.engine.package import InputSpec
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one image source may hold; past any of these the source is refused before more is read
+    (a 1 MB .tar.gz whose members inflate to gigabytes, a folder of a million files). The service sets
+    them from LETHE_MAX_IMAGE_BYTES, _MAX_SOURCE_IMAGES, _MAX_SOURCE_BYTES and _MAX_SOURCE_PIXELS."""
+
+    max_images: int = 200_000
+    max_image_bytes: int = 64 * 1024**2  # one file or archive member
+    max_source_bytes: int = 8 * 1024**3  # every file or member, decompressed
+    max_pixels: int = 20_000_000_000  # decoded pixels (width x height, before resizing) of the whole source
+
+
+class _Budget:
+    """A source's running totals against its limits."""
+
+    def __init__(self, uri: str, limits: ReadLimits) -> None:
+        self.uri, self.limits = uri, limits
+        self.images = self.bytes = self.pixels = 0
+
+    def add_image(self) -> None:
+        self.images += 1
+        if self.images > self.limits.max_images:
+            raise ImageSourceError(f"{self.uri}: more than {self.limits.max_images} images (the limit per source)")
+
+    def add_bytes(self, name: str, size: int) -> None:
+        if size > self.limits.max_image_bytes:
+            raise ImageSourceError(f"{name}: {size} bytes, more than the {self.limits.max_image_bytes} an image may have")
+        self.bytes += size
+        if self.bytes > self.limits.max_source_bytes:
+            raise ImageSourceError(f"{self.uri}: more than {self.limits.max_source_bytes} bytes of images (the limit "
+                                   "per source)")
+
+    def add_pixels(self, name: str, count: int) -> None:
+        self.pixels += count
+        if self.pixels > self.limits.max_pixels:
+            raise ImageSourceError(f"{self.uri}: more than {self.limits.max_pixels} pixels of images (the limit per "
+                                   f"source), reached at {name}")
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """Open a file for reading only if it is a regular file: a FIFO named ``x.tar`` would block the
+    reader forever, a device would never end. The check is made on the opened file itself, so it
+    cannot be swapped between check and read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    except OSError as exc:
+        raise ImageSourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageSourceError(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _read_regular(path: Path, budget: _Budget) -> bytes:
+    with open_regular(path) as f:
+        budget.add_bytes(str(path), os.fstat(f.fileno()).st_size)
+        return f.read(budget.limits.max_image_bytes + 1)
+
 
 # Pillow's PPM plugin also reads PGM and PBM.
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "WEBP")
@@ -86,27 +148,36 @@ def source_path(uri: str) -> Path:
     return Path(uri)
 
 
-def list_images(uri: str) -> Iterator[ImageEntry]:
-    """The images of a source, in a stable order, without decoding them."""
+def list_images(uri: str, limits: ReadLimits = ReadLimits()) -> Iterator[ImageEntry]:
+    """The images of a source, in a stable order, without decoding them (``limits`` are checked
+    as they are listed and read)."""
+    return _listed(uri, _Budget(uri, limits))
+
+
+def _listed(uri: str, budget: _Budget) -> Iterator[ImageEntry]:
     path = source_path(uri)
     if path.is_dir():
-        return _directory_entries(path)
-    if not path.exists():
+        entries = _directory_entries(path, budget)
+    elif not path.exists():
         raise ImageSourceError(f"{uri}: no such file or directory")
-    name = path.name.lower()
-    if name.endswith(ARCHIVE_SUFFIXES):
-        return _archive_entries(path)
-    if name.endswith(MANIFEST_SUFFIXES):
-        return _manifest_entries(path)
-    raise ImageSourceError(f"{uri}: not a directory, a .tar/.tar.gz archive or a .csv/.jsonl manifest")
+    elif path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        entries = _archive_entries(path, budget)
+    elif path.name.lower().endswith(MANIFEST_SUFFIXES):
+        entries = _manifest_entries(path, budget)
+    else:
+        raise ImageSourceError(f"{uri}: not a directory, a .tar/.tar.gz archive or a .csv/.jsonl manifest")
+    for entry in entries:
+        budget.add_image()
+        yield entry
 
 
-def count_images(uri: str) -> int:
+def count_images(uri: str, limits: ReadLimits = ReadLimits()) -> int:
     """How many images a source lists (without decoding them)."""
-    return sum(1 for _ in list_images(uri))
+    return sum(1 for _ in list_images(uri, limits))
 
 
-def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
+def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False, limits: ReadLimits = ReadLimits(),
+                should_stop: Callable[[], bool] | None = None) -> ImageSet:
     """Decode every image of a source into one uint8 tensor at the card's size and channels.
 
     Args:
@@ -114,13 +185,19 @@ def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False) -> ImageSe
         spec: the model card's input specification.
         skip_bad: skip (and list in ``skipped``) files that are not decodable images, instead of
             failing on the first one.
+        limits: what the source may hold (ImageSourceError past any).
+        should_stop: asked before each image; True raises UnlearningCancelled (a cancel, or the
+            run's time limit, reaches a long read too).
     """
     arrays: list[np.ndarray] = []
     labels: list[str | None] = []
     skipped: list[str] = []
-    for entry in list_images(uri):
+    budget = _Budget(uri, limits)
+    for entry in _listed(uri, budget):
+        if should_stop is not None and should_stop():
+            raise UnlearningCancelled(f"stopped while reading {uri}")
         try:
-            arrays.append(_decode(entry, spec))
+            arrays.append(_decode(entry, spec, budget))
         except ImageSourceError:
             if not skip_bad:
                 raise
@@ -134,6 +211,19 @@ def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False) -> ImageSe
     return ImageSet(source=uri, pixels=pixels, labels=tuple(labels), skipped=tuple(skipped))
 
 
+@dataclass(frozen=True)
+class ImageReader:
+    """How a run reads its sources: the limits each must keep, whether undecodable files are skipped,
+    and what is asked before each image (see ``read_images``)."""
+
+    limits: ReadLimits = ReadLimits()
+    skip_bad: bool = False
+    should_stop: Callable[[], bool] | None = None
+
+    def read(self, uri: str, spec: InputSpec) -> ImageSet:
+        return read_images(uri, spec, skip_bad=self.skip_bad, limits=self.limits, should_stop=self.should_stop)
+
+
 def normalise(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 scaled to [0, 1] and standardised with the card's mean and std."""
     mean = torch.tensor(spec.mean, device=pixels.device).view(1, -1, 1, 1)
@@ -141,13 +231,14 @@ def normalise(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return (pixels.float() / 255.0 - mean) / std
 
 
-def _decode(entry: ImageEntry, spec: InputSpec) -> np.ndarray:
+def _decode(entry: ImageEntry, spec: InputSpec, budget: _Budget) -> np.ndarray:
     try:
         data = entry.read_bytes()
     except OSError as exc:
         raise ImageSourceError(f"{entry.name}: cannot read ({exc.strerror or exc})") from None
     try:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+            budget.add_pixels(entry.name, image.size[0] * image.size[1])  # from the header, before decoding
             image = to_8_bit(image).convert(spec.channels)
             height, width = spec.size
             if image.size != (width, height):
@@ -173,7 +264,7 @@ def _is_hidden(parts: tuple[str, ...]) -> bool:
     return any(part.startswith(".") for part in parts)
 
 
-def _directory_entries(root: Path) -> Iterator[ImageEntry]:
+def _directory_entries(root: Path, budget: _Budget) -> Iterator[ImageEntry]:
     real_root = root.resolve()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
@@ -183,29 +274,33 @@ def _directory_entries(root: Path) -> Iterator[ImageEntry]:
             raise ImageSourceError(f"{path}: links outside the source folder {root}")
         # A file directly in the source folder takes the folder's own name as its label.
         label = relative.parent.name or root.resolve().name or None
-        yield ImageEntry(name=str(path), label=label, read_bytes=path.read_bytes)
+        yield ImageEntry(name=str(path), label=label, read_bytes=lambda p=path: _read_regular(p, budget))
 
 
-def _archive_entries(path: Path) -> Iterator[ImageEntry]:
+def _archive_entries(path: Path, budget: _Budget) -> Iterator[ImageEntry]:
+    source = open_regular(path)
     try:
-        archive = tarfile.open(path, "r:*")
+        archive = tarfile.open(fileobj=source, mode="r:*")
     except (tarfile.TarError, OSError) as exc:
+        source.close()
         raise ImageSourceError(f"{path}: not a readable tar archive ({exc})") from None
-    with archive:
+    with source, archive:
         try:
             for member in archive:  # streams: .tar.gz archives are read once, front to back
                 relative = PurePosixPath(member.name)
                 if not member.isfile() or _is_hidden(relative.parts):
                     continue
-                data = archive.extractfile(member).read()
-                yield ImageEntry(name=f"{path}:{member.name}", label=relative.parent.name or None, read_bytes=lambda d=data: d)
+                name = f"{path}:{member.name}"
+                budget.add_bytes(name, member.size)  # the header's size: checked before it is inflated
+                data = archive.extractfile(member).read(budget.limits.max_image_bytes + 1)
+                yield ImageEntry(name=name, label=relative.parent.name or None, read_bytes=lambda d=data: d)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise ImageSourceError(f"{path}: archive is corrupt ({exc})") from None
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as f:  # -sig: a BOM
             if path.name.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
@@ -227,7 +322,7 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
         raise ImageSourceError(f"{path}: cannot read manifest ({exc})") from None
 
 
-def _manifest_entries(path: Path) -> Iterator[ImageEntry]:
+def _manifest_entries(path: Path, budget: _Budget) -> Iterator[ImageEntry]:
     base = path.parent
     real_base = base.resolve()
     for line, row in _manifest_rows(path):
@@ -241,4 +336,4 @@ def _manifest_entries(path: Path) -> Iterator[ImageEntry]:
             raise ImageSourceError(f"{path}:{line}: image {relative!r} not found")
         label = row.get("label")
         label = str(label) if label not in (None, "") else (image_path.parent.name or None)
-        yield ImageEntry(name=str(image_path), label=label, read_bytes=image_path.read_bytes)
+        yield ImageEntry(name=str(image_path), label=label, read_bytes=lambda p=image_path: _read_regular(p, budget))

@@ -197,6 +197,16 @@ def build_model(card: ModelCard, state_dict: dict[str, torch.Tensor]) -> torch.n
     return model
 
 
+def parameter_count(card: ModelCard) -> int:
+    """How many parameters the card's network has, counted on the meta device: nothing is allocated."""
+    import timm
+
+    if not timm.is_model(card.architecture):
+        raise ModelPackageError(f"unknown timm architecture {card.architecture!r}")
+    with torch.device("meta"):
+        return sum(p.numel() for p in _create(timm, card).parameters())
+
+
 def _create(timm, card: ModelCard) -> torch.nn.Module:
     try:
         return timm.create_model(card.architecture, pretrained=False, num_classes=len(card.classes), **card.kwargs)

@@ -16,7 +16,7 @@ from worker.engine.adapters import attach_lora, find_target_layers, in_later_hal
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
-from worker.engine.images import ImageSet, normalise, read_images
+from worker.engine.images import ImageReader, ImageSet, normalise
 from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package, write_package
@@ -125,12 +125,13 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         package = load_package(inputs.model)
         card = package.card
         class_indices = tuple(card.class_index(f.class_name) for f in inputs.forget)
-        forget_sets = [read_forget_set(f, card.input, skip_bad=config.skip_bad_images) for f in inputs.forget]
+        reader = ImageReader(inputs.read_limits, config.skip_bad_images, should_cancel)
+        forget_sets = [read_forget_set(f, card.input, reader) for f in inputs.forget]
         skipped = {f"forget:{f.class_name}": list(s.skipped) for f, s in zip(inputs.forget, forget_sets) if s.skipped}
-        eval_data = _labelled(inputs.eval_source, "eval", card, config, runtime, skipped) if inputs.eval_source else None
-        retain_data = (_labelled(inputs.retain_source, "retain", card, config, runtime, skipped)
+        eval_data = _labelled(inputs.eval_source, "eval", card, reader, runtime, skipped) if inputs.eval_source else None
+        retain_data = (_labelled(inputs.retain_source, "retain", card, reader, runtime, skipped)
                        if inputs.retain_source else None)
-        anchor = (_anchor(inputs.anchor_source, card, config, runtime, skipped, forget_sets)
+        anchor = (_anchor(inputs.anchor_source, card, reader, runtime, skipped, forget_sets)
                   if inputs.anchor_source else None)
         if eval_data is not None:
             _check_covers(inputs.eval_source, eval_data, card, class_indices)
@@ -218,7 +219,7 @@ class ForgetSetFacts:
 
 
 def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
-                     batch_size: int = 512) -> dict[str, ForgetSetFacts]:
+                     batch_size: int = 512, reader: ImageReader = ImageReader()) -> dict[str, ForgetSetFacts]:
     """Each class's forget set under a model package, in eval mode: its accuracy (already forgotten?
     still forgotten on a later version?) and how many images and different photos it holds.
 
@@ -227,12 +228,13 @@ def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str 
         forget: the classes and their image sources.
         device: "auto", "cpu" or "cuda".
         batch_size: images per forward pass.
+        reader: the limits the sources must keep, and what stops a long read.
     """
     runtime = pick_runtime(device, "auto")
     package = load_package(model)
     card = package.card
     indices = tuple(card.class_index(f.class_name) for f in forget)
-    sets = [read_forget_set(f, card.input) for f in forget]
+    sets = [read_forget_set(f, card.input, reader) for f in forget]
     images = tuple(normalise(s.pixels.to(runtime.device), card.input) for s in sets)
     network = build_model(card, package.state_dict).to(runtime.device)
     data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
@@ -246,10 +248,10 @@ def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], **options)
     return {c: facts.accuracy for c, facts in forget_set_facts(model, forget, **options).items()}
 
 
-def read_forget_set(forget: ForgetSpec, spec: InputSpec, *, skip_bad: bool = False) -> ImageSet:
+def read_forget_set(forget: ForgetSpec, spec: InputSpec, reader: ImageReader = ImageReader()) -> ImageSet:
     """A class's images from every source it was given, as one set, each image once: an exact copy
     (same decoded pixels) of another is dropped and counted in ``duplicates``."""
-    sets = [read_images(source, spec, skip_bad=skip_bad) for source in forget.sources]
+    sets = [reader.read(source, spec) for source in forget.sources]
     pixels = torch.cat([s.pixels for s in sets])
     labels = tuple(label for s in sets for label in s.labels)
     first = first_copies(pixels)
@@ -399,20 +401,20 @@ def _prepare_trainable(model: torch.nn.Module, config: UnlearnConfig) -> torch.n
     return model
 
 
-def _labelled(source: str, role: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime,
+def _labelled(source: str, role: str, card: ModelCard, reader: ImageReader, runtime: Runtime,
               skipped: dict[str, list[str]]) -> LabelledData:
-    images: ImageSet = read_images(source, card.input, skip_bad=config.skip_bad_images)
+    images: ImageSet = reader.read(source, card.input)
     labels = images.label_indices(card.classes)
     if images.skipped:
         skipped[role] = list(images.skipped)
     return LabelledData(pixels=images.pixels.to(runtime.device), labels=labels)
 
 
-def _anchor(source: str, card: ModelCard, config: UnlearnConfig, runtime: Runtime,
+def _anchor(source: str, card: ModelCard, reader: ImageReader, runtime: Runtime,
             skipped: dict[str, list[str]], forget_sets: list[ImageSet]) -> torch.Tensor:
     """The anchor images normalised on the device, once checked apart from the forget sets; their
     labels (folder names) mean nothing here."""
-    images = read_images(source, card.input, skip_bad=config.skip_bad_images)
+    images = reader.read(source, card.input)
     if images.skipped:
         skipped["anchor"] = list(images.skipped)
     _check_anchor_apart(source, forget_sets, images.pixels)

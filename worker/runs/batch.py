@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.config import Settings
-from service.sources import LocalSources
+from service.sources import LocalSources, read_limits
 
 if TYPE_CHECKING:
     from worker.runs.leases import Heartbeat
@@ -44,6 +44,14 @@ class RunContext:
     heartbeat: Heartbeat
     # Forget-set facts read once per run: (package, class, sets) -> ForgetSetFacts (see prepare.facts)
     facts: dict[tuple, Any] = field(default_factory=dict)
+
+    @property
+    def reader(self):
+        """How the run reads images: the settings' limits, stopping when the heartbeat says so (a
+        cancel, a lost lease, LETHE_RUN_TIMEOUT), between images too."""
+        from worker.engine.images import ImageReader
+
+        return ImageReader(read_limits(self.settings), should_stop=self.heartbeat.should_cancel)
 
 
 def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:

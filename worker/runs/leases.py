@@ -150,6 +150,7 @@ class Heartbeat(threading.Thread):
         self.lost = False
         self.last_renewed = time.monotonic()
         self.last_cancel_check, self.canceled = 0.0, False
+        self.started, self.timed_out = time.monotonic(), False
         self.training_recorded = False
 
     def run(self) -> None:
@@ -169,11 +170,20 @@ class Heartbeat(threading.Thread):
         self.join()
 
     def should_cancel(self) -> bool:
+        """Stop the run? A cancel, a lost lease, or LETHE_RUN_TIMEOUT passed."""
         now = time.monotonic()
         if not self.canceled and now - self.last_cancel_check >= 1.0:
             self.last_cancel_check = now
             self.canceled = cancel_requested(self.settings, self.batch)
-        return self.lost or self.canceled
+        self.timed_out = self.timed_out or now - self.started > self.settings.run_timeout
+        return self.lost or self.canceled or self.timed_out
+
+    def check(self) -> None:
+        """Between the run's phases: UnlearningCancelled when the run must stop."""
+        from worker.engine import UnlearningCancelled
+
+        if self.should_cancel():
+            raise UnlearningCancelled("stopped between phases")
 
     def on_progress(self, progress) -> None:
         if not self.training_recorded:  # one audit event, not one per step (nor per fold of the holdout check)

@@ -52,13 +52,21 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
              len(batch.requests), extra=fields)
     try:
         current = materialise_version(ctx, workdir / "current")
+        heartbeat.check()
         rejected = check_sources(ctx, current)
+        heartbeat.check()
         runnable = {rid: spec for rid, spec in batch.requests.items() if rid not in rejected}
         result = unlearn_batch(ctx, runnable, current) if runnable else None
+        heartbeat.check()
         finish(settings, batch, worker_id, rejected, runnable, result)
     except UnlearningCancelled:
-        outcome = "canceled"
-        settle_cancellation(settings, batch, worker_id)
+        if heartbeat.timed_out and not (heartbeat.canceled or heartbeat.lost):
+            outcome = "timed out"
+            settle_failure(settings, batch, worker_id, error=f"the run took longer than LETHE_RUN_TIMEOUT "
+                                                             f"({settings.run_timeout:g} s)")
+        else:
+            outcome = "canceled"
+            settle_cancellation(settings, batch, worker_id)
     except Exception as exc:  # fails the run with its message; the lease is released
         outcome = "failed"
         log.exception("run failed for model %s", batch.model_name, extra=fields)

@@ -10,7 +10,6 @@ from service.db import session_scope
 from service.errors import ServiceError
 from service.registry.models import ModelVersion
 from service.registry.storage import artifact_store
-from service.sources import LocalSources
 from worker.runs.batch import RunContext
 
 
@@ -48,12 +47,13 @@ def check_sources(ctx: RunContext, package: Path) -> dict[str, str]:
     return rejected
 
 
-def forget_accuracy(package: Path, specs: dict[str, str], sources: LocalSources) -> dict[str, float]:
+def forget_accuracy(ctx: RunContext, package: Path, specs: dict[str, str]) -> dict[str, float]:
     """Each class's accuracy on its forget set under the given package (OutsideDataRoots, UnreadableSource
     or the engine's error when a set cannot be read)."""
     from worker.engine import ForgetSpec, forget_set_accuracies
 
-    return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(sources.path(u))) for c, u in specs.items()))
+    return forget_set_accuracies(str(package), tuple(ForgetSpec(c, str(ctx.sources.path(u))) for c, u in specs.items()),
+                                 reader=ctx.reader)
 
 
 def facts(ctx: RunContext, package: Path, cls: str, uris: list[str]):
@@ -65,7 +65,7 @@ def facts(ctx: RunContext, package: Path, cls: str, uris: list[str]):
     key = (str(package), cls, tuple(uris))
     if key not in ctx.facts:
         first, *more = (str(ctx.sources.path(u)) for u in uris)
-        ctx.facts[key] = forget_set_facts(str(package), (ForgetSpec(cls, first, tuple(more)),))[cls]
+        ctx.facts[key] = forget_set_facts(str(package), (ForgetSpec(cls, first, tuple(more)),), reader=ctx.reader)[cls]
     return ctx.facts[key]
 
 

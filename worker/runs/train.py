@@ -79,7 +79,8 @@ def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], se
     inputs = UnlearnInputs(model=str(current),
                            forget=tuple(ForgetSpec(c, first, tuple(more)) for c, (first, *more) in paths.items()),
                            eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None,
-                           anchor_source=str(sources.path(batch.anchor_set_uri)) if batch.anchor_set_uri else None)
+                           anchor_source=str(sources.path(batch.anchor_set_uri)) if batch.anchor_set_uri else None,
+                           read_limits=ctx.reader.limits)
     result = unlearn(inputs, config, on_progress=ctx.heartbeat.on_progress, should_cancel=ctx.heartbeat.should_cancel)
     result.save(str(out))
     report = result.report.to_dict()
@@ -101,7 +102,7 @@ def recheck_earlier(ctx: RunContext, candidate: Path, exclude: set[str], target:
         if cls in exclude or checks.get(cls, {}).get("status") in ("forgotten", "not_forgotten"):
             continue
         try:
-            acc = forget_accuracy(candidate, {cls: uri}, ctx.sources)[cls]
+            acc = forget_accuracy(ctx, candidate, {cls: uri})[cls]
         except (ServiceError, EngineError):
             checks.setdefault(cls, {"status": "unverifiable", "uri": uri})
             continue

@@ -661,6 +661,17 @@ def test_each_retry_draws_another_seed(client, admin, backend, accepted):
     assert len(seeds) == 3
 
 
+def test_a_request_that_ran_max_attempts_times_is_not_retried_again(client, admin, backend, accepted, enqueued):
+    move(backend, accepted, RequestStatus.RUNNING, RequestStatus.FAILED)
+    with session_scope(backend.settings.database) as session:
+        session.get(DeletionRequest, accepted).attempts = backend.settings.max_attempts  # LETHE_MAX_ATTEMPTS runs
+    problem = assert_problem(client.post(f"/deletion-requests/{accepted}/retry", headers=admin), 409,
+                             "attempts_exhausted")
+    assert "LETHE_MAX_ATTEMPTS" in problem["detail"] and problem["attempts"] == backend.settings.max_attempts
+    assert client.get(f"/deletion-requests/{accepted}", headers=admin).json()["status"] == "failed"
+    assert enqueued == [accepted]
+
+
 # --- POST /deletion-requests/{id}/extend -----------------------------------------------------------------------------------
 
 def test_extend_moves_due_at_and_is_audit_logged(client, admin, accepted):

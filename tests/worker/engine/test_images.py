@@ -1,6 +1,7 @@
 """Image sources: directories, archives and manifests, decoded once into one uint8 tensor."""
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine.errors import ImageSourceError
-from worker.engine.images import ImageSet, list_images, normalise, read_images, source_path
+from worker.engine.errors import ImageSourceError, UnlearningCancelled
+from worker.engine.images import ImageSet, ReadLimits, list_images, normalise, read_images, source_path
 from worker.engine.package import InputSpec
 
 RGB = InputSpec(size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), channels="RGB")
@@ -381,3 +382,63 @@ def test_a_directory_source_may_not_link_outside_itself(tmp_path):
     (tmp_path / "set" / "cat" / "1.png").symlink_to(tmp_path / "outside" / "1.png")
     with pytest.raises(ImageSourceError, match="links outside the source folder"):
         read_images(str(tmp_path / "set"), RGB)
+
+
+# --- limits: what one source may hold, and files that are not files --------------------------------------------------
+
+def test_a_fifo_named_like_an_archive_is_refused_at_once_not_waited_on(tmp_path):
+    fifo = tmp_path / "forget.tar"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer that never comes
+    with pytest.raises(ImageSourceError, match="not a regular file"):
+        read_images(str(fifo), RGB)
+
+
+def test_a_fifo_listed_in_a_manifest_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "a.png")
+    write(tmp_path / "set.csv", b"path,label\na.png,cat\n")
+    with pytest.raises(ImageSourceError, match="not found"):
+        read_images(str(tmp_path / "set.csv"), RGB)
+
+
+def test_an_archive_member_larger_than_the_limit_is_refused_before_it_is_inflated(tmp_path):
+    archive = write_tar(tmp_path / "bomb.tar.gz", {"cat/big.png": bytes(4 * 1024**2)})  # 4 MB of zeros: a few KB
+    assert archive.stat().st_size < 64 * 1024
+    with pytest.raises(ImageSourceError, match="bytes, more than the 1048576 an image may have"):
+        read_images(str(archive), RGB, limits=ReadLimits(max_image_bytes=1024**2))
+
+
+def test_an_image_file_larger_than_the_limit_is_refused(tmp_path):
+    write(tmp_path / "cat" / "big.png", image_bytes(size=(64, 64)))
+    with pytest.raises(ImageSourceError, match="an image may have"):
+        read_images(str(tmp_path), RGB, limits=ReadLimits(max_image_bytes=50))
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    (ReadLimits(max_images=2), "more than 2 images"),
+    (ReadLimits(max_source_bytes=2 * len(image_bytes())), "bytes of images"),
+    (ReadLimits(max_pixels=2 * 8 * 8), "pixels of images"),
+], ids=["images", "bytes", "pixels"])
+def test_a_source_past_a_limit_is_refused(tmp_path, limits, message):
+    for i in range(3):
+        write(tmp_path / "cat" / f"{i}.png", image_bytes(colour=(i, 0, 0)))
+    assert len(read_images(str(tmp_path), RGB)) == 3
+    with pytest.raises(ImageSourceError, match=message):
+        read_images(str(tmp_path), RGB, limits=limits)
+    archive = write_tar(tmp_path.parent / f"{tmp_path.name}.tar", {f"cat/{i}.png": image_bytes(colour=(i, 0, 0))
+                                                                   for i in range(3)})
+    with pytest.raises(ImageSourceError, match=message):
+        read_images(str(archive), RGB, limits=limits)
+
+
+def test_a_read_stops_between_images_when_asked(tmp_path):
+    for i in range(3):
+        write(tmp_path / "cat" / f"{i}.png", image_bytes(colour=(i, 0, 0)))
+    asked = []
+
+    def stop_after_two() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(UnlearningCancelled, match="stopped while reading"):
+        read_images(str(tmp_path), RGB, should_stop=stop_after_two)
+    assert len(asked) == 3

@@ -159,3 +159,16 @@ def test_of_two_requests_for_one_class_the_one_whose_own_set_is_still_recognised
         failed, requeued = session.get(DeletionRequest, first), session.get(DeletionRequest, second)
         assert (failed.status, failed.error) == (S.FAILED, reason)
         assert (requeued.status, requeued.run_alone, requeued.error) == (S.QUEUED, True, None)
+
+
+def test_a_run_past_lethe_run_timeout_fails_its_request_with_that_reason(backend, client, admin, digits, digits_model):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    hasty = backend.settings.model_copy(update={"run_timeout": 0.001})
+    run_batch(hasty, claim_batch(hasty, model_id_of(backend), "w1"), "w1")
+    with session_scope(backend.settings.database) as session:
+        row = session.get(DeletionRequest, request_id)
+        assert row.status == S.FAILED
+        assert row.error == "the run took longer than LETHE_RUN_TIMEOUT (0.001 s)"
+        model = session.get(RegisteredModel, row.model_id)
+        assert model.current_version.version == 1  # nothing published

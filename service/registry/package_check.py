@@ -1,0 +1,114 @@
+"""Checking an uploaded model package away from the API's own process, with a time and memory limit.
+
+Why: the check builds the network the card describes and loads the weights into it. A card is
+anyone's JSON: ``"depth": 100000`` ran 11 minutes and took 7.8 GB inside the API process (and, on
+SQLite, held the database), and 100,000 nested arrays raised a RecursionError. So the check runs in
+a child process forked from a server that imported torch and timm once (multiprocessing's
+forkserver: a fork costs milliseconds, and the API's threads are never forked). The child gets
+``LETHE_PACKAGE_CHECK_MEMORY_BYTES`` of heap (RLIMIT_DATA), is killed after
+``LETHE_PACKAGE_CHECK_SECONDS``, and refuses a card whose network has more than
+``LETHE_MAX_MODEL_PARAMETERS`` parameters, counted on the meta device before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+
+@dataclass(frozen=True)
+class PackageLimits:
+    max_parameters: int
+    seconds: float
+    memory_bytes: int
+
+
+class PackageRejected(Exception):
+    """The package is not one the registry can take; the message says why, for the uploader."""
+
+
+def check_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits) -> dict[str, Any]:
+    """The card (as a dict) when its network loads the weights strictly; PackageRejected otherwise."""
+    context = _context()
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_check_in_child, args=(card_bytes, str(weights_path), limits, sender),
+                            daemon=True, name="lethe-package-check")
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(limits.seconds):
+            raise PackageRejected(f"checking the package took longer than {limits.seconds:g} s "
+                                  "(LETHE_PACKAGE_CHECK_SECONDS): does the card ask for a far bigger network "
+                                  "than the weights hold?")
+        outcome = receiver.recv()
+    except EOFError:  # the child died without an answer: the kernel killed it, out of memory
+        raise PackageRejected(f"checking the package needed more than {limits.memory_bytes} bytes "
+                              "(LETHE_PACKAGE_CHECK_MEMORY_BYTES)") from None
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+        child.join()
+    if "error" in outcome:
+        raise PackageRejected(outcome["error"])
+    return outcome["card"]
+
+
+@lru_cache(maxsize=1)
+def _context():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "timm", "worker.engine.package"])
+    return context
+
+
+def _check_in_child(card_bytes: bytes, weights_path: str, limits: PackageLimits, sender) -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
+    try:
+        sender.send({"card": validate(card_bytes, Path(weights_path), limits.max_parameters)})
+    except MemoryError:
+        sender.send({"error": f"the network the card describes does not fit in {limits.memory_bytes} bytes "
+                              "(LETHE_PACKAGE_CHECK_MEMORY_BYTES)"})
+    except PackageRejected as exc:
+        sender.send({"error": str(exc)})
+    finally:
+        sender.close()
+
+
+def validate(card_bytes: bytes, weights_path: Path, max_parameters: int) -> dict[str, Any]:
+    """Parse the card, count its network's parameters without allocating them, and load the weights
+    strictly into it."""
+    import torch
+
+    from worker.engine import EngineError
+    from worker.engine.package import ModelCard, build_model, parameter_count, read_weights
+
+    torch.set_num_threads(1)
+    try:
+        card = ModelCard.from_dict(json.loads(card_bytes.decode("utf-8")))
+        parameters = parameter_count(card)
+        if parameters > max_parameters:
+            raise PackageRejected(f"the card's network has {parameters} parameters; at most {max_parameters} "
+                                  "are taken (LETHE_MAX_MODEL_PARAMETERS)")
+        build_model(card, read_weights(weights_path))
+    except RecursionError:
+        raise PackageRejected("the card is nested too deeply to be a model card") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageRejected(f"card is not JSON: {exc}") from None
+    except EngineError as exc:
+        if "bad_alloc" in str(exc) or "MemoryError" in str(exc):  # torch's out-of-memory, wrapped as the card's
+            raise MemoryError from None
+        raise PackageRejected(str(exc).replace(str(weights_path), "weights")) from None
+    return card.raw
+
+
+def limits_from(settings: Settings) -> PackageLimits:
+    return PackageLimits(max_parameters=settings.max_model_parameters, seconds=settings.package_check_seconds,
+                         memory_bytes=settings.package_check_memory_bytes)
