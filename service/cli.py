@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,10 +54,16 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=run_serve)
 
     worker = commands.add_parser("worker", help="run a Celery worker that processes deletion requests")
-    worker.add_argument("--beat", action="store_true", help="also run the periodic sweep in this process")
+    worker.add_argument("--beat", action="store_true",
+                        help="also run the periodic sweep, in a `lethe sweeper` process of its own beside the worker")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--loglevel", default=None, help="default: LETHE_LOG_LEVEL (INFO)")
     worker.set_defaults(handler=run_worker)
+
+    sweeper = commands.add_parser("sweeper", help="run the periodic sweep (its scheduler and its own queue); "
+                                  "run exactly one")
+    sweeper.add_argument("--loglevel", default=None, help="default: LETHE_LOG_LEVEL (INFO)")
+    sweeper.set_defaults(handler=run_sweeper)
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -118,22 +125,50 @@ def _positive(text: str) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from service.config import get_settings, get_unlearn_settings
+    """The runs' worker, on the runs' queue only; with --beat, a `lethe sweeper` child beside it."""
+    from service.config import get_unlearn_settings
+    from service.queue import QUEUE
+
+    get_unlearn_settings()  # a bad LETHE_UNLEARN_* stops the worker here, not each request it would run
+    sweeper = None
+    if args.beat:
+        command = [sys.executable, "-m", "service.cli", "sweeper"] + (["--loglevel", args.loglevel] if args.loglevel else [])
+        sweeper = subprocess.Popen(command)
+    try:
+        return start_celery_worker(args.loglevel, [f"--queues={QUEUE}", f"--concurrency={args.concurrency}"])
+    finally:
+        if sweeper is not None:
+            sweeper.terminate()
+            try:
+                sweeper.wait(10)
+            except subprocess.TimeoutExpired:
+                sweeper.kill()
+
+
+def run_sweeper(args: argparse.Namespace) -> int:
+    """Celery beat and one process for the sweep's own queue: a run of minutes never delays a sweep."""
+    from service.config import get_settings
+    from service.queue import SWEEP_QUEUE
+
+    schedule = get_settings().home / "celerybeat-schedule"
+    # Its own node name: beside a worker on one host, two "celery@host" nodes would collide.
+    return start_celery_worker(args.loglevel, [f"--queues={SWEEP_QUEUE}", "--concurrency=1", "--beat",
+                                               f"--schedule={schedule}", "--hostname=sweeper@%h"])
+
+
+def start_celery_worker(loglevel: str | None, options: list[str]) -> int:
+    from service.config import get_settings
     from service.logs import configure_logging
     from worker.celery_app import celery_for, declare_queue
 
     settings = get_settings()
-    get_unlearn_settings()  # a bad LETHE_UNLEARN_* stops the worker here, not each request it would run
-    configure_logging(settings, level=args.loglevel)  # Celery calls it again (setup_logging signal)
+    configure_logging(settings, level=loglevel)  # Celery calls it again (setup_logging signal)
     settings.home.mkdir(parents=True, exist_ok=True)
-    loglevel = (args.loglevel or settings.log_level).upper()
-    argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={args.concurrency}", "--pool=prefork",
-            "--without-gossip", "--without-mingle"]
-    if args.beat:
-        argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
+    level = (loglevel or settings.log_level).upper()
     app = celery_for(settings.broker)
     declare_queue(app)
-    app.worker_main(argv)
+    app.worker_main(["worker", f"--loglevel={level}", "--pool=prefork", "--without-gossip", "--without-mingle",
+                     *options])
     return 0
 
 

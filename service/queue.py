@@ -20,6 +20,9 @@ from service.config import Settings
 from service.logs import current_request_id
 
 QUEUE = "lethe"
+# The sweep has a queue (and a process, ``lethe sweeper``) of its own: behind a run of minutes on the
+# runs' queue, expired leases and deadlines would wait as long.
+SWEEP_QUEUE = "lethe-sweep"
 PROCESS_TASK = "lethe.process_request"
 SWEEP_TASK = "lethe.sweep"
 REQUEST_ID_HEADER = "lethe_request_id"  # the API request's id, carried to the run's log lines

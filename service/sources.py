@@ -124,7 +124,8 @@ def resolve_in_data_root(uri: str, roots: list[Root]) -> Path | S3Location:
         return check_data_root(uri, roots)
     path = parse_file_uri(uri).resolve()
     if not _inside(path, [root.resolve() for root in roots if isinstance(root, Path)]):
-        raise OutsideDataRoots(f"{uri} resolves to {path}, outside the allowed data roots")
+        # Where the link points is not said: it lies outside what the caller may see.
+        raise OutsideDataRoots(f"{uri} leads outside the allowed data roots (through a symbolic link)")
     return path
 
 

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-LETHE_SERVICES = ("api", "worker", "beat", "migrate")
-LONG_RUNNING_LETHE = ("api", "worker", "beat")
-GPU_WORKERS = ("worker", "beat")
+LETHE_SERVICES = ("api", "worker", "sweeper", "migrate")
+LONG_RUNNING_LETHE = ("api", "worker", "sweeper")
+GPU_WORKERS = ("worker",)
 # The variables boto3 reads from the environment that the stack may set.
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"}
 COMPILERS = re.compile(r"\b(gcc|g\+\+|cc|clang|build-essential|make)\b")
@@ -116,7 +116,7 @@ def python_healthchecks(services: dict) -> dict[str, str]:
 # ---- the services ----
 
 def test_the_stack_has_the_api_workers_scheduler_stores_and_one_shot_jobs(services):
-    expected = {"api", "worker", "beat", "migrate", "postgres", "redis", "minio", "minio-init"}
+    expected = {"api", "worker", "sweeper", "migrate", "postgres", "redis", "minio", "minio-init"}
     assert expected <= set(services), f"missing: {expected - set(services)}"
 
 
@@ -290,12 +290,13 @@ def test_the_scalable_worker_runs_no_scheduler(services, parser):
     assert args.command == "worker" and not args.beat
 
 
-def test_exactly_one_service_runs_the_scheduler_in_one_process(services, parser):
-    schedulers = [name for name in LETHE_SERVICES
-                  if getattr(parse_lethe(parser, services[name]["command"]), "beat", False)]
-    assert schedulers == ["beat"]
-    assert parse_lethe(parser, services["beat"]["command"]).concurrency == 1
-    assert services["beat"].get("deploy", {}).get("replicas", 1) == 1
+def test_exactly_one_service_runs_the_sweep_and_it_takes_no_gpu(services, parser):
+    commands = {name: parse_lethe(parser, services[name]["command"]) for name in LETHE_SERVICES}
+    sweepers = [name for name, args in commands.items()
+                if args.command == "sweeper" or getattr(args, "beat", False)]
+    assert sweepers == ["sweeper"] and commands["sweeper"].command == "sweeper"
+    assert services["sweeper"].get("deploy", {}).get("replicas", 1) == 1
+    assert "resources" not in services["sweeper"].get("deploy", {})
 
 
 def test_migrate_runs_db_upgrade(services, parser):

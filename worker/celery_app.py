@@ -14,7 +14,7 @@ from celery import Celery, signals
 
 from service.config import Settings, get_settings
 from service.logs import configure_logging, request_id_var, sane_request_id
-from service.queue import QUEUE, REQUEST_ID_HEADER, SWEEP_TASK
+from service.queue import QUEUE, REQUEST_ID_HEADER, SWEEP_QUEUE, SWEEP_TASK
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,7 +29,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.sweep_seconds}},
+        task_routes={SWEEP_TASK: {"queue": SWEEP_QUEUE}},
+        beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.sweep_seconds,
+                                 "options": {"queue": SWEEP_QUEUE, "expires": settings.sweep_seconds}}},
         timezone="UTC",
     )
     return app
@@ -46,7 +48,8 @@ def declare_queue(app: Celery, attempts: int = 5) -> None:
         for attempt in range(attempts):
             try:
                 with app.connection_for_write() as connection:
-                    Queue(QUEUE)(connection.default_channel).declare()
+                    for name in (QUEUE, SWEEP_QUEUE):
+                        Queue(name)(connection.default_channel).declare()
                 return
             except Exception:  # the other worker created it meanwhile (or the broker is still starting)
                 if attempt == attempts - 1:

@@ -59,3 +59,17 @@ class ModelVersion(Base):
     disposed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # weights deleted; row kept for audit
 
     model: Mapped[RegisteredModel] = relationship(back_populates="versions", foreign_keys=[model_id])
+
+
+class ModelEvent(Base):
+    """Append-only: a change to a model's settings (its evaluation or anchor set), who made it, when."""
+
+    __tablename__ = "model_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # No foreign key, as audit_events: the trail must outlive what it describes.
+    model_id: Mapped[str] = mapped_column(String(36), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    event: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)

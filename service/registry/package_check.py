@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.config import Settings
+    from worker.engine.images import ReadLimits
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,39 @@ class PackageRejected(Exception):
     """The package is not one the registry can take; the message says why, for the uploader."""
 
 
-def check_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits) -> dict[str, Any]:
-    """The card (as a dict) when its network loads the weights strictly; PackageRejected otherwise."""
+class SetRejected(PackageRejected):
+    """An evaluation or anchor set that every run of the model would fail on."""
+
+    def __init__(self, role: str, message: str) -> None:
+        super().__init__(f"{role}: {message}")
+        self.role = role
+
+
+def check_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits, sets: dict[str, Path] | None = None,
+                  image_limits: ReadLimits | None = None) -> dict[str, Any]:
+    """The card (as a dict) when its network loads the weights strictly and each of ``sets`` (role ->
+    local path: "eval_set", "anchor_set") reads as a run would read it; PackageRejected otherwise."""
+    return _in_child(_check_package, (card_bytes, str(weights_path), limits.max_parameters, sets or {},
+                                      image_limits), limits)
+
+
+def check_sets(card: dict[str, Any], sets: dict[str, Path], limits: PackageLimits, image_limits: ReadLimits) -> None:
+    """Each set (role -> local path) reads as a run of a model with this card would read it; SetRejected otherwise."""
+    _in_child(_check_sets, (card, sets, image_limits), limits)
+
+
+def _in_child(check, args: tuple, limits: PackageLimits):
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_check_in_child, args=(card_bytes, str(weights_path), limits, sender),
-                            daemon=True, name="lethe-package-check")
+    child = context.Process(target=_child, args=(check, args, limits.memory_bytes, sender), daemon=True,
+                            name="lethe-package-check")
     child.start()
     sender.close()
     try:
         if not receiver.poll(limits.seconds):
             raise PackageRejected(f"checking the package took longer than {limits.seconds:g} s "
                                   "(LETHE_PACKAGE_CHECK_SECONDS): does the card ask for a far bigger network "
-                                  "than the weights hold?")
+                                  "than the weights hold, or a set for far more images?")
         outcome = receiver.recv()
     except EOFError:  # the child died without an answer: the kernel killed it, out of memory
         raise PackageRejected(f"checking the package needed more than {limits.memory_bytes} bytes "
@@ -57,29 +78,57 @@ def check_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits) 
         if child.is_alive():
             child.kill()
         child.join()
+    if "role" in outcome:
+        raise SetRejected(outcome["role"], outcome["error"])
     if "error" in outcome:
         raise PackageRejected(outcome["error"])
-    return outcome["card"]
+    return outcome["value"]
 
 
 @lru_cache(maxsize=1)
 def _context():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "timm", "worker.engine.package"])
+    context.set_forkserver_preload(["torch", "timm", "worker.engine.package", "worker.engine.images"])
     return context
 
 
-def _check_in_child(card_bytes: bytes, weights_path: str, limits: PackageLimits, sender) -> None:
-    resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
+def _child(check, args: tuple, memory_bytes: int, sender) -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
     try:
-        sender.send({"card": validate(card_bytes, Path(weights_path), limits.max_parameters)})
+        sender.send({"value": check(*args)})
     except MemoryError:
-        sender.send({"error": f"the network the card describes does not fit in {limits.memory_bytes} bytes "
+        sender.send({"error": f"the network the card describes does not fit in {memory_bytes} bytes "
                               "(LETHE_PACKAGE_CHECK_MEMORY_BYTES)"})
+    except SetRejected as exc:
+        sender.send({"role": exc.role, "error": str(exc).removeprefix(f"{exc.role}: ")})
     except PackageRejected as exc:
         sender.send({"error": str(exc)})
     finally:
         sender.close()
+
+
+def _check_package(card_bytes: bytes, weights_path: str, max_parameters: int, sets: dict[str, Path],
+                   image_limits: ReadLimits | None) -> dict[str, Any]:
+    card = validate(card_bytes, Path(weights_path), max_parameters)
+    _check_sets(card, sets, image_limits)
+    return card
+
+
+def _check_sets(card: dict[str, Any], sets: dict[str, Path], image_limits: ReadLimits | None) -> None:
+    """As a run reads them: within the limits, every file decodable; an evaluation set's images
+    labelled with the model's classes (a run scores them by label)."""
+    from worker.engine import EngineError
+    from worker.engine.images import ReadLimits, read_images
+    from worker.engine.package import ModelCard
+
+    parsed = ModelCard.from_dict(card)
+    for role, path in sets.items():
+        try:
+            images = read_images(str(path), parsed.input, limits=image_limits or ReadLimits())
+            if role == "eval_set":
+                images.label_indices(parsed.classes)
+        except EngineError as exc:
+            raise SetRejected(role, str(exc)) from None
 
 
 def validate(card_bytes: bytes, weights_path: Path, max_parameters: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class RequestRef(BaseModel):
@@ -33,3 +33,29 @@ class ModelVersionPublic(BaseModel):
 class ModelVersionList(BaseModel):
     model: str
     versions: list[ModelVersionPublic]
+
+
+class ModelUpdate(BaseModel):
+    """The sets to replace; ``null`` removes one; a field left out is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_set: str | None = Field(None, max_length=4096, description="file:// or s3:// URI of a labelled validation split")
+    anchor_set: str | None = Field(None, max_length=4096, description="file:// or s3:// URI of unlabelled images of none "
+                                   "of the model's classes")
+
+
+class ModelEventPublic(BaseModel):
+    at: datetime
+    actor: str
+    event: str
+    detail: dict[str, Any] | None
+
+
+class ModelPublic(BaseModel):
+    name: str
+    created_at: datetime
+    current_version: int
+    eval_set: str | None
+    anchor_set: str | None
+    events: list[ModelEventPublic]  # every change of its sets, oldest first

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Gone, InvalidInput, NotFound
-from service.registry.models import ModelVersion, RegisteredModel
-from service.registry.package_check import PackageLimits, PackageRejected, check_package
+from service.registry.models import ModelEvent, ModelVersion, RegisteredModel
+from service.registry.package_check import PackageLimits, PackageRejected, SetRejected, check_package, check_sets
 from service.registry.storage import ArtifactStore
 from service.sources import Root, check_data_root, resolve_in_data_root
 
@@ -36,44 +36,44 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def validate_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits) -> dict[str, Any]:
-    """The card, once its network loaded the weights strictly, checked in a child process with a
-    time and memory limit (``package_check``); 422 otherwise."""
+def validate_package(card_bytes: bytes, weights_path: Path, limits: PackageLimits, sets: dict[str, Path],
+                     image_limits: ReadLimits) -> dict[str, Any]:
+    """The card, once its network loaded the weights strictly and each local set read as a run would
+    read it, checked in a child process with a time and memory limit (``package_check``); 422 otherwise."""
     try:
-        return check_package(card_bytes, weights_path, limits)
+        return check_package(card_bytes, weights_path, limits, sets, image_limits)
+    except SetRejected as exc:
+        raise InvalidInput(str(exc)) from None
     except PackageRejected as exc:
         raise InvalidModelPackage(str(exc)) from None
 
 
-def check_image_set(role: str, uri: str, data_roots: list[Root], limits: ReadLimits) -> None:
-    """A set the model's every run will read must exist, inside the data roots, and hold images: a
-    broken one would fail each later request of the model, on the data subject's account. (Local sets
-    are listed here; an s3:// set is read by the first run.)"""
-    from worker.engine import EngineError
-    from worker.engine.images import count_images
-
-    check_data_root(uri, data_roots)
-    if uri.startswith("s3://"):
-        return
-    try:
-        path = resolve_in_data_root(uri, data_roots)
-        if count_images(str(path), limits) == 0:
-            raise InvalidInput(f"{role}: {uri} holds no images")
-    except EngineError as exc:
-        raise InvalidInput(f"{role}: {exc}") from None
+def local_sets(sets: dict[str, str | None], data_roots: list[Root]) -> dict[str, Path]:
+    """Every set given checked inside the data roots (symlinks resolved, and the resolved path never
+    echoed); the local ones as paths, for the check that reads them. An s3:// set is read by the first
+    run (its listing can take minutes)."""
+    local = {}
+    for role, uri in sets.items():
+        if uri is None:
+            continue
+        try:
+            check_data_root(uri, data_roots)
+            if not uri.startswith("s3://"):
+                local[role] = resolve_in_data_root(uri, data_roots)
+        except InvalidInput as exc:
+            raise type(exc)(f"{role}: {exc.detail}") from None
+    return local
 
 
 def register_model(*, session: Session, store: ArtifactStore, name: str, card_bytes: bytes, weights_path: Path,
                    eval_set: str | None, data_roots: list[Root], limits: PackageLimits, image_limits: ReadLimits,
                    anchor_set: str | None = None) -> ModelVersion:
     """A new model as version 1, with ``current`` pointing at it. ``weights_path`` goes into the store
-    (stored and verified before the row that names it is written). The package is checked before the
-    session is used: the check takes seconds, and must not hold the database meanwhile."""
+    (stored and verified before the row that names it is written). The package and the sets are
+    checked before the session is used: the check takes seconds, and must not hold the database."""
     check_model_name(name)
-    for role, uri in (("eval_set", eval_set), ("anchor_set", anchor_set)):
-        if uri is not None:
-            check_image_set(role, uri, data_roots, image_limits)
-    card = validate_package(card_bytes, weights_path, limits)
+    sets = local_sets({"eval_set": eval_set, "anchor_set": anchor_set}, data_roots)
+    card = validate_package(card_bytes, weights_path, limits, sets, image_limits)
     if session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)):
         raise Conflict(f"a model named {name!r} is registered already")
     sha256, size = store.put(weights_path)
@@ -90,6 +90,41 @@ def register_model(*, session: Session, store: ArtifactStore, name: str, card_by
     model.current_version_id = version.id
     session.flush()
     return version
+
+
+SETTABLE = ("eval_set", "anchor_set")
+
+
+def check_model_sets(*, card: dict[str, Any], changes: dict[str, str | None], data_roots: list[Root],
+                     limits: PackageLimits, image_limits: ReadLimits) -> None:
+    """Before ``update_model``, with no transaction open (it reads every image): the new sets read as a
+    run of a model with this card would read them (422 otherwise)."""
+    sets = local_sets(changes, data_roots)
+    if sets:
+        try:
+            check_sets(card, sets, limits, image_limits)
+        except PackageRejected as exc:
+            raise InvalidInput(str(exc)) from None
+
+
+def update_model(*, session: Session, name: str, changes: dict[str, str | None], actor: str) -> RegisteredModel:
+    """Replace (or, with None, remove) a model's evaluation or anchor set; each change an audit event.
+    The model's next run reads the new set; a run in progress keeps the one it started with."""
+    model = get_model(session=session, name=name)
+    for role, uri in changes.items():
+        column = f"{role}_uri"
+        before = getattr(model, column)
+        if before == uri:
+            continue
+        setattr(model, column, uri)
+        session.add(ModelEvent(model_id=model.id, actor=actor, event=f"{role}_replaced" if uri else f"{role}_removed",
+                               detail={"from": before, "to": uri}))
+    session.flush()
+    return model
+
+
+def model_events(*, session: Session, model: RegisteredModel) -> list[ModelEvent]:
+    return list(session.scalars(select(ModelEvent).where(ModelEvent.model_id == model.id).order_by(ModelEvent.id)))
 
 
 def get_model(*, session: Session, name: str) -> RegisteredModel:

@@ -8,10 +8,11 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from service.deps import ModelsReader, ModelsWriter, SessionDep, SettingsDep
-from service.errors import PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge
 from service.registry import service
 from service.registry.models import ModelVersion, RegisteredModel
-from service.registry.schemas import ModelVersionList, ModelVersionPublic, RequestRef
+from service.registry.schemas import (ModelEventPublic, ModelPublic, ModelUpdate, ModelVersionList, ModelVersionPublic,
+                                      RequestRef)
 from service.registry.package_check import limits_from
 from service.sources import read_limits
 from service.registry.storage import ArtifactStore
@@ -100,6 +101,14 @@ def copy_limited(upload: UploadFile, target, limit: int) -> None:
             out.write(chunk)
 
 
+def model_public(session, model: RegisteredModel) -> ModelPublic:
+    return ModelPublic(name=model.name, created_at=model.created_at,
+                       current_version=service.current_version(session=session, model=model).version,
+                       eval_set=model.eval_set_uri, anchor_set=model.anchor_set_uri,
+                       events=[ModelEventPublic(at=e.at, actor=e.actor, event=e.event, detail=e.detail)
+                               for e in service.model_events(session=session, model=model)])
+
+
 @router.get("/models/current", response_model=ModelVersionPublic,
             summary="The current version of a model; ETag is its sha256 (If-None-Match gives 304)")
 def get_current(request: Request, session: SessionDep, _key: ModelsReader,
@@ -111,6 +120,27 @@ def get_current(request: Request, session: SessionDep, _key: ModelsReader,
         return Response(status_code=304, headers={"ETag": etag})
     body = to_public(session, registered, version)
     return Response(body.model_dump_json(), media_type="application/json", headers={"ETag": etag})
+
+
+# After /models/current: 'current' is a reserved name, never a model's.
+@router.get("/models/{name}", response_model=ModelPublic, summary="A model: its current version, its sets, their changes")
+def get_model(name: str, session: SessionDep, _key: ModelsReader) -> ModelPublic:
+    return model_public(session, service.get_model(session=session, name=name))
+
+
+@router.patch("/models/{name}", response_model=ModelPublic,
+              summary="Replace or remove a model's evaluation or anchor set (checked as a run reads it; audited)")
+def update_model(name: str, body: ModelUpdate, session: SessionDep, settings: SettingsDep,
+                 key: ModelsWriter) -> ModelPublic:
+    changes = {field: getattr(body, field) for field in body.model_fields_set}
+    if not changes:
+        raise InvalidInput("give eval_set or anchor_set (null removes it)")
+    card = service.current_version(session=session, model=service.get_model(session=session, name=name)).card
+    session.commit()  # the check reads every image of the new sets: seconds, with no transaction open
+    service.check_model_sets(card=card, changes=changes, data_roots=settings.allowed_data_roots,
+                             limits=limits_from(settings), image_limits=read_limits(settings))
+    model = service.update_model(session=session, name=name, changes=changes, actor=f"api-key:{key.name}")
+    return model_public(session, model)
 
 
 @router.get("/models/{name}/versions", response_model=ModelVersionList, summary="Every version of a model, oldest first")

@@ -68,3 +68,29 @@ def test_a_small_run_measures_every_scenario_and_finds_every_accepted_request(po
     download = figures["weights_download"]
     assert download["api"]["bytes"] == download["static server"]["bytes"] > 400_000
     assert download["ratio_api_to_static"] > 0
+
+
+@pytest.mark.parametrize(("argument", "message"), [("--ramp=0,5", "client counts must be at least 1"),
+                                                   ("--ramp=a,b", "comma-separated list of client counts"),
+                                                   ("--backends=mysql", "backends are postgres and embedded")])
+def test_bad_ramp_arguments_are_one_line_errors(argument, message):
+    done = subprocess.run([sys.executable, "benchmarks/api_load.py", argument], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_a_small_ramp_on_both_backends_reports_each_step_and_loses_nothing(postgres_url, tmp_path):
+    out = tmp_path / "ramp.json"
+    done = subprocess.run([sys.executable, "benchmarks/api_load.py", "--ramp", "1,8", "--postgres", POSTGRES_ADMIN,
+                           "--redis", REDIS_URL, "--redis-db", str(REDIS_TEST_DB), "--workers", "1",
+                           "--weights-mb", "0.5", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for backend in ("postgres", "embedded"):
+        steps = figures[backend]["steps"]
+        assert [s["clients"] for s in steps] == [1, 8]
+        for step in steps:  # each client: a new request, read back, and the current model
+            assert step["statuses"] == {"202": step["clients"], "200": 2 * step["clients"]} and step["errors"] == 0
+            assert step["accepted"] == step["clients"] and step["accepted_missing_from_database"] == 0
+            assert step["p50_ms"] <= step["p99_ms"] <= step["max_ms"]
+        assert figures[backend]["first_trouble"]["5xx other than 503"] is None
