@@ -33,13 +33,17 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 Root = Path | S3Location
 
 
-def read_limits(settings: Settings) -> ReadLimits:
-    """What one image set may hold (LETHE_MAX_IMAGE_BYTES, _MAX_SOURCE_IMAGES, _BYTES, _PIXELS): the same
-    for a run's reads and a registration's check."""
+def read_limits(settings: Settings, also_within: tuple[Path, ...] = ()) -> ReadLimits:
+    """What one image set may hold (LETHE_MAX_IMAGE_BYTES, _MAX_SOURCE_IMAGES, _BYTES, _PIXELS) and where
+    its files must lie once opened (the local data roots, symlinks resolved, and ``also_within``: a run's
+    folder of downloaded s3:// sets): the same for a run's reads and a registration's check."""
     from worker.engine.images import ReadLimits
 
+    within = tuple(str(root.resolve()) for root in (*settings.allowed_data_roots, *also_within)
+                   if isinstance(root, Path))
     return ReadLimits(max_images=settings.max_source_images, max_image_bytes=settings.max_image_bytes,
-                      max_source_bytes=settings.max_source_bytes, max_pixels=settings.max_source_pixels)
+                      max_source_bytes=settings.max_source_bytes, max_pixels=settings.max_source_pixels,
+                      within=within)
 
 
 class OutsideDataRoots(InvalidInput):
@@ -142,7 +146,9 @@ class LocalSources:
     def path(self, uri: str) -> Path:
         reference = resolve_in_data_root(uri, self.roots)
         if isinstance(reference, Path):
-            return parse_file_uri(uri)  # checked with symlinks resolved; read by its own name (labels)
+            # The path checked, symlinks resolved: a link swapped after the check changes nothing, and
+            # every file is checked again once opened (ReadLimits.within).
+            return reference
         if reference not in self.downloaded:
             if self.client is None:
                 self.client = self.client_factory()

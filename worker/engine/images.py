@@ -43,6 +43,9 @@ class ReadLimits:
     max_image_bytes: int = 64 * 1024**2  # one file or archive member
     max_source_bytes: int = 8 * 1024**3  # every file or member, decompressed
     max_pixels: int = 20_000_000_000  # decoded pixels (width x height, before resizing) of the whole source
+    # Real paths every file read must lie in once opened (the data roots); () for anywhere. Checked on
+    # the open file, so a symlink swapped after a caller's check cannot lead the read elsewhere.
+    within: tuple[str, ...] = ()
 
 
 class _Budget:
@@ -72,10 +75,10 @@ class _Budget:
                                    f"source), reached at {name}")
 
 
-def open_regular(path: Path) -> io.BufferedReader:
-    """Open a file for reading only if it is a regular file: a FIFO named ``x.tar`` would block the
-    reader forever, a device would never end. The check is made on the opened file itself, so it
-    cannot be swapped between check and read."""
+def open_regular(path: Path, within: tuple[str, ...] = ()) -> io.BufferedReader:
+    """Open a file for reading only if it is a regular file (a FIFO named ``x.tar`` would block the
+    reader forever, a device would never end) lying in one of ``within``. Both are checked on the
+    opened file itself, so nothing can be swapped between the check and the read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
     except OSError as exc:
@@ -83,12 +86,25 @@ def open_regular(path: Path) -> io.BufferedReader:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ImageSourceError(f"{path}: not a regular file")
+    if within and not _lies_in(_opened_path(fd, path), within):
+        os.close(fd)
+        raise ImageSourceError(f"{path}: leads outside the allowed data roots")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
+def _opened_path(fd: int, path: Path) -> str:
+    """Where an open file really is: Linux names it in /proc; elsewhere, the path resolved now."""
+    proc = f"/proc/self/fd/{fd}"
+    return os.readlink(proc) if os.path.islink(proc) else os.path.realpath(path)
+
+
+def _lies_in(real: str, roots: tuple[str, ...]) -> bool:
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
 def _read_regular(path: Path, budget: _Budget) -> bytes:
-    with open_regular(path) as f:
+    with open_regular(path, budget.limits.within) as f:
         budget.add_bytes(str(path), os.fstat(f.fileno()).st_size)
         return f.read(budget.limits.max_image_bytes + 1)
 
@@ -278,7 +294,7 @@ def _directory_entries(root: Path, budget: _Budget) -> Iterator[ImageEntry]:
 
 
 def _archive_entries(path: Path, budget: _Budget) -> Iterator[ImageEntry]:
-    source = open_regular(path)
+    source = open_regular(path, budget.limits.within)
     try:
         archive = tarfile.open(fileobj=source, mode="r:*")
     except (tarfile.TarError, OSError) as exc:
@@ -298,9 +314,9 @@ def _archive_entries(path: Path, budget: _Budget) -> Iterator[ImageEntry]:
             raise ImageSourceError(f"{path}: archive is corrupt ({exc})") from None
 
 
-def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _manifest_rows(path: Path, within: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     try:
-        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as f:  # -sig: a BOM
+        with io.TextIOWrapper(open_regular(path, within), encoding="utf-8-sig", newline="") as f:  # -sig: a BOM
             if path.name.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
@@ -325,7 +341,7 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict]]:
 def _manifest_entries(path: Path, budget: _Budget) -> Iterator[ImageEntry]:
     base = path.parent
     real_base = base.resolve()
-    for line, row in _manifest_rows(path):
+    for line, row in _manifest_rows(path, budget.limits.within):
         relative = row.get("path")
         if not isinstance(relative, str) or not relative:
             raise ImageSourceError(f"{path}:{line}: row has no 'path'")

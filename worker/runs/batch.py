@@ -51,7 +51,8 @@ class RunContext:
         cancel, a lost lease, LETHE_RUN_TIMEOUT), between images too."""
         from worker.engine.images import ImageReader
 
-        return ImageReader(read_limits(self.settings), should_stop=self.heartbeat.should_cancel)
+        return ImageReader(read_limits(self.settings, also_within=(self.sources.folder,)),
+                           should_stop=self.heartbeat.should_cancel)
 
 
 def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:

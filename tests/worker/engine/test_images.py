@@ -442,3 +442,24 @@ def test_a_read_stops_between_images_when_asked(tmp_path):
     with pytest.raises(UnlearningCancelled, match="stopped while reading"):
         read_images(str(tmp_path), RGB, should_stop=stop_after_two)
     assert len(asked) == 3
+
+
+def test_a_file_opened_outside_the_allowed_roots_is_refused_whatever_its_path_said(tmp_path):
+    # A link swapped after a caller checked the path: the check made on the open file still refuses.
+    allowed, outside = tmp_path / "roots" / "set" / "cat", tmp_path / "outside"
+    write(allowed / "0.png", image_bytes())
+    write(allowed / "inside.png", image_bytes(colour=(4, 5, 6)))
+    write(outside / "1.png", image_bytes(colour=(1, 2, 3)))
+    (allowed / "1.png").symlink_to(allowed / "inside.png")  # inside when the source is listed ...
+    within = ReadLimits(within=(str((tmp_path / "roots").resolve()),))
+    entries = list(list_images(str(tmp_path / "roots" / "set"), within))
+    (allowed / "1.png").unlink()
+    (allowed / "1.png").symlink_to(outside / "1.png")  # ... swapped before it is read
+    with pytest.raises(ImageSourceError, match="leads outside the allowed data roots"):
+        for entry in entries:
+            entry.read_bytes()
+    manifest = write(tmp_path / "roots" / "list.csv", b"path,label\nset/cat/0.png,cat\n")
+    assert len(read_images(str(manifest), RGB, limits=within)) == 1
+    (tmp_path / "roots" / "swapped.csv").symlink_to(outside / "1.png")
+    with pytest.raises(ImageSourceError, match="leads outside the allowed data roots"):
+        read_images(str(tmp_path / "roots" / "swapped.csv"), RGB, limits=within)
