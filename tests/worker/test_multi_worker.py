@@ -124,7 +124,11 @@ def test_two_workers_share_one_queue_keep_versions_sequential_and_a_killed_one_l
     # Nothing of the runs stayed on the machines: no local artifacts anywhere, no run folder on the
     # survivors. The killed machine's run folder (forget-set images) stays until a worker starts there again.
     assert not any((home / "artifacts").exists() for home in homes.values())
-    assert all(list((homes[m] / "tmp").glob("lethe-*")) == [] for m in homes if m != victim)
+    # (A run fenced out by a lease that expired under load may still be ending: its folder goes with it.)
+    def left() -> dict[str, list[str]]:
+        return {m: sorted(p.name for p in (homes[m] / "tmp").glob("lethe-*")) for m in homes if m != victim}
+
+    wait_for(lambda: not any(left().values()), 60, message=f"run folders to be removed: {left()}\n{logs()}")
     assert list((homes[victim] / "tmp").glob("lethe-run-*")), "the killed run left its folder"
     restarted = start_worker(beat=False, LETHE_HOME=str(homes[victim]), TMPDIR=str(homes[victim] / "tmp"))
     wait_for(lambda: "ready." in restarted.output(), 120, message=f"the restarted worker\n{restarted.output()}")

@@ -4,7 +4,9 @@ the run is called in this process)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 from sqlalchemy import select
 
@@ -117,7 +119,7 @@ def test_a_request_whose_images_break_its_batch_fails_alone_and_the_other_comple
         assert "anchor source holds images of a forget set" in session.get(DeletionRequest, poison).error
 
 
-def test_one_class_failing_the_gate_fails_its_requests_alone_and_the_other_class_runs_again_alone(
+def test_one_class_failing_the_gate_in_a_batch_runs_again_alone_and_fails_only_then(
         backend, client, admin, digits, digits_model):
     assert register_digits(client, admin, digits_model).status_code == 201
     failing, passing = [client.post("/deletion-requests", headers=admin,
@@ -134,15 +136,25 @@ def test_one_class_failing_the_gate_fails_its_requests_alone_and_the_other_class
                          request_classes={failing: "3", passing: "5"})
     finish(backend.settings, batch, "w1", rejected={}, runnable=batch.requests, result=result)
     with session_scope(backend.settings.database) as session:
-        failed, requeued = session.get(DeletionRequest, failing), session.get(DeletionRequest, passing)
+        rows = [session.get(DeletionRequest, i) for i in (failing, passing)]
+        assert [(r.status, r.run_alone, r.error) for r in rows] == [(S.QUEUED, True, None)] * 2
+        assert reason in rows[0].events[-1].detail["reason"]  # why it runs again, in its trail
+
+    alone = claim_batch(backend.settings, model_id_of(backend), "w1")
+    assert list(alone.requests) == [failing]
+    report_alone = {**report, "classes": ["3"]}
+    finish(backend.settings, alone, "w1", rejected={}, runnable=alone.requests,
+           result=BatchResult(report_alone, {}, None, GateVerdict(per_class={"3": [reason]}), {},
+                              request_classes={failing: "3"}))
+    with session_scope(backend.settings.database) as session:
+        failed = session.get(DeletionRequest, failing)
         assert (failed.status, failed.error) == (S.FAILED, reason)
-        assert (requeued.status, requeued.run_alone, requeued.error) == (S.QUEUED, True, None)
         # Its evidence is its own class's: not the other person's figures, nor earlier people's re-checks.
         assert failed.metrics["classes"] == ["3"] and failed.metrics["holdout"]["forget_acc"] == {"3": 33.3}
         assert "5" not in str(failed.metrics["forget_set_size"]) and "rechecks" not in failed.metrics
 
 
-def test_of_two_requests_for_one_class_the_one_whose_own_set_is_still_recognised_fails_alone(
+def test_of_two_requests_for_one_class_the_one_whose_own_set_is_still_recognised_runs_again_alone(
         backend, client, admin, digits, digits_model):
     assert register_digits(client, admin, digits_model).status_code == 201
     images, halves = split_forget_set(digits, backend, "3")
@@ -156,9 +168,9 @@ def test_of_two_requests_for_one_class_the_one_whose_own_set_is_still_recognised
                          request_classes={first: "3", second: "3"})
     finish(backend.settings, batch, "w1", rejected={}, runnable=batch.requests, result=result)
     with session_scope(backend.settings.database) as session:
-        failed, requeued = session.get(DeletionRequest, first), session.get(DeletionRequest, second)
-        assert (failed.status, failed.error) == (S.FAILED, reason)
-        assert (requeued.status, requeued.run_alone, requeued.error) == (S.QUEUED, True, None)
+        rows = [session.get(DeletionRequest, i) for i in (first, second)]
+        assert [(r.status, r.run_alone, r.error) for r in rows] == [(S.QUEUED, True, None)] * 2
+        assert reason in rows[0].events[-1].detail["reason"]
 
 
 def test_a_run_past_lethe_run_timeout_fails_its_request_with_that_reason(backend, client, admin, digits, digits_model):
@@ -172,3 +184,22 @@ def test_a_run_past_lethe_run_timeout_fails_its_request_with_that_reason(backend
         assert row.error == "the run took longer than LETHE_RUN_TIMEOUT (0.001 s)"
         model = session.get(RegisteredModel, row.model_id)
         assert model.current_version.version == 1  # nothing published
+
+
+def test_a_fifo_named_like_an_archive_is_rejected_at_once_and_the_run_goes_on(backend, client, admin, digits,
+                                                                             digits_model):
+    # It used to hang the run for minutes: opening a FIFO waits for a writer that never comes.
+    assert register_digits(client, admin, digits_model).status_code == 201
+    fifo = digits.root / f"fifo-{backend.name}.tar"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    stuck = client.post("/deletion-requests", headers=admin,
+                        json=request_body(digits, "fifo", uri=f"file://{fifo}")).json()["id"]
+    fine = client.post("/deletion-requests", headers=admin, json=request_body(digits, "fine", forget_class="5")).json()["id"]
+    started = time.monotonic()
+    run_batch(backend.settings, claim_batch(backend.settings, model_id_of(backend), "w1"), "w1")
+    assert time.monotonic() - started < 120
+    with session_scope(backend.settings.database) as session:
+        rejected, completed = session.get(DeletionRequest, stuck), session.get(DeletionRequest, fine)
+        assert rejected.status == S.REJECTED and "not a regular file" in rejected.error
+        assert completed.status == S.COMPLETED, completed.error
