@@ -75,8 +75,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(64 * 1024**2, ge=1, description="largest image file (or archive member) a set may hold")
     max_source_images: int = Field(200_000, ge=1, description="most images one forget, evaluation or anchor set may hold")
     max_source_bytes: int = Field(8 * 1024**3, ge=1, description="most bytes of images one set may hold, decompressed")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="most pixels (width x height) one image may have")
     max_source_pixels: int = Field(20_000_000_000, ge=1, description="most decoded pixels (width x height) one set may "
                                    "hold")
+    package_checks_at_once: int = Field(2, ge=1, le=64, description="uploads checked at once per API process; "
+                                        "one more is answered 503 overloaded")
     min_free_bytes: int = Field(1024**3, ge=0, description="/readyz fails when the artifacts folder has less free")
     api_db_concurrency: int = Field(10, ge=1, le=500, description="API calls of one API process that use the "
                                     "database at once; the others wait their turn (each holds one connection)")

@@ -125,9 +125,14 @@ def problem(status: int, code: str, title: str, detail: str, instance: str | Non
 def database_unavailable(exc: Exception) -> Unavailable:
     """What a driver error means to the caller: the database is down or busy (nothing was written),
     or, SQLite's way of saying it, its disk is full."""
-    if "disk is full" in str(exc):
+    text = str(exc)
+    if "disk is full" in text:
         return StorageFull("the database's disk is full; nothing was written")
-    return DatabaseUnavailable("the database did not answer (down, restarting or busy); nothing was written")
+    if "no such table" in text or ("relation \"" in text and "does not exist" in text):
+        return DatabaseUnavailable("the database has no Lethe schema, or an old one (run lethe db upgrade); "
+                                   "nothing was written")
+    return DatabaseUnavailable("the database did not answer (down, restarting, busy or not a database); "
+                               "nothing was written")
 
 
 def install_error_handlers(app) -> None:
@@ -141,7 +146,9 @@ def install_error_handlers(app) -> None:
         body.setdefault("instance", request.url.path)
         html_error = getattr(request.app.state, "html_error", None)
         if html_error is not None and request.url.path.startswith("/dashboard"):
-            return html_error(request, status, body)  # people, not programs, read the dashboard's errors
+            page = html_error(request, status, body)  # people, not programs, read the dashboard's errors
+            page.headers.update(headers or {})
+            return page
         return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
     @app.exception_handler(ServiceError)
@@ -177,9 +184,18 @@ def install_error_handlers(app) -> None:
         return respond(request, 422, problem(422, "invalid_input", "Invalid input",
                                              "a number or date is out of the range this service can store"))
 
-    from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
+    from sqlalchemy.exc import DatabaseError, IntegrityError, InterfaceError, TimeoutError as PoolTimeout
 
-    @app.exception_handler(OperationalError)
+    @app.exception_handler(IntegrityError)
+    async def _lost_insert_race(request: Request, exc: IntegrityError):
+        # A unique row another call inserted first, where the service did not expect the race.
+        return respond(request, 409, problem(409, "conflict", "Conflict",
+                                             "another call created the same thing at the same moment; read it "
+                                             "and retry if still needed"))
+
+    # OperationalError (down, locked, no such table) and the rest of DatabaseError ("file is not a
+    # database"): the database cannot serve this call; DataError and IntegrityError have their own.
+    @app.exception_handler(DatabaseError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(PoolTimeout)
     async def _database_down(request: Request, exc: Exception):

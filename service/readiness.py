@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
+from functools import lru_cache
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from sqlalchemy import create_engine, text
@@ -14,8 +16,28 @@ CHECK_TIMEOUT = 3.0  # seconds for all checks together: a probe must answer befo
 
 
 def check_database(url: str) -> None:
+    """The database answers and its schema is the one this code needs: on an empty or old one every
+    call would fail (503), so the service is not ready."""
+    from sqlalchemy.exc import DBAPIError
+
     with engine_for(url).connect() as connection:
-        connection.execute(text("SELECT 1"))
+        try:
+            found = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError as exc:
+            if "alembic_version" not in str(exc):  # not a missing table: down, locked, not a database
+                raise
+            found = None
+    if found != head_revision():
+        raise OSError(errno.EPROTO, f"schema at {found or 'none'}, not {head_revision()}: run lethe db upgrade")
+
+
+@lru_cache(maxsize=1)
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from service.db import alembic_config
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def check_broker(url: str, timeout: float = 2.0) -> None:

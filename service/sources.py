@@ -34,7 +34,7 @@ Root = Path | S3Location
 
 
 def read_limits(settings: Settings, also_within: tuple[Path, ...] = ()) -> ReadLimits:
-    """What one image set may hold (LETHE_MAX_IMAGE_BYTES, _MAX_SOURCE_IMAGES, _BYTES, _PIXELS) and where
+    """What one image set may hold (LETHE_MAX_IMAGE_BYTES, _PIXELS, _MAX_SOURCE_IMAGES, _BYTES, _PIXELS) and where
     its files must lie once opened (the local data roots, symlinks resolved, and ``also_within``: a run's
     folder of downloaded s3:// sets): the same for a run's reads and a registration's check."""
     from worker.engine.images import ReadLimits
@@ -43,6 +43,7 @@ def read_limits(settings: Settings, also_within: tuple[Path, ...] = ()) -> ReadL
                    if isinstance(root, Path))
     return ReadLimits(max_images=settings.max_source_images, max_image_bytes=settings.max_image_bytes,
                       max_source_bytes=settings.max_source_bytes, max_pixels=settings.max_source_pixels,
+                      max_image_pixels=settings.max_image_pixels,
                       within=within)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import resource
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +31,7 @@ class PackageLimits:
     max_parameters: int
     seconds: float
     memory_bytes: int
+    at_once: int = 2
 
 
 class PackageRejected(Exception):
@@ -57,7 +59,29 @@ def check_sets(card: dict[str, Any], sets: dict[str, Path], limits: PackageLimit
     _in_child(_check_sets, (card, sets, image_limits), limits)
 
 
+class ChecksBusy(Exception):
+    """As many packages as LETHE_PACKAGE_CHECKS_AT_ONCE are being checked in this process already."""
+
+
+_running = {"count": 0}
+_running_lock = threading.Lock()
+
+
 def _in_child(check, args: tuple, limits: PackageLimits):
+    # Each check holds one of the API's database turns while it runs: a few at a time, so uploads
+    # can never take every turn (and every core) from the rest of the API.
+    with _running_lock:
+        if _running["count"] >= limits.at_once:
+            raise ChecksBusy(f"{limits.at_once} uploads are being checked already (LETHE_PACKAGE_CHECKS_AT_ONCE)")
+        _running["count"] += 1
+    try:
+        return _run_child(check, args, limits)
+    finally:
+        with _running_lock:
+            _running["count"] -= 1
+
+
+def _run_child(check, args: tuple, limits: PackageLimits):
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(check, args, limits.memory_bytes, sender), daemon=True,
@@ -97,12 +121,14 @@ def _child(check, args: tuple, memory_bytes: int, sender) -> None:
     try:
         sender.send({"value": check(*args)})
     except MemoryError:
-        sender.send({"error": f"the network the card describes does not fit in {memory_bytes} bytes "
+        sender.send({"error": f"checking the package needed more than {memory_bytes} bytes "
                               "(LETHE_PACKAGE_CHECK_MEMORY_BYTES)"})
     except SetRejected as exc:
         sender.send({"role": exc.role, "error": str(exc).removeprefix(f"{exc.role}: ")})
     except PackageRejected as exc:
         sender.send({"error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile package raises is the package's fault
+        sender.send({"error": f"the package could not be checked ({type(exc).__name__}: {str(exc)[:200]})"})
     finally:
         sender.close()
 
@@ -126,9 +152,13 @@ def _check_sets(card: dict[str, Any], sets: dict[str, Path], image_limits: ReadL
         try:
             images = read_images(str(path), parsed.input, limits=image_limits or ReadLimits())
             if role == "eval_set":
-                images.label_indices(parsed.classes)
+                missing = len(parsed.classes) - len(set(images.label_indices(parsed.classes).tolist()))
         except EngineError as exc:
             raise SetRejected(role, str(exc)) from None
+        # A run scores the class it forgets on the set: one without a class would fail that request.
+        if role == "eval_set" and missing:
+            raise SetRejected(role, f"holds no images of {missing} of the model's {len(parsed.classes)} classes: "
+                                    "a request to forget one of them would fail")
 
 
 def validate(card_bytes: bytes, weights_path: Path, max_parameters: int) -> dict[str, Any]:
@@ -137,15 +167,14 @@ def validate(card_bytes: bytes, weights_path: Path, max_parameters: int) -> dict
     import torch
 
     from worker.engine import EngineError
-    from worker.engine.package import ModelCard, build_model, parameter_count, read_weights
+    from worker.engine.package import ModelCard, build_model, parameter_count, read_weights, tensor_count
 
     torch.set_num_threads(1)
     try:
         card = ModelCard.from_dict(json.loads(card_bytes.decode("utf-8")))
-        parameters = parameter_count(card)
-        if parameters > max_parameters:
-            raise PackageRejected(f"the card's network has {parameters} parameters; at most {max_parameters} "
-                                  "are taken (LETHE_MAX_MODEL_PARAMETERS)")
+        # Both bounds stop the build as soon as it passes them, in milliseconds: a strict load needs
+        # the network's tensors to be the file's (slack for modules that re-register a parameter).
+        parameter_count(card, max_parameters=max_parameters, max_tensors=tensor_count(weights_path) + 64)
         build_model(card, read_weights(weights_path))
     except RecursionError:
         raise PackageRejected("the card is nested too deeply to be a model card") from None
@@ -160,4 +189,4 @@ def validate(card_bytes: bytes, weights_path: Path, max_parameters: int) -> dict
 
 def limits_from(settings: Settings) -> PackageLimits:
     return PackageLimits(max_parameters=settings.max_model_parameters, seconds=settings.package_check_seconds,
-                         memory_bytes=settings.package_check_memory_bytes)
+                         memory_bytes=settings.package_check_memory_bytes, at_once=settings.package_checks_at_once)

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest
-from service.errors import Conflict, Gone, InvalidInput, NotFound
+from service.errors import Conflict, Gone, InvalidInput, NotFound, Overloaded
 from service.registry.models import ModelEvent, ModelVersion, RegisteredModel
-from service.registry.package_check import PackageLimits, PackageRejected, SetRejected, check_package, check_sets
+from service.registry.package_check import (ChecksBusy, PackageLimits, PackageRejected, SetRejected, check_package,
+                                            check_sets)
 from service.registry.storage import ArtifactStore
 from service.sources import Root, check_data_root, resolve_in_data_root
 
@@ -42,6 +43,8 @@ def validate_package(card_bytes: bytes, weights_path: Path, limits: PackageLimit
     read it, checked in a child process with a time and memory limit (``package_check``); 422 otherwise."""
     try:
         return check_package(card_bytes, weights_path, limits, sets, image_limits)
+    except ChecksBusy as exc:
+        raise Overloaded(str(exc)) from None
     except SetRejected as exc:
         raise InvalidInput(str(exc)) from None
     except PackageRejected as exc:
@@ -103,6 +106,8 @@ def check_model_sets(*, card: dict[str, Any], changes: dict[str, str | None], da
     if sets:
         try:
             check_sets(card, sets, limits, image_limits)
+        except ChecksBusy as exc:
+            raise Overloaded(str(exc)) from None
         except PackageRejected as exc:
             raise InvalidInput(str(exc)) from None
 

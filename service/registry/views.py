@@ -11,6 +11,7 @@ from service.deps import ModelsReader, ModelsWriter, SessionDep, SettingsDep
 from service.errors import InvalidInput, PayloadTooLarge
 from service.registry import service
 from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.service import InvalidModelPackage
 from service.registry.schemas import (ModelEventPublic, ModelPublic, ModelUpdate, ModelVersionList, ModelVersionPublic,
                                       RequestRef)
 from service.registry.package_check import limits_from
@@ -80,7 +81,7 @@ def register_model(request: Request, response: Response, session: SessionDep, se
     incoming = store.new_incoming()
     try:
         copy_limited(weights, incoming, settings.max_upload_bytes)
-        version = service.register_model(session=session, store=store, name=name, card_bytes=card.file.read(1 << 20),
+        version = service.register_model(session=session, store=store, name=name, card_bytes=read_card(card),
                                          weights_path=incoming, eval_set=eval_set or None, anchor_set=anchor_set or None,
                                          data_roots=settings.allowed_data_roots, limits=limits_from(settings),
                                          image_limits=read_limits(settings))
@@ -89,6 +90,16 @@ def register_model(request: Request, response: Response, session: SessionDep, se
     model = session.get(RegisteredModel, version.model_id)
     response.headers["Location"] = f"/models/{model.name}/versions/1"
     return to_public(session, model, version)
+
+
+MAX_CARD_BYTES = 1 << 20
+
+
+def read_card(card: UploadFile) -> bytes:
+    data = card.file.read(MAX_CARD_BYTES + 1)
+    if len(data) > MAX_CARD_BYTES:  # refused whole, rather than cut and then "not JSON"
+        raise InvalidModelPackage(f"the card is larger than {MAX_CARD_BYTES} bytes; a model card is a few KB")
+    return data
 
 
 def copy_limited(upload: UploadFile, target, limit: int) -> None:

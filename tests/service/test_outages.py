@@ -68,3 +68,20 @@ def test_an_artifact_store_that_does_not_answer_is_a_503_storage_unavailable(
 
     monkeypatch.setattr(client.app.state.store, "local_path", store_down)
     assert_unavailable(client.get("/models/digits/versions/1/weights", headers=admin), "storage_unavailable")
+
+
+def test_a_file_that_is_not_a_database_is_a_503_database_unavailable(tmp_path):
+    (tmp_path / "lethe.db").write_bytes(bytes(range(256)) * 80)  # "file is not a database"
+    with TestClient(create_app(Settings(home=tmp_path), enqueue=lambda _id: None)) as client:
+        assert_unavailable(client.get("/deletion-requests", headers=BEARER), "database_unavailable")
+        assert_unavailable(client.post("/deletion-requests", headers=BEARER, json={}), "database_unavailable")
+
+
+def test_a_database_without_the_schema_is_a_503_that_says_to_migrate_and_not_ready(tmp_path):
+    (tmp_path / "lethe.db").write_bytes(b"")  # an empty SQLite database: no tables
+    with TestClient(create_app(Settings(home=tmp_path), enqueue=lambda _id: None)) as client:
+        response = client.get("/deletion-requests", headers=BEARER)
+        assert_unavailable(response, "database_unavailable")
+        assert "lethe db upgrade" in response.json()["detail"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "run lethe db upgrade" in ready.json()["checks"]["database"]

@@ -43,6 +43,8 @@ class ReadLimits:
     max_image_bytes: int = 64 * 1024**2  # one file or archive member
     max_source_bytes: int = 8 * 1024**3  # every file or member, decompressed
     max_pixels: int = 20_000_000_000  # decoded pixels (width x height, before resizing) of the whole source
+    # One image's pixels: a 0.5 MB PNG of 13,000 x 13,000 decodes to 0.5 GB. 50 MP holds any camera's photo.
+    max_image_pixels: int = 50_000_000
     # Real paths every file read must lie in once opened (the data roots); () for anywhere. Checked on
     # the open file, so a symlink swapped after a caller's check cannot lead the read elsewhere.
     within: tuple[str, ...] = ()
@@ -69,6 +71,9 @@ class _Budget:
                                    "per source)")
 
     def add_pixels(self, name: str, count: int) -> None:
+        if count > self.limits.max_image_pixels:
+            raise ImageSourceError(f"{name}: {count} pixels, more than the {self.limits.max_image_pixels} an image "
+                                   "may have")
         self.pixels += count
         if self.pixels > self.limits.max_pixels:
             raise ImageSourceError(f"{self.uri}: more than {self.limits.max_pixels} pixels of images (the limit per "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from worker.engine.errors import ConfigError, ModelPackageError
@@ -150,6 +150,15 @@ def read_card(path: Path) -> ModelCard:
     return ModelCard.from_dict(raw)
 
 
+def tensor_count(path: Path) -> int:
+    """How many tensors a safetensors file holds, from its header alone."""
+    try:
+        with safe_open(str(path), "pt", device="cpu") as weights:
+            return len(weights.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelPackageError(f"{path}: not a safetensors file ({exc})") from None
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors state dict; anything else (a pickle, a truncated file) is refused."""
     if not Path(path).is_file():
@@ -197,19 +206,44 @@ def build_model(card: ModelCard, state_dict: dict[str, torch.Tensor]) -> torch.n
     return model
 
 
-def parameter_count(card: ModelCard) -> int:
-    """How many parameters the card's network has, counted on the meta device: nothing is allocated."""
+def parameter_count(card: ModelCard, *, max_parameters: int | None = None, max_tensors: int | None = None) -> int:
+    """How many parameters the card's network has, counted on the meta device: nothing is allocated.
+
+    With ``max_parameters`` or ``max_tensors``, the count stops as soon as the network being built
+    passes either (ModelPackageError): building a card of ``"depth": 100000`` takes minutes even on the
+    meta device, and its 1.2 million parameter tensors could never load the weights file's few hundred.
+    """
     import timm
+    from torch.nn.modules.module import register_module_parameter_registration_hook
 
     if not timm.is_model(card.architecture):
         raise ModelPackageError(f"unknown timm architecture {card.architecture!r}")
-    with torch.device("meta"):
-        return sum(p.numel() for p in _create(timm, card).parameters())
+    seen = {"tensors": 0, "parameters": 0}
+
+    def count(_module, _name, parameter) -> None:
+        seen["tensors"] += 1
+        seen["parameters"] += parameter.numel() if parameter is not None else 0
+        if max_tensors is not None and seen["tensors"] > max_tensors:
+            raise ModelPackageError(f"the card's network has more parameter tensors than the {max_tensors} the "
+                                    "weights could fill: it cannot be these weights' network")
+        if max_parameters is not None and seen["parameters"] > max_parameters:
+            raise ModelPackageError(f"the card's network has more than {max_parameters} parameters "
+                                    "(LETHE_MAX_MODEL_PARAMETERS)")
+
+    hook = register_module_parameter_registration_hook(count) if max_parameters or max_tensors else None
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in _create(timm, card).parameters())
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def _create(timm, card: ModelCard) -> torch.nn.Module:
     try:
         return timm.create_model(card.architecture, pretrained=False, num_classes=len(card.classes), **card.kwargs)
+    except ModelPackageError:  # a bound of parameter_count's, passed while building
+        raise
     except Exception as exc:  # arbitrary kwargs reach timm's constructors: any failure is the card's
         raise ModelPackageError(f"cannot build {card.architecture} with kwargs {card.kwargs}: "
                                 f"{type(exc).__name__}: {exc}") from None

@@ -81,3 +81,15 @@ def test_patch_needs_models_write_and_an_existing_model(client, admin, backend, 
     assert_problem(client.patch("/models/digits", headers=reader, json={"eval_set": None}), 403, "forbidden")
     assert_problem(client.patch("/models/nope", headers=admin, json={"eval_set": None}), 404, "not_found")
     assert client.get("/models/current", headers=reader).status_code == 200  # still the current version's route
+
+
+def test_an_eval_set_without_every_class_of_the_model_is_refused(client, admin, backend, digits, digits_model):
+    # A run scores the class it forgets on the evaluation set: one without that class fails the request.
+    one_class = digits.root / f"only-threes-{backend.name}"
+    shutil.rmtree(one_class, ignore_errors=True)
+    shutil.copytree(digits.val / "3", one_class / "3")
+    problem = assert_problem(register_digits(client, admin, digits_model, eval_set=f"file://{one_class}"), 422,
+                             "invalid_input")
+    assert problem["detail"] == ("eval_set: holds no images of 9 of the model's 10 classes: a request to forget "
+                                 "one of them would fail")
+    assert_nothing_registered(backend)

@@ -463,3 +463,9 @@ def test_a_file_opened_outside_the_allowed_roots_is_refused_whatever_its_path_sa
     (tmp_path / "roots" / "swapped.csv").symlink_to(outside / "1.png")
     with pytest.raises(ImageSourceError, match="leads outside the allowed data roots"):
         read_images(str(tmp_path / "roots" / "swapped.csv"), RGB, limits=within)
+
+
+def test_an_image_with_more_pixels_than_allowed_is_refused_before_it_is_decoded(tmp_path):
+    write(tmp_path / "cat" / "huge.png", image_bytes(size=(300, 200)))  # a few hundred bytes of PNG
+    with pytest.raises(ImageSourceError, match="60000 pixels, more than the 50000 an image may have"):
+        read_images(str(tmp_path), RGB, limits=ReadLimits(max_image_pixels=50_000))
