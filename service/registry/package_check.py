@@ -63,22 +63,21 @@ class ChecksBusy(Exception):
     """As many packages as LETHE_PACKAGE_CHECKS_AT_ONCE are being checked in this process already."""
 
 
-_running = {"count": 0}
-_running_lock = threading.Lock()
+@lru_cache
+def _slots(at_once: int) -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(at_once)
 
 
 def _in_child(check, args: tuple, limits: PackageLimits):
     # Each check holds one of the API's database turns while it runs: a few at a time, so uploads
     # can never take every turn (and every core) from the rest of the API.
-    with _running_lock:
-        if _running["count"] >= limits.at_once:
-            raise ChecksBusy(f"{limits.at_once} uploads are being checked already (LETHE_PACKAGE_CHECKS_AT_ONCE)")
-        _running["count"] += 1
+    slots = _slots(limits.at_once)
+    if not slots.acquire(blocking=False):
+        raise ChecksBusy(f"{limits.at_once} uploads are being checked already (LETHE_PACKAGE_CHECKS_AT_ONCE)")
     try:
         return _run_child(check, args, limits)
     finally:
-        with _running_lock:
-            _running["count"] -= 1
+        slots.release()
 
 
 def _run_child(check, args: tuple, limits: PackageLimits):

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from service.db import session_scope, utcnow
-from service.deletion_requests.models import DeletionRequest
-from service.deletion_requests.transitions import transition
-from service.registry.models import RegisteredModel
+from service.db import utcnow
 from tests.service_fixtures import register_digits, request_body, wait_for
+from tests.worker.runs.test_sweep import abandon
 
 # A run of many folds of the generalisation check: a minute or more on the digits model.
 LONG_RUN = {"LETHE_GATE_HOLDOUT_FOLDS": "40", "LETHE_GATE_HOLDOUT_IMAGES": "100000"}
@@ -38,12 +36,7 @@ def test_leases_expire_and_deadlines_are_flagged_while_a_long_run_is_in_progress
         **request_body(digits, "at-risk", model="other", forget_class="5"),
         "received_at": (utcnow() - timedelta(days=25)).isoformat()})
     orphan_id, at_risk_id = orphan.json()["id"], at_risk.json()["id"]
-    with session_scope(backend.settings.database) as session:
-        row = session.get(DeletionRequest, orphan_id)
-        transition(session=session, request=row, to="running", actor="worker:dead")
-        row.lease_owner, row.lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
-        model = session.get(RegisteredModel, row.model_id)
-        model.run_lease_owner, model.run_lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
+    abandon(backend, orphan_id)
 
     def recovered_and_flagged() -> bool:
         orphan_events = [(e["detail"] or {}).get("reason", "") for e in status(client, admin, orphan_id)["events"]]

@@ -21,15 +21,20 @@ def submit(client, admin, digits, **changes) -> str:
     return client.post("/deletion-requests", headers=admin, json={**request_body(digits), **changes}).json()["id"]
 
 
-def test_a_request_whose_worker_lease_expired_is_queued_again_and_woken(backend, client, admin, digits, digits_model):
-    register_digits(client, admin, digits_model)
-    request_id = submit(client, admin, digits)
+def abandon(backend, request_id: str) -> None:
+    """The request as a worker that died mid-run left it: running, its lease and the model's expired."""
     with session_scope(backend.settings.database) as session:
         row = session.get(DeletionRequest, request_id)
         transition(session=session, request=row, to="running", actor="worker:dead")
         row.lease_owner, row.lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
         model = session.get(RegisteredModel, row.model_id)
         model.run_lease_owner, model.run_lease_expires_at = "worker:dead", utcnow() - timedelta(seconds=1)
+
+
+def test_a_request_whose_worker_lease_expired_is_queued_again_and_woken(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    request_id = submit(client, admin, digits)
+    abandon(backend, request_id)
     woken: list[str] = []
     counts = sweep(backend.settings, woken.append)
     assert counts["requeued"] == 1 and woken == [request_id]
