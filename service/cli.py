@@ -89,6 +89,11 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     revoke.add_argument("--name", required=True)
     revoke.set_defaults(handler=run_keys_revoke)
 
+    audit = commands.add_parser("audit", help="the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_commands.add_parser("verify", help="walk every request's hash chain; exit 1 naming each break")
+    verify.set_defaults(handler=run_audit_verify)
+
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -189,6 +194,23 @@ def run_db_upgrade(args: argparse.Namespace) -> int:
         return fail(f"database upgrade failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     print(f"database at head: {redact(settings.database)}", file=sys.stderr)
     return 0
+
+
+def run_audit_verify(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+    from service.db import session_scope
+    from service.deletion_requests.audit_chain import verify
+
+    try:
+        with session_scope(get_settings().database) as session:
+            chains, events, breaks = verify(session)
+    except Exception as exc:  # a one-line message for any driver error
+        return fail(f"cannot read the audit trail: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    for found in breaks:
+        print(f"broken: {found}")
+    print(f"{chains} chain(s), {events} event(s): " + (f"{len(breaks)} break(s)" if breaks else "intact"),
+          file=sys.stderr)
+    return 1 if breaks else 0
 
 
 def run_keys_create(args: argparse.Namespace) -> int:

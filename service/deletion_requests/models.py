@@ -92,3 +92,7 @@ class AuditEvent(Base):
     from_status: Mapped[str | None] = mapped_column(String(16))
     to_status: Mapped[str | None] = mapped_column(String(16))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # A hash chain per request (service.deletion_requests.audit_chain): the previous event's sha256,
+    # and this event's over its fields and that one. Events written before the chain have neither.
+    prev_sha256: Mapped[str | None] = mapped_column(String(64))
+    sha256: Mapped[str | None] = mapped_column(String(64))

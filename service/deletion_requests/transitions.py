@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
+from service.deletion_requests.audit_chain import link
 from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
 from service.errors import InvalidTransition
 
@@ -45,6 +46,8 @@ def record(*, session: Session, request: DeletionRequest, event: str, actor: str
     """Append an audit event that changes no status (created, extended, overdue, re-checked ...)."""
     row = AuditEvent(request_id=request.id, at=utcnow(), actor=actor, event=event, from_status=from_status,
                      to_status=to_status, detail=detail)
+    session.flush()  # the request (and its earlier events) first: the chain links to what is stored
+    link(session, row)
     session.add(row)
     session.flush()
     return row
