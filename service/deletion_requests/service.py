@@ -183,7 +183,8 @@ def cancel(*, session: Session, request: DeletionRequest, actor: str, reason: st
 
 def retry(*, session: Session, settings: Settings, request: DeletionRequest, actor: str, enqueue) -> DeletionRequest:
     """A failed request runs again, with a new seed, unless it ran LETHE_MAX_ATTEMPTS times already:
-    each run takes a worker for minutes, and one whose images fail every run would take it forever."""
+    each run takes a worker for minutes, and one whose images fail every run would take it forever.
+    The seed is the training's; the generalisation check keeps its own (worker.runs.train.CHECK_SEED)."""
     if request.status != S.FAILED:  # running -> queued exists for lost leases, not for callers
         raise InvalidTransition(f"only a failed request can be retried; this one is {request.status}",
                                 current_status=request.status)

@@ -85,6 +85,9 @@ class UnlearnConfig:
     # ran). Then the run trains on every image. 0: no check.
     holdout_folds: int = 0
     holdout_images: int = 30  # 30 held-back images already tell 0 % from 10 %; more is another training
+    # The check's folds and fold trainings are drawn from this seed (None: ``seed``). A caller that
+    # retries failed runs with new seeds fixes it, so that a retry cannot draw checks until one passes.
+    holdout_seed: int | None = None
     eval_batch_size: int = field(default=512, repr=False)
     # Run a frozen front (adapters only in later blocks) once instead of every step: the same
     # results, faster (prefix.py). False only to measure what it saves.
@@ -97,6 +100,7 @@ class UnlearnConfig:
             (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr must be a positive number"),
             (math.isfinite(self.l1_weight) and self.l1_weight >= 0, "lambda (l1_weight) must be zero or positive"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (self.holdout_seed is None or 0 <= self.holdout_seed < 2**63, "holdout_seed must be in [0, 2**63)"),
             (self.rank >= 1, "rank must be at least 1"),
             (bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets must name layers"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be at least 1"),

@@ -48,6 +48,7 @@ class HoldoutReport:
     not_recognised: dict[str, int]  # per class: held-back images the original did not recognise either (not scored)
     steps: list[int]  # per fold run
     seconds: float
+    seed: int = 0  # the folds' and fold trainings' seed
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,8 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         on_progress: gets each fold's steps, with ``phase`` "holdout i/k".
     """
     started, config = time.perf_counter(), training.config
-    generator = torch.Generator().manual_seed(config.seed)
+    seed = config.seed if config.holdout_seed is None else config.holdout_seed
+    generator = torch.Generator().manual_seed(seed)
     # Near-duplicates (one photo re-encoded, resized...) share a fold: a copy of a held-back image
     # in the training folds would make the held-back image seen.
     folds = [_group_folds(_pixels(x, training.spec), config.holdout_folds, generator) for x in forget.images]
@@ -329,7 +331,7 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
     unknown = [0] * len(forget.images)
     recognised = [0] * len(forget.images)
     steps: list[int] = []
-    fold_config = dataclasses.replace(config, select_on_eval=False)
+    fold_config = dataclasses.replace(config, select_on_eval=False, seed=seed)
     for j in range(config.holdout_folds):
         if all(f is None or j >= len(f) or n >= config.holdout_images for f, n in zip(folds, held)):
             break
@@ -356,7 +358,7 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         forget_acc={name: (100.0 * r / n if f is not None and n else None)
                     for name, f, r, n in zip(forget.class_names, folds, recognised, held)},
         not_recognised=dict(zip(forget.class_names, unknown)),
-        steps=steps, seconds=round(time.perf_counter() - started, 3),
+        steps=steps, seconds=round(time.perf_counter() - started, 3), seed=seed,
     )
 
 

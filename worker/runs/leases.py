@@ -85,13 +85,13 @@ def release_model(session, batch: Batch, worker_id: str) -> None:
 
 
 @contextmanager
-def settling(settings: Settings, batch: Batch, worker_id: str, *, publishing: bool = False
+def settling(settings: Settings, batch: Batch, worker_id: str, *, publishing: bool = False, release: bool = True
              ) -> Iterator[tuple[Any, dict[str, DeletionRequest]] | None]:
-    """The one transaction in which a worker writes a batch's outcome, and only while its lease holds:
+    """The one transaction in which a worker writes about its batch, and only while its lease holds:
     the model row is locked and must still carry this worker and the batch's fencing token (and, to
     publish, the version the batch started from). Yields (session, the requests this worker still
-    runs), or None when it was fenced out: then it writes nothing of the outcome and logs why.
-    Releases the lease."""
+    runs), or None when it was fenced out: then it writes nothing and logs why. Releases the lease
+    (the outcome), unless ``release`` is False (an event during the run)."""
     with session_scope(settings.database) as session:
         model = session.scalar(select(RegisteredModel).where(RegisteredModel.id == batch.model_id).with_for_update())
         if model.run_lease_owner != worker_id or model.run_lease_token != batch.lease_token:
@@ -111,7 +111,8 @@ def settling(settings: Settings, batch: Batch, worker_id: str, *, publishing: bo
             yield None
             return
         yield session, held_rows(session, batch, worker_id)
-        release_model(session, batch, worker_id)
+        if release:
+            release_model(session, batch, worker_id)
 
 
 def back_to_queue(session, row: DeletionRequest, actor: str, why: str, *, alone: bool = False) -> None:
@@ -188,9 +189,11 @@ class Heartbeat(threading.Thread):
     def on_progress(self, progress) -> None:
         if not self.training_recorded:  # one audit event, not one per step (nor per fold of the holdout check)
             self.training_recorded = True
-            with session_scope(self.settings.database) as session:
-                for row in session.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(list(self.batch.requests)))):
-                    record(session=session, request=row, event="training_started", actor=f"worker:{self.worker_id}",
+            # Only on the requests this run still holds: a fenced-out worker writes nothing into the
+            # trail of a request another worker now runs.
+            with settling(self.settings, self.batch, self.worker_id, release=False) as held:
+                for row in (held[1].values() if held else ()):
+                    record(session=held[0], request=row, event="training_started", actor=f"worker:{self.worker_id}",
                            detail={"loss": progress.loss, "forget_acc": progress.forget_acc})
 
 

@@ -40,10 +40,14 @@ def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str,
                     transition(session=session, request=rows[request_id], to=S.REJECTED, actor=actor,
                                detail={"error": reason})
                     rows[request_id].error = reason
-            if result is not None:
+            if result is not None and any(rows[r].cancel_requested for r in runnable.keys() & rows.keys()):
+                # A cancel that arrived after the last step: it was acknowledged, so it wins over the
+                # result (this lock orders it against the cancel's own). Nothing is published.
+                cancel_held(session, {r: row for r, row in rows.items() if r not in rejected}, actor)
+            elif result is not None:
                 settle_result(session, batch, rows, runnable, result, sha256, size, card, actor)
-    # A fenced-out run's stored candidate is left to the orphan sweep: the same bytes may be what
-    # the worker that took over stores and is about to name (runs are reproducible).
+    # A fenced-out or canceled run's stored candidate is left to the orphan sweep: the same bytes may
+    # be what the worker that took over stores and is about to name (runs are reproducible).
 
 
 def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,
@@ -157,9 +161,14 @@ def settle_failure(settings: Settings, batch: Batch, worker_id: str, error: str)
 
 
 def settle_cancellation(settings: Settings, batch: Batch, worker_id: str) -> None:
-    """Canceled requests end; the others of the batch go back to the queue for the next run."""
     with settling(settings, batch, worker_id) as held:
-        for row in (held[1].values() if held else ()):
-            to = S.CANCELED if row.cancel_requested else S.QUEUED
-            transition(session=held[0], request=row, to=to, actor=f"worker:{worker_id}",
-                       detail={"reason": "canceled during the run" if to == S.CANCELED else "batch canceled"})
+        if held is not None:
+            cancel_held(held[0], held[1], f"worker:{worker_id}")
+
+
+def cancel_held(session, rows: dict[str, DeletionRequest], actor: str) -> None:
+    """Canceled requests end; the others of the batch go back to the queue for the next run."""
+    for row in rows.values():
+        to = S.CANCELED if row.cancel_requested else S.QUEUED
+        transition(session=session, request=row, to=to, actor=actor,
+                   detail={"reason": "canceled during the run" if to == S.CANCELED else "batch canceled"})

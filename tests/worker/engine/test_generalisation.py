@@ -3,6 +3,7 @@ the stop rule, and the generalisation check (held-back folds of the forget set).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -133,6 +134,21 @@ def test_the_check_stops_adding_folds_once_enough_images_were_held_back(digits_m
     holdout = result.report.holdout
     assert holdout.folds_run == 1
     assert holdout.held_back[FORGET] + holdout.not_recognised[FORGET] == math.ceil(size / 4)
+
+
+def test_a_fixed_check_seed_gives_the_same_check_whatever_the_runs_seed(digits_model, digits):
+    """A retry draws a new seed for its training, never a new check: the folds and their trainings
+    follow holdout_seed alone."""
+    def check(**seeds):
+        config = UnlearnConfig(holdout_folds=3, holdout_images=10, augment=True, **seeds, **LATE)
+        return unlearn(inputs(digits_model, digits), config).report.holdout
+
+    def same(a, b) -> bool:
+        return a == dataclasses.replace(b, seconds=a.seconds)
+
+    first, second, unfixed = check(seed=1, holdout_seed=7), check(seed=2, holdout_seed=7), check(seed=7)
+    assert first.seed == 7 and same(first, second)
+    assert same(first, unfixed)  # without holdout_seed, the check follows the run's seed
 
 
 def test_a_class_of_one_image_cannot_be_checked(digits_model, digits, tmp_path):

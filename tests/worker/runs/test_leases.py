@@ -15,10 +15,11 @@ import pytest
 from sqlalchemy import select, update
 
 from service.db import session_scope, utcnow
-from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.storage import artifact_store, sha256_of
 from tests.service_fixtures import free_port, register_digits, request_body, wait_for
+from worker.engine.loop import Progress
 from worker.runs.gate import GateVerdict
 from worker.runs.leases import Heartbeat, claim_batch
 from worker.runs.settle import finish, settle_failure
@@ -116,3 +117,51 @@ def test_a_heartbeat_that_keeps_failing_gives_the_lease_up_before_it_could_expir
     finally:
         heartbeat.stop()
     assert time.monotonic() - started < unreachable.lease_seconds
+
+
+def training_events(backend, request_id: str) -> list[str]:
+    with session_scope(backend.settings.database) as session:
+        return list(session.scalars(select(AuditEvent.actor).where(
+            AuditEvent.request_id == request_id, AuditEvent.event == "training_started")))
+
+
+STEP = Progress(step=1, max_steps=100, loss=0.5, forget_acc={"3": 50.0}, confirmed=False)
+
+
+def test_a_worker_records_its_training_only_on_requests_it_still_holds(backend, client, admin, digits, digits_model):
+    assert register_digits(client, admin, digits_model).status_code == 201
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    with session_scope(backend.settings.database) as session:
+        model_id = session.scalar(select(RegisteredModel.id))
+    stalled = claim_batch(backend.settings, model_id, "w1")
+    Heartbeat(backend.settings, stalled, "w1").on_progress(STEP)
+    assert training_events(backend, request_id) == ["worker:w1"]
+    past = utcnow() - timedelta(seconds=1)
+    with session_scope(backend.settings.database) as session:
+        session.execute(update(RegisteredModel).values(run_lease_expires_at=past))
+        session.execute(update(DeletionRequest).values(lease_expires_at=past))
+    sweep(backend.settings, lambda _id: None)
+    taken = claim_batch(backend.settings, model_id, "w2")
+    Heartbeat(backend.settings, stalled, "w1").on_progress(STEP)  # the stalled run reaches its first step again
+    Heartbeat(backend.settings, taken, "w2").on_progress(STEP)
+    assert training_events(backend, request_id) == ["worker:w1", "worker:w2"]
+    assert held_by(backend, request_id) == (S.RUNNING, "w2")  # and its lease is left alone
+
+
+def test_a_cancel_that_arrives_after_the_last_step_wins_over_the_result(backend, client, admin, digits, digits_model,
+                                                                        tmp_path):
+    """The caller was told the run will stop: a result ready a moment too late is not published."""
+    assert register_digits(client, admin, digits_model).status_code == 201
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    with session_scope(backend.settings.database) as session:
+        model_id = session.scalar(select(RegisteredModel.id))
+    batch = claim_batch(backend.settings, model_id, "w1")
+    assert client.post(f"/deletion-requests/{request_id}/cancel", headers=admin).json()["events"][-1]["event"] == "cancel_requested"
+    report = {"classes": ["3"], "target_met": True, "forget_acc_after": {"3": 0.0}}
+    finish(backend.settings, batch, "w1", rejected={}, runnable=batch.requests,
+           result=BatchResult(report, {}, candidate_of(digits_model, tmp_path / "candidate"), GateVerdict(), {}))
+    with session_scope(backend.settings.database) as session:
+        assert [v.version for v in session.scalars(select(ModelVersion))] == [1]
+        row = session.get(DeletionRequest, request_id)
+        assert (row.status, row.fulfilled_version_id, row.lease_owner) == (S.CANCELED, None, None)
+        assert session.get(RegisteredModel, model_id).run_lease_owner is None
