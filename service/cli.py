@@ -304,6 +304,9 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
                         f"(default: {defaults.holdout_images})")
     p.add_argument("--select-on-eval", action="store_true",
                    help="keep the checkpoint with the best (Acc_r + 100 - Acc_f)/2 on --eval that meets the target")
+    p.add_argument("--eval-halves", action="store_true",
+                   help="cut --eval in two by its images' sha256: select the checkpoint on one half, report on the "
+                        "other (what the service does; without it the paper's set-up, one set for both)")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--patience", type=int, default=defaults.patience)
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable files instead of failing")
@@ -328,7 +331,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
             method=args.method, seed=args.seed, lr=args.lr, l1_weight=args.l1_weight, rank=args.rank,
             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), adapter_blocks=args.adapter_blocks,
             batch_size=args.batch_size, max_steps=args.max_steps, target_forget_acc=args.target_forget_acc,
-            select_on_eval=args.select_on_eval, eval_every=args.eval_every, patience=args.patience,
+            select_on_eval=args.select_on_eval, eval_halves=args.eval_halves, eval_every=args.eval_every,
+            patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
             max_forget_prob=args.max_forget_prob,
@@ -413,7 +417,7 @@ def summary_line(report: dict) -> str:
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "confirm_views", "max_forget_prob", "anchor_weight", "holdout_folds", "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
-    "precision", "select_on_eval")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
+    "precision", "select_on_eval", "eval_halves")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
 
 
 def as_flags(message: str) -> str:

@@ -70,6 +70,9 @@ class UnlearnConfig:
     max_steps: int = 100  # give up here; the report then says the target was not met
     target_forget_acc: float = 1.0  # percent; stop when every forget set is at or below it
     select_on_eval: bool = False  # the paper's early stopping on a held-out split
+    # Cut the evaluation set in two by its images' content (halves.py): the checkpoint is selected on
+    # one half, reported (and gated) on the other. False: the paper's set-up, one set for both.
+    eval_halves: bool = False
     eval_every: int = 1  # steps between evaluations when selecting on the eval split
     patience: int = 5  # evaluations without improvement (after the first that meets the target)
     skip_bad_images: bool = False  # skip and count undecodable files instead of failing
@@ -140,6 +143,8 @@ class UnlearnConfig:
             raise ConfigError(f"method {self.method!r} trains on retain data; an anchor source is for retain-free methods")
         if self.select_on_eval and not inputs.eval_source:
             raise ConfigError("select_on_eval needs a labelled evaluation source")
+        if self.eval_halves and not inputs.eval_source:
+            raise ConfigError("eval_halves needs a labelled evaluation source")
 
     def to_record(self) -> dict[str, Any]:
         """The config as recorded in reports and lineage, with the learning rate resolved."""

@@ -15,6 +15,7 @@ the run before any training starts and no step decodes anything again.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -138,6 +139,10 @@ class ImageSet:
     labels: tuple[str | None, ...]
     skipped: tuple[str, ...]  # names of undecodable files, when skipping was asked for
     duplicates: int = 0  # exact copies of another image of the set, dropped (forget sets)
+    # Each image's sha256 over its file's bytes, as read: what evaluation halves and forget-set
+    # digests are computed from (anyone can recompute it from the files; no decoder involved).
+    sha256: tuple[str, ...] = ()
+    digest: str = ""  # set_digest of every file read (copies dropped from ``pixels`` included)
     # A set read from several sources (one class's forget sets of several requests): bool (S, N),
     # which images each source holds (an image two sources share is kept once, in both rows).
     members: torch.Tensor | None = None
@@ -213,23 +218,34 @@ def read_images(uri: str, spec: InputSpec, *, skip_bad: bool = False, limits: Re
     arrays: list[np.ndarray] = []
     labels: list[str | None] = []
     skipped: list[str] = []
+    hashes: list[str] = []
     budget = _Budget(uri, limits)
     for entry in _listed(uri, budget):
         if should_stop is not None and should_stop():
             raise UnlearningCancelled(f"stopped while reading {uri}")
         try:
-            arrays.append(_decode(entry, spec, budget))
+            data = _read(entry)
+            arrays.append(_decode(entry.name, data, spec, budget))
         except ImageSourceError:
             if not skip_bad:
                 raise
             skipped.append(entry.name)
             continue
         labels.append(entry.label)
+        hashes.append(hashlib.sha256(data).hexdigest())
     if not arrays:
         detail = f" ({len(skipped)} undecodable file(s) skipped)" if skipped else ""
         raise ImageSourceError(f"{uri}: no images found{detail}")
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
-    return ImageSet(source=uri, pixels=pixels, labels=tuple(labels), skipped=tuple(skipped))
+    return ImageSet(source=uri, pixels=pixels, labels=tuple(labels), skipped=tuple(skipped), sha256=tuple(hashes),
+                    digest=set_digest(hashes))
+
+
+def set_digest(hashes) -> str:
+    """One sha256 for a set of images: over their files' sha256s (lowercase hex), each once, sorted,
+    each followed by a newline. File order, names and copies do not change it, and a requester can
+    recompute it from their own files: ``sha256sum * | cut -c1-64 | sort -u | sha256sum``."""
+    return hashlib.sha256("".join(f"{h}\n" for h in sorted(set(hashes))).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -252,23 +268,26 @@ def normalise(pixels: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return (pixels.float() / 255.0 - mean) / std
 
 
-def _decode(entry: ImageEntry, spec: InputSpec, budget: _Budget) -> np.ndarray:
+def _read(entry: ImageEntry) -> bytes:
     try:
-        data = entry.read_bytes()
+        return entry.read_bytes()
     except OSError as exc:
         raise ImageSourceError(f"{entry.name}: cannot read ({exc.strerror or exc})") from None
+
+
+def _decode(name: str, data: bytes, spec: InputSpec, budget: _Budget) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
-            budget.add_pixels(entry.name, image.size[0] * image.size[1])  # from the header, before decoding
+            budget.add_pixels(name, image.size[0] * image.size[1])  # from the header, before decoding
             image = to_8_bit(image).convert(spec.channels)
             height, width = spec.size
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except UnidentifiedImageError:  # its message is PIL's repr of our buffer, a memory address
-        raise ImageSourceError(f"{entry.name}: not a decodable JPEG/PNG/BMP/PGM/WebP image") from None
+        raise ImageSourceError(f"{name}: not a decodable JPEG/PNG/BMP/PGM/WebP image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageSourceError(f"{entry.name}: not a decodable JPEG/PNG/BMP/PGM/WebP image ({exc})") from None
+        raise ImageSourceError(f"{name}: not a decodable JPEG/PNG/BMP/PGM/WebP image ({exc})") from None
     return array[:, :, None] if array.ndim == 2 else array
 
 

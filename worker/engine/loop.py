@@ -51,6 +51,12 @@ class LabelledData:
 
     pixels: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) long, on the CPU
+    sha256: tuple[str, ...] = ()  # each image's file digest (what evaluation halves are cut by)
+
+    def subset(self, keep: torch.Tensor) -> LabelledData:
+        """The images where ``keep`` (N,) bool is True."""
+        digests = tuple(h for h, k in zip(self.sha256, keep.tolist()) if k)
+        return LabelledData(self.pixels[keep.to(self.pixels.device)], self.labels[keep], digests)
 
 
 @dataclass(frozen=True)

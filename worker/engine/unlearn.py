@@ -16,11 +16,15 @@ from worker.engine.adapters import attach_lora, find_target_layers, in_later_hal
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
-from worker.engine.images import ImageReader, ImageSet, normalise
+from worker.engine.halves import AUDIT, SELECTION, split_halves
+from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
 from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package, write_package
 from worker.engine.runtime import PeakMemory, Runtime, pick_runtime
+
+
+WHOLE = "whole"  # the evaluation set uncut (no halves)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class EvaluationReport:
     acc_r_after: float
     per_class_before: dict[str, float | None]
     per_class_after: dict[str, float | None]
+    half: str = WHOLE  # AUDIT when the set was cut in halves (config.eval_halves; halves.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class UnlearnReport:
     forget_set_size: dict[str, int]
     skipped_images: dict[str, list[str]]  # per source ("forget:<class>", "eval", "retain"), when skipping
     forget_duplicates: dict[str, int]  # per class: exact copies of another forget image, dropped before training
+    forget_set_sha256: dict[str, str]  # per class: images.set_digest of the files it was given
     steps: int
     steps_run: int
     seconds: float  # adapters attached -> merged: the unlearning itself
@@ -130,6 +136,11 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_sets = [read_forget_set(f, card.input, reader) for f in inputs.forget]
         skipped = {f"forget:{f.class_name}": list(s.skipped) for f, s in zip(inputs.forget, forget_sets) if s.skipped}
         eval_data = _labelled(inputs.eval_source, "eval", card, reader, runtime, skipped) if inputs.eval_source else None
+        # With halves, the checkpoint is selected on one half and judged on the other (halves.py).
+        selection_data = eval_data
+        if eval_data is not None and config.eval_halves:
+            halves = split_halves([card.classes[i] for i in eval_data.labels.tolist()], eval_data.sha256)
+            selection_data, eval_data = eval_data.subset(halves.selection), eval_data.subset(halves.audit)
         retain_data = (_labelled(inputs.retain_source, "retain", card, reader, runtime, skipped)
                        if inputs.retain_source else None)
         anchor = (_anchor(inputs.anchor_source, card, reader, runtime, skipped, forget_sets)
@@ -153,7 +164,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
                                  on_progress) if config.holdout_folds else None)
 
         unlearning_started = time.perf_counter()
-        trained, loop, outcome = training.run(model, forget, forget_before, eval_data, on_progress)
+        trained, loop, outcome = training.run(model, forget, forget_before, selection_data, on_progress)
         # The stop rule's own measure (its views and probability bound) on the trained weights. It is
         # reported apart from the target: a run can forget its images (the target) without reaching
         # the margin it was asked to train for within max_steps (measured: 2 of 7 CIFAR-10 runs of 20
@@ -175,6 +186,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_set_size={f.class_name: len(s) for f, s in zip(inputs.forget, forget_sets)},
         skipped_images=skipped,
         forget_duplicates={f.class_name: s.duplicates for f, s in zip(inputs.forget, forget_sets)},
+        forget_set_sha256={f.class_name: s.digest for f, s in zip(inputs.forget, forget_sets)},
         steps=outcome.steps,
         steps_run=outcome.steps_run,
         seconds=round(seconds, 3),
@@ -190,10 +202,12 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         target_met=loop.meets_target(forget_after),  # judged on the weights returned, however the run ended
         stop_rule_met=stop_rule_met,
         parent_sha256=package.weights_sha256,
-        evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices),
+        evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices,
+                                      half=AUDIT if config.eval_halves else WHOLE),
         holdout=holdout,
         anchor_images=0 if anchor is None else int(anchor.shape[0]),
-        selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations}
+        selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations,
+                    "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
                    if config.select_on_eval else None),
         history=outcome.history,
     )
@@ -217,6 +231,7 @@ class ForgetSetFacts:
     accuracy: float  # % of its images the model predicts as the class
     images: int  # its images, exact copies counted once
     distinct: int  # its different photos, near-copies counted once: what size rules count
+    digest: str  # images.set_digest of its files: what a requester checks their photos against
 
 
 def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
@@ -240,7 +255,7 @@ def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str 
     network = build_model(card, package.state_dict).to(runtime.device)
     data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
     accuracies = forget_set_accuracy(network, data, runtime, batch_size)
-    return {f.class_name: ForgetSetFacts(acc, len(s), distinct_count(s.pixels))
+    return {f.class_name: ForgetSetFacts(acc, len(s), distinct_count(s.pixels), s.digest)
             for f, s, acc in zip(forget, sets, accuracies)}
 
 
@@ -265,10 +280,12 @@ def read_forget_set(forget: ForgetSpec, spec: InputSpec, reader: ImageReader = I
         for row, part in enumerate(sets):
             members[row, position[first[offset:offset + len(part)]]] = True
             offset += len(part)
+    hashes = [h for s in sets for h in s.sha256]
     return ImageSet(source=" + ".join(s.source for s in sets), pixels=pixels[keep],
                     labels=tuple(label for label, k in zip(labels, keep.tolist()) if k),
                     skipped=tuple(name for s in sets for name in s.skipped), duplicates=int((~keep).sum()),
-                    members=members)
+                    members=members, sha256=tuple(h for h, k in zip(hashes, keep.tolist()) if k),
+                    digest=set_digest(hashes))
 
 
 @dataclass(frozen=True)
@@ -409,7 +426,7 @@ def _labelled(source: str, role: str, card: ModelCard, reader: ImageReader, runt
     labels = images.label_indices(card.classes)
     if images.skipped:
         skipped[role] = list(images.skipped)
-    return LabelledData(pixels=images.pixels.to(runtime.device), labels=labels)
+    return LabelledData(pixels=images.pixels.to(runtime.device), labels=labels, sha256=images.sha256)
 
 
 def _anchor(source: str, card: ModelCard, reader: ImageReader, runtime: Runtime,
@@ -461,7 +478,7 @@ def _predict_labelled(model: torch.nn.Module, data: LabelledData | None, card: M
 
 
 def _evaluation_report(data: LabelledData | None, before: torch.Tensor | None, after: torch.Tensor | None,
-                       card: ModelCard, forgotten: tuple[int, ...]) -> EvaluationReport | None:
+                       card: ModelCard, forgotten: tuple[int, ...], half: str) -> EvaluationReport | None:
     if data is None:
         return None
     acc_f_before, acc_r_before = forget_retain_accuracy(before, data.labels, list(forgotten))
@@ -472,5 +489,6 @@ def _evaluation_report(data: LabelledData | None, before: torch.Tensor | None, a
         acc_r_before=acc_r_before, acc_r_after=acc_r_after,
         per_class_before=per_class_accuracy(before, data.labels, card.classes),
         per_class_after=per_class_accuracy(after, data.labels, card.classes),
+        half=half,
     )
 

@@ -87,9 +87,10 @@ def cumulative_retain_drop(settings: Settings, batch: Batch, evaluation: dict[st
         first = session.scalar(select(ModelVersion).where(ModelVersion.model_id == batch.model_id,
                                                           ModelVersion.version == 1))
         base = (first.metrics or {}).get("per_class_accuracy")
-        if base is None:  # the first run measures version 1 as its "before"
+        if base is None:  # the first run measures version 1 as its "before" (on the audit half, as every run)
             base = evaluation["per_class_before"]
-            first.metrics = {**(first.metrics or {}), "per_class_accuracy": base}
+            first.metrics = {**(first.metrics or {}), "per_class_accuracy": base,
+                             "per_class_accuracy_half": evaluation.get("half", "whole")}
     gone = forgotten | set(batch.forgotten_earlier)
     retained = [c for c, acc in evaluation["per_class_after"].items()
                 if c not in gone and acc is not None and base.get(c) is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from service.db import session_scope
 from service.errors import ServiceError
@@ -74,9 +75,9 @@ def distinct_images(ctx: RunContext, package: Path, sets: dict[str, list[str]]) 
     return {cls: facts(ctx, package, cls, uris).distinct for cls, uris in sets.items()}
 
 
-def own_forget_accuracy(ctx: RunContext, package: Path, requests: dict[str, tuple[str, str, int]]) -> dict[str, float]:
-    """Each request's accuracy on its own forget set under the package."""
-    return {r: facts(ctx, package, cls, [uri]).accuracy for r, (cls, uri, _seed) in requests.items()}
+def own_forget_facts(ctx: RunContext, package: Path, requests: dict[str, tuple[str, str, int]]) -> dict[str, Any]:
+    """Each request's own forget set under the package: its accuracy, images and digest."""
+    return {r: facts(ctx, package, cls, [uri]) for r, (cls, uri, _seed) in requests.items()}
 
 
 def class_sets(requests: dict[str, tuple[str, str, int]]) -> dict[str, list[str]]:

@@ -74,7 +74,7 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
             record(session=session, request=row, event="already_forgotten", actor=actor,
                    detail={"version": current.version, "forget_acc": result.already_forgotten[cls]})
             row.metrics = {"already_forgotten": True, "forget_acc": result.already_forgotten[cls],
-                           "version": current.version}
+                           "version": current.version, "own_forget_set": result.own_sets.get(request_id, {})}
         else:
             row.metrics = request_metrics(result, request_id)
         row.fulfilled_version_id = fulfilled.id
@@ -113,7 +113,8 @@ def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
     cls = result.request_classes.get(request_id)
     metrics = own_class_only(summarise(result.report), cls)
     if request_id in result.own_after:
-        metrics["own_forget_set"] = {"forget_acc_before": result.own_before[request_id],
+        metrics["own_forget_set"] = {**result.own_sets.get(request_id, {}),
+                                     "forget_acc_before": result.own_before[request_id],
                                      "forget_acc_after": result.own_after[request_id]}
     return metrics
 

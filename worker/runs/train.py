@@ -15,7 +15,7 @@ from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.errors import ServiceError
 from worker.runs.batch import RunContext
 from worker.runs.gate import GateVerdict, gate_errors
-from worker.runs.prepare import class_sets, distinct_images, forget_accuracy, own_forget_accuracy
+from worker.runs.prepare import class_sets, distinct_images, forget_accuracy, own_forget_facts
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class BatchResult:
     rechecks: dict[str, Any]  # earlier classes re-checked on the candidate
     own_before: dict[str, float] = field(default_factory=dict)  # request id -> its own set's accuracy, current version
     own_after: dict[str, float] = field(default_factory=dict)  # ... and on the candidate (the requests trained for)
+    own_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> its set's images and sha256
     request_classes: dict[str, str] = field(default_factory=dict)  # request id -> its class
 
 
@@ -36,14 +37,16 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     Two requests for one class are trained on together (the union of their sets), and each is
     verified on its own set: a request never completes on figures measured on someone else's images."""
     target = get_unlearn_settings().target_forget_acc
-    before = own_forget_accuracy(ctx, current, runnable)
+    own = own_forget_facts(ctx, current, runnable)
+    before = {r: f.accuracy for r, f in own.items()}
+    own_sets = {r: {"images": f.images, "sha256": f.digest} for r, f in own.items()}
     sets = class_sets(runnable)
     # A class is already forgotten only when every request's own set says so.
     already = {c: max(before[r] for r, (rc, _, _) in runnable.items() if rc == c) for c in sets}
     already = {c: acc for c, acc in already.items() if acc <= target}
     to_forget = {c: uris for c, uris in sets.items() if c not in already}
     if not to_forget:
-        return BatchResult(None, already, None, GateVerdict(), {}, before, {})
+        return BatchResult(None, already, None, GateVerdict(), {}, before, {}, own_sets)
     seed = max(seed for _, _, seed in runnable.values())
     # The setting (few images or many) follows this batch's own forget sets (different photos, copies
     # counted once), not earlier classes forgotten again.
@@ -58,12 +61,12 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
             rechecks[cls] = {**check, "forgotten_again": cls in regressed}
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
     trained = {r: spec for r, spec in runnable.items() if spec[0] in to_forget}
-    after = own_forget_accuracy(ctx, candidate, trained)
+    after = {r: f.accuracy for r, f in own_forget_facts(ctx, candidate, trained).items()}
     verdict = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
     for request_id, acc in after.items():
         if acc > target:  # this request's own photos, apart from the class's union
             verdict.per_request[request_id] = [f"its own forget set is still {acc:.1f}% recognised (target {target}%)"]
-    return BatchResult(report, already, candidate, verdict, rechecks, before, after,
+    return BatchResult(report, already, candidate, verdict, rechecks, before, after, own_sets,
                        {r: spec[0] for r, spec in runnable.items()})
 
 
@@ -78,6 +81,7 @@ def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], se
 
     settings, batch, sources = ctx.settings, ctx.batch, ctx.sources
     config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None,
+                           eval_halves=batch.eval_set_uri is not None,
                            holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
                            holdout_seed=CHECK_SEED,
                            **get_unlearn_settings().engine_settings(smallest))

@@ -4,6 +4,7 @@ the run is called in this process)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -15,6 +16,7 @@ from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.registry.models import RegisteredModel
 from tests.service_fixtures import register_digits, request_body
+from worker.engine.images import set_digest
 from worker.runs.gate import GateVerdict
 from worker.runs.leases import claim_batch
 from worker.runs.pipeline import process_model, run_batch
@@ -52,10 +54,13 @@ def test_two_requests_for_one_class_train_on_both_sets_and_each_is_verified_on_i
     with session_scope(backend.settings.database) as session:
         rows = [session.get(DeletionRequest, i) for i in ids]
         assert [r.status for r in rows] == [S.COMPLETED, S.COMPLETED], [r.error for r in rows]
-        for row in rows:
+        for row, half in zip(rows, halves):
             assert row.metrics["forget_set_size"] == {"3": len(images)}  # the union, not one request's set
             own = row.metrics["own_forget_set"]
             assert own["forget_acc_before"] > 50 and own["forget_acc_after"] <= target
+            # ... and the digest a requester checks their own photos against (not the union's)
+            files = [hashlib.sha256(f.read_bytes()).hexdigest() for f in half.iterdir()]
+            assert (own["images"], own["sha256"]) == (len(files), set_digest(files))
 
 
 def model_id_of(backend) -> str:
