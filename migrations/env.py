@@ -6,6 +6,7 @@ from sqlalchemy import pool
 from service.auth import models as _auth  # noqa: F401  (registers the tables)
 from service.config import get_settings
 from service.db import Base, make_engine
+from service.certificates import models as _certificates  # noqa: F401
 from service.dashboard import models as _dashboard  # noqa: F401
 from service.deletion_requests import models as _requests  # noqa: F401
 from service.registry import models as _registry  # noqa: F401

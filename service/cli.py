@@ -88,6 +88,9 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     revoke = key_commands.add_parser("revoke", help="revoke a key by name")
     revoke.add_argument("--name", required=True)
     revoke.set_defaults(handler=run_keys_revoke)
+    from service.certificates.commands import add_commands as add_certificate_commands
+
+    add_certificate_commands(commands, key_commands)
 
     audit = commands.add_parser("audit", help="the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="the root logger's level: DEBUG, INFO, WARNING, ERROR")
     forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-Proto and -For the API "
                                      "trusts: comma-separated addresses or CIDR ranges, or *")
+    signing_keys_dir: Path | None = Field(None, description="the certificates' signing keys (default: HOME/signing-keys); "
+                                          "every API process must see the same folder")
+    public_url: str | None = Field(None, description="the API's public address (https://...): the certificates' issuer, "
+                                   "under which /.well-known/jwks.json publishes their keys")
 
     @field_validator("gate_holdout_folds")
     @classmethod
@@ -183,6 +187,17 @@ class Settings(BaseSettings):
         if self.artifacts_uri and self.artifacts_uri.startswith("s3://"):
             return None
         return Path(self.artifacts_uri).expanduser().resolve() if self.artifacts_uri else self.home / "artifacts"
+
+    @property
+    def signing_keys(self) -> Path:
+        return self.signing_keys_dir.expanduser().resolve() if self.signing_keys_dir else self.home / "signing-keys"
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"LETHE_PUBLIC_URL is an http(s):// address, not {value!r}")
+        return value.rstrip("/") if value else value
 
     @property
     def allowed_data_roots(self) -> list[Path | S3Location]:

@@ -48,6 +48,10 @@ class AttemptsExhausted(Conflict):
     code, title = "attempts_exhausted", "Ran too many times"
 
 
+class NotCertifiable(Conflict):
+    code, title = "not_certifiable", "Only a completed request has a certificate"
+
+
 class IdempotencyMismatch(InvalidInput):
     code, title = "idempotency_key_reused", "Idempotency-Key reused with a different body"
 
@@ -99,6 +103,10 @@ class Overloaded(Unavailable):
 
 class DatabaseUnavailable(Unavailable):
     code, title = "database_unavailable", "Database unavailable"
+
+
+class SigningUnavailable(Unavailable):
+    code, title = "signing_unavailable", "Certificate signing keys unavailable"
 
 
 class StorageFull(Unavailable):

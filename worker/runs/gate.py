@@ -35,11 +35,23 @@ class GateVerdict:
                 + [r for reasons in self.per_request.values() for r in reasons])
 
 
+def thresholds(settings: Settings, target: float) -> dict[str, float | None]:
+    """The limits a candidate is judged by, recorded with the run (a certificate states the ones it passed,
+    not whatever the settings say later)."""
+    return {
+        "forget_set_accuracy_max": target,
+        "evaluation_class_accuracy_max": settings.gate_max_eval_forget_acc,
+        "cumulative_retain_drop_max": settings.gate_max_retain_drop,
+        "generalisation_check_accuracy_max": settings.gate_max_holdout_forget_acc if settings.gate_holdout_folds else None,
+    }
+
+
 def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target: float,
                 requested: set[str]) -> GateVerdict:
     """The gate. The generalisation check and the forget-set target judge each of the batch's own
     classes (``requested``) apart; an earlier class forgotten again is judged by its re-check."""
     verdict = GateVerdict(per_class={c: [] for c in requested})
+    report["gate_thresholds"] = thresholds(settings, target)
     errors = verdict.batch
     for cls, acc in report["forget_acc_after"].items():
         if acc > target:

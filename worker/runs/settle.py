@@ -119,7 +119,8 @@ def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
     return metrics
 
 
-PER_CLASS = ("forget_set_size", "forget_acc_before", "forget_acc_after", "forget_duplicates")
+PER_CLASS = ("forget_set_size", "forget_acc_before", "forget_acc_after", "forget_duplicates", "forget_set_sha256",
+             "residual_knowledge")
 
 
 def own_class_only(metrics: dict[str, Any], cls: str | None) -> dict[str, Any]:
@@ -141,8 +142,13 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
             "forget_acc_after", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
             "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
-            "anchor_images", "forget_duplicates")
-    return {k: report[k] for k in keep if k in report}
+            "anchor_images", "forget_duplicates", "forget_set_sha256", "gate_thresholds", "residual_knowledge")
+    summary = {k: report[k] for k in keep if k in report}
+    selection = report.get("selection")
+    if selection:  # which half chose the checkpoint, not every evaluation along the way
+        summary["selection"] = {"half": selection.get("half"), "images": selection.get("images"),
+                                "step": (selection.get("best") or {}).get("step")}
+    return summary
 
 
 def settle_failure(settings: Settings, batch: Batch, worker_id: str, error: str) -> None:

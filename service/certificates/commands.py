@@ -1,0 +1,139 @@
+"""``lethe keys signing ...`` and ``lethe certificate ...``: one line per outcome, exit 1 when a
+certificate does not verify, 2 on bad input (as every lethe command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_commands(commands: argparse._SubParsersAction, key_commands: argparse._SubParsersAction) -> None:
+    signing = key_commands.add_parser("signing", help="the keys that sign deletion certificates")
+    signing_commands = signing.add_subparsers(dest="signing_command", required=True, metavar="ACTION")
+    rotate = signing_commands.add_parser("rotate", help="make a new signing key active; the old one's private half is "
+                                                        "deleted, its public half stays published")
+    rotate.set_defaults(handler=run_rotate)
+    listing = signing_commands.add_parser("list", help="every signing key: kid, active, private half present")
+    listing.set_defaults(handler=run_list)
+
+    certificate = commands.add_parser("certificate", help="deletion certificates")
+    actions = certificate.add_subparsers(dest="certificate_command", required=True, metavar="ACTION")
+    verify = actions.add_parser("verify", help="check a certificate's signature offline; exit 1 when it does not hold")
+    verify.add_argument("file", metavar="FILE", help="the certificate: the JWS, or the API's JSON answer")
+    verify.add_argument("--key", metavar="URL|FILE",
+                        help="the issuer's keys (a JWK Set or one JWK), as a file or an https:// URL "
+                             "(default: ISSUER/.well-known/jwks.json, the issuer named in the certificate)")
+    verify.set_defaults(handler=run_verify)
+    digest = actions.add_parser("digest", help="the forget-set digest a certificate states, computed from your own "
+                                               "images (a folder, archive or manifest)")
+    digest.add_argument("source", metavar="SOURCE")
+    digest.set_defaults(handler=run_digest)
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    from service.certificates.signing import SigningKeys
+    from service.config import get_settings
+    from service.errors import ServiceError
+
+    try:
+        retired, new = SigningKeys(get_settings().signing_keys).rotate()
+    except ServiceError as exc:
+        return _fail(exc.detail)
+    print(f"signing key {new} is active" + (f"; {retired} retired (still published, can no longer sign)"
+                                            if retired else ""), file=sys.stderr)
+    print(new)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from service.certificates.signing import SigningKeys
+    from service.config import get_settings
+    from service.errors import ServiceError
+
+    try:
+        keys = SigningKeys(get_settings().signing_keys).describe()
+    except ServiceError as exc:
+        return _fail(exc.detail)
+    for key in keys:
+        print(f"{key['kid']}  {'active' if key['active'] else 'retired'}"
+              f"{'' if key['private_key'] or not key['active'] else '  (private key missing)'}")
+    if not keys:
+        print("no signing key yet: one is made when the first certificate is issued", file=sys.stderr)
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from service.certificates.verify import CertificateInvalid, keys_by_kid, load_token, verify
+
+    try:
+        token = load_token(_read(Path(args.file)))
+        source = args.key or _default_key_url(token)
+        keys = keys_by_kid(_fetch(source) if source.startswith(("https://", "http://")) else _read(Path(source)))
+        verified = verify(token, keys)
+    except CertificateInvalid as exc:
+        print(f"invalid: {exc}")
+        return 1
+    except _Unusable as exc:
+        return _fail(str(exc))
+    s = verified.statements
+    versions = s.get("versions") or {}
+    made_from, forgotten_in = versions.get("made_from") or {}, versions.get("forgotten_in") or {}
+    print(f"valid: request {s['request']['id']} (external id {s['request']['external_id']}), model {s['model']} "
+          f"version {made_from.get('version', '-')} -> {forgotten_in.get('version')}, completed "
+          f"{s['request']['completed_at']}; signed by {verified.kid} (keys from {source})")
+    return 0
+
+
+def run_digest(args: argparse.Namespace) -> int:
+    from worker.engine import EngineError
+    from worker.engine.images import list_images, set_digest
+
+    import hashlib
+
+    try:
+        print(set_digest(hashlib.sha256(entry.read_bytes()).hexdigest() for entry in list_images(args.source)))
+    except (EngineError, OSError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+class _Unusable(Exception):
+    """The command cannot even check: a file or key set that cannot be read."""
+
+
+def _default_key_url(token: str) -> str:
+    import json
+
+    from joserfc import jws
+
+    try:
+        issuer = json.loads(jws.extract_compact(token.encode()).payload).get("iss", "")
+    except Exception:
+        issuer = ""
+    if not str(issuer).startswith(("https://", "http://")):
+        raise _Unusable("the certificate names no http(s) issuer to fetch its keys from; give --key")
+    return f"{issuer}/.well-known/jwks.json"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeError) as exc:
+        raise _Unusable(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _fetch(url: str) -> str:
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=10, follow_redirects=False)
+        response.raise_for_status()
+        return response.text
+    except httpx.HTTPError as exc:
+        raise _Unusable(f"cannot fetch the keys from {url}: {exc}") from None
+
+
+def _fail(message: str) -> int:
+    print(f"lethe: error: {message}", file=sys.stderr)
+    return 2
