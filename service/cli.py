@@ -310,6 +310,10 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-halves", action="store_true",
                    help="cut --eval in two by its images' sha256: select the checkpoint on one half, report on the "
                         "other (what the service does; without it the paper's set-up, one set for both)")
+    p.add_argument("--evidence", action="store_true",
+                   help="measure what the model still knows of each forgotten class on --eval (its audit half with "
+                        "--eval-halves), original vs new: linear-probe accuracy, loss-based membership attack, "
+                        "accuracy after 10-shot fine-tuning")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--patience", type=int, default=defaults.patience)
     p.add_argument("--skip-bad-images", action="store_true", help="skip and count undecodable files instead of failing")
@@ -334,7 +338,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
             method=args.method, seed=args.seed, lr=args.lr, l1_weight=args.l1_weight, rank=args.rank,
             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), adapter_blocks=args.adapter_blocks,
             batch_size=args.batch_size, max_steps=args.max_steps, target_forget_acc=args.target_forget_acc,
-            select_on_eval=args.select_on_eval, eval_halves=args.eval_halves, eval_every=args.eval_every,
+            select_on_eval=args.select_on_eval, eval_halves=args.eval_halves, evidence=args.evidence,
+            eval_every=args.eval_every,
             patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
@@ -414,13 +419,21 @@ def summary_line(report: dict) -> str:
                          else f"{c} not checkable (fewer than 2 different photos the model recognises)"
                          for c, a in h["forget_acc"].items())
         line += f"; held-back images still recognised: {held} ({h['folds_run']} of {h['folds']} folds)"
+    for c, r in (report.get("residual_knowledge") or {}).items():
+        line += f"; {c} probe {_pct(r['probe']['before'])} -> {_pct(r['probe']['after'])}, " \
+                f"MIA {_pct(r['mia']['before'])} -> {_pct(r['mia']['after'])}, " \
+                f"{r['relearn']['k']}-shot relearn {_pct(r['relearn']['before'])} -> {_pct(r['relearn']['after'])}"
     return line
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}%"
 
 
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "confirm_views", "max_forget_prob", "anchor_weight", "holdout_folds", "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
-    "precision", "select_on_eval", "eval_halves")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
+    "precision", "select_on_eval", "eval_halves", "evidence")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
 
 
 def as_flags(message: str) -> str:

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
                                      "of each class were held back")
     gate_max_holdout_forget_acc: float = Field(GATE_MAX_HOLDOUT_FORGET_ACC, ge=0, le=100,
                                                description="publish gate: held-back forget images still recognised, %")
+    gate_max_probe_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: a linear "
+                                             "probe's accuracy on the forgotten class (audit half), %")
+    gate_max_mia_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: the loss-based "
+                                           "membership attack's accuracy, judged by its 95 % interval's lower end, %")
+    gate_max_relearn_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: the "
+                                               "class's accuracy after 10-shot fine-tuning of the new version, %")
     retention_hours: float = Field(72.0, ge=0, description="superseded versions are deleted after this")
     orphan_grace_hours: float = Field(6.0, gt=0, description="stored weights no version names, and unfinished "
                                       "uploads, are deleted by the sweep once this old")

@@ -65,8 +65,7 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
     evaluation = metrics.get("evaluation")
     if evaluation:
         found["evaluation"] = {
-            "measured_on": f"the {evaluation.get('half', 'whole')} half of the model's evaluation set"
-                           if evaluation.get("half", "whole") != "whole" else "the model's whole evaluation set",
+            "measured_on": _measured_on(evaluation.get("half", "whole")),
             "half": evaluation.get("half", "whole"), "images": evaluation["images"],
             "class_accuracy_before": (evaluation.get("per_class_before") or {}).get(cls),
             "class_accuracy_after": (evaluation.get("per_class_after") or {}).get(cls),
@@ -87,9 +86,15 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
             "accuracy": (holdout.get("forget_acc") or {}).get(cls),
         }
     residual = (metrics.get("residual_knowledge") or {}).get(cls)
-    if residual:
-        found["residual_knowledge"] = residual
+    if residual:  # "before": the parent version, "after": the new one
+        where = _measured_on(residual.get("measured_on", "whole"))
+        found["residual_knowledge"] = {name: {**residual[name], "measured_on": where}
+                                       for name in ("probe", "mia", "relearn") if name in residual}
     return found
+
+
+def _measured_on(half: str) -> str:
+    return f"the {half} half of the model's evaluation set" if half != "whole" else "the model's whole evaluation set"
 
 
 def _versions(session: Session, row: DeletionRequest, fulfilled: ModelVersion, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 
 import rfc8785
+from joserfc import jws
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -42,6 +44,11 @@ def certificate(session: Session, settings: Settings, row: DeletionRequest, issu
         with session_scope(settings.database) as reader:
             return _issued(reader, row.id, content)
     return new
+
+
+def statements_of(issued: Certificate) -> dict:
+    """The statements a certificate signed (decoded from its own token; no check of the signature)."""
+    return json.loads(jws.extract_compact(issued.token.encode()).payload)
 
 
 def history(session: Session, request_id: str) -> list[Certificate]:

@@ -215,6 +215,33 @@ def request_detail(request: Request, request_id: str, session: SessionDep, user:
                   can_retry=writer and row.status == RequestStatus.FAILED)
 
 
+@router.get("/requests/{request_id}/certificate", response_class=HTMLResponse)
+def certificate_page(request: Request, request_id: str, session: SessionDep, settings: SettingsDep,
+                     user: DashboardLogin) -> HTMLResponse:
+    """The request's certificate as a page that prints as a document."""
+    row = requests_service.get_request(session=session, request_id=request_id)
+    issued, statements = issued_certificate(request, session, settings, row)
+    return render(request, "certificate.html", user=user, section="requests", r=row, issued=issued,
+                  statements=statements)
+
+
+@router.get("/requests/{request_id}/certificate.jws")
+def certificate_download(request: Request, request_id: str, session: SessionDep, settings: SettingsDep,
+                         _user: DashboardLogin) -> Response:
+    row = requests_service.get_request(session=session, request_id=request_id)
+    issued, _ = issued_certificate(request, session, settings, row)
+    return Response(issued.token, media_type="application/jose", headers={
+        "Content-Disposition": f'attachment; filename="certificate-{row.id}.jws"', **SECURITY_HEADERS})
+
+
+def issued_certificate(request: Request, session, settings, row):
+    from service.certificates import service as certificates
+    from service.certificates.views import issuer
+
+    issued = certificates.certificate(session, settings, row, issuer(request, settings))
+    return issued, certificates.statements_of(issued)
+
+
 @router.post("/requests/{request_id}/cancel")
 def cancel(request: Request, request_id: str, session: SessionDep, user: DashboardLogin,
            csrf_token: Annotated[str, Form(max_length=100)] = "",

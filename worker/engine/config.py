@@ -88,9 +88,13 @@ class UnlearnConfig:
     # ran). Then the run trains on every image. 0: no check.
     holdout_folds: int = 0
     holdout_images: int = 30  # 30 held-back images already tell 0 % from 10 %; more is another training
-    # The check's folds and fold trainings are drawn from this seed (None: ``seed``). A caller that
-    # retries failed runs with new seeds fixes it, so that a retry cannot draw checks until one passes.
-    holdout_seed: int | None = None
+    # The generalisation check's folds and fold trainings, and the evidence's draws, come from this
+    # seed (None: ``seed``). A caller that retries failed runs with new seeds fixes it, so that a
+    # retry cannot draw checks (or evidence) until one passes.
+    check_seed: int | None = None
+    # Residual-knowledge evidence (evidence.py) on the evaluation set (its audit half with
+    # ``eval_halves``), for the original and the new model: probe, loss-MIA, k-shot relearning.
+    evidence: bool = False
     eval_batch_size: int = field(default=512, repr=False)
     # Run a frozen front (adapters only in later blocks) once instead of every step: the same
     # results, faster (prefix.py). False only to measure what it saves.
@@ -103,7 +107,7 @@ class UnlearnConfig:
             (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr must be a positive number"),
             (math.isfinite(self.l1_weight) and self.l1_weight >= 0, "lambda (l1_weight) must be zero or positive"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
-            (self.holdout_seed is None or 0 <= self.holdout_seed < 2**63, "holdout_seed must be in [0, 2**63)"),
+            (self.check_seed is None or 0 <= self.check_seed < 2**63, "check_seed must be in [0, 2**63)"),
             (self.rank >= 1, "rank must be at least 1"),
             (bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets must name layers"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be at least 1"),
@@ -145,6 +149,8 @@ class UnlearnConfig:
             raise ConfigError("select_on_eval needs a labelled evaluation source")
         if self.eval_halves and not inputs.eval_source:
             raise ConfigError("eval_halves needs a labelled evaluation source")
+        if self.evidence and not inputs.eval_source:
+            raise ConfigError("evidence needs a labelled evaluation source (images no version trained on)")
 
     def to_record(self) -> dict[str, Any]:
         """The config as recorded in reports and lineage, with the learning rate resolved."""

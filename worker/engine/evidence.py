@@ -415,3 +415,47 @@ def _sklearn_seed(seed: int) -> int:
 def _percent(hits: np.ndarray) -> float:
     return 100.0 * float(hits.mean()) if hits.size else 0.0
 
+
+
+# --- the report: parent and new model side by side -------------------------------------------
+
+def parent_and_new(parent: torch.nn.Module, new: torch.nn.Module, *, forget_images: torch.Tensor,
+                   audit_pixels: torch.Tensor, audit_labels: torch.Tensor, class_index: int, seed: int,
+                   config: EvidenceConfig = EvidenceConfig()) -> dict[str, Any]:
+    """Each measure of one class on the parent model and on the new one, with its inputs: the form
+    a run's report, a request's evidence and a certificate carry.
+
+    The probe is trained on the audit classes with at least 2 images (its folds need 2 of each); a
+    forgotten class with fewer cannot be probed, and says so, as the MIA does when a side is short.
+    """
+    labels = audit_labels.cpu()
+    classes, counts = labels.unique(return_counts=True)
+    probe_classes = classes[counts >= 2]
+    usable = torch.isin(labels, probe_classes)
+    probe_pixels, probe_labels = audit_pixels[usable.to(audit_pixels.device)], labels[usable]
+    of_class = audit_pixels[(labels == class_index).to(audit_pixels.device)]
+    report: dict[str, Any] = {}
+    try:
+        probes = [probe_accuracy(m, probe_pixels, probe_labels, class_index, seed=seed, max_folds=config.probe_folds,
+                                 batch_size=config.eval_batch_size) for m in (parent, new)]
+        report["probe"] = {"before": probes[0].accuracy, "after": probes[1].accuracy, "images": probes[0].n,
+                           "others_before": probes[0].others_accuracy, "others_after": probes[1].others_accuracy,
+                           "folds": probes[0].folds, "seed": seed}
+    except ImageSourceError as exc:
+        report["probe"] = {"before": None, "after": None, "images": int((labels == class_index).sum()),
+                           "not_measured": str(exc)}
+    attacks = [loss_mia(m, forget_images, of_class, class_index, seed=seed, max_folds=config.mia_folds,
+                        batch_size=config.eval_batch_size) for m in (parent, new)]
+    report["mia"] = {"before": attacks[0].accuracy, "after": attacks[1].accuracy,
+                     "before_interval": attacks[0].interval, "after_interval": attacks[1].interval,
+                     "images_per_side": attacks[0].n, "forget_images": attacks[0].members,
+                     "unseen_images": attacks[0].non_members, "folds": attacks[0].folds, "seed": seed}
+    relearned = [relearn_accuracy(m, forget_images, audit_pixels, labels, class_index, seed=seed, k=config.relearn_k,
+                                  steps=config.relearn_steps, lr=config.relearn_lr,
+                                  batch_size=config.relearn_batch_size, eval_batch_size=config.eval_batch_size)
+                 for m in (parent, new)]
+    report["relearn"] = {"before": relearned[0].accuracy_after, "after": relearned[1].accuracy_after,
+                         "accuracy_without_fine_tuning": relearned[1].accuracy_before,
+                         "k": relearned[0].k, "other_images": relearned[0].others, "steps": relearned[0].steps,
+                         "lr": relearned[0].lr, "images_scored": relearned[0].n, "seed": seed}
+    return report

@@ -15,6 +15,7 @@ import torch
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
+from worker.engine.evidence import EvidenceConfig, parent_and_new
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
@@ -84,6 +85,9 @@ class UnlearnReport:
     parent_sha256: str
     evaluation: EvaluationReport | None
     holdout: HoldoutReport | None  # the generalisation check, when config.holdout_folds asks for it
+    # per class: probe, loss-MIA and relearning on the original ("before") and the new model ("after"),
+    # measured on the evaluation set's audit half (or the whole set without halves); config.evidence
+    residual_knowledge: dict[str, dict[str, Any]] | None
     anchor_images: int  # images in the anchor source (0: none)
     selection: dict[str, Any] | None
     history: list[dict[str, Any]]
@@ -178,6 +182,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         state_dict = _in_input_dtypes(merged, package.state_dict)
         forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
         eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
+        residual = (_residual_knowledge(lambda: build_model(card, package.state_dict).to(runtime.device), merged,
+                                        forget, eval_data, card, config) if config.evidence else None)
 
     report = UnlearnReport(
         method=config.method,
@@ -205,6 +211,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices,
                                       half=AUDIT if config.eval_halves else WHOLE),
         holdout=holdout,
+        residual_knowledge=residual,
         anchor_images=0 if anchor is None else int(anchor.shape[0]),
         selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations,
                     "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
@@ -333,7 +340,7 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         on_progress: gets each fold's steps, with ``phase`` "holdout i/k".
     """
     started, config = time.perf_counter(), training.config
-    seed = config.seed if config.holdout_seed is None else config.holdout_seed
+    seed = config.seed if config.check_seed is None else config.check_seed
     generator = torch.Generator().manual_seed(seed)
     # Near-duplicates (one photo re-encoded, resized...) share a fold: a copy of a held-back image
     # in the training folds would make the held-back image seen.
@@ -457,6 +464,22 @@ def _in_input_dtypes(merged: torch.nn.Module, original: dict[str, torch.Tensor])
     if any(v.dtype != state[k].dtype for k, v in cast.items()):
         merged.load_state_dict(cast)
     return cast
+
+
+def _residual_knowledge(original: Callable[[], torch.nn.Module], merged: torch.nn.Module, forget: ForgetData,
+                        audit: LabelledData, card: ModelCard, config: UnlearnConfig) -> dict[str, dict[str, Any]]:
+    """evidence.parent_and_new for each forgotten class, on the audit images (never trained on)."""
+    parent = original()
+    audit_pixels = normalise(audit.pixels, card.input)
+    seed = config.seed if config.check_seed is None else config.check_seed
+    measured_on = AUDIT if config.eval_halves else WHOLE
+    found = {name: {**parent_and_new(parent, merged, forget_images=images, audit_pixels=audit_pixels,
+                                     audit_labels=audit.labels, class_index=index, seed=seed,
+                                     config=EvidenceConfig(eval_batch_size=config.eval_batch_size)),
+                    "measured_on": measured_on}
+             for name, index, images in zip(forget.class_names, forget.class_indices, forget.images)}
+    del parent
+    return found
 
 
 def _check_covers(source: str, data: LabelledData, card: ModelCard, forgotten: tuple[int, ...]) -> None:

@@ -43,6 +43,9 @@ def thresholds(settings: Settings, target: float) -> dict[str, float | None]:
         "evaluation_class_accuracy_max": settings.gate_max_eval_forget_acc,
         "cumulative_retain_drop_max": settings.gate_max_retain_drop,
         "generalisation_check_accuracy_max": settings.gate_max_holdout_forget_acc if settings.gate_holdout_folds else None,
+        "probe_accuracy_max": settings.gate_max_probe_acc,
+        "mia_accuracy_max": settings.gate_max_mia_acc,
+        "relearn_accuracy_max": settings.gate_max_relearn_acc,
     }
 
 
@@ -62,6 +65,7 @@ def gate_errors(settings: Settings, batch: Batch, report: dict[str, Any], target
         errors.append(f"{len(not_forgotten)} class(es) forgotten by earlier requests would no longer be forgotten")
     for cls in requested:
         verdict.per_class[cls] += holdout_errors(settings, report.get("holdout"), {cls})
+        verdict.per_class[cls] += residual_errors(settings, (report.get("residual_knowledge") or {}).get(cls))
     evaluation = report.get("evaluation")
     if evaluation:
         if evaluation["acc_f_after"] > settings.gate_max_eval_forget_acc:
@@ -91,6 +95,25 @@ def holdout_errors(settings: Settings, holdout: dict[str, Any] | None, classes: 
             errors.append(f"forgetting did not generalise: {acc:.1f}% of {holdout['held_back'][cls]} held-back forget "
                           f"images still recognised (gate {settings.gate_max_holdout_forget_acc}%)")
     return errors
+
+
+def residual_errors(settings: Settings, found: dict[str, Any] | None) -> list[str]:
+    """The residual-knowledge gates (each off unless set): the new version's probe accuracy, the lower
+    end of its membership attack's 95 % interval (a small forget set gives a wide interval, and a
+    point estimate would fail runs on noise), and its accuracy after k-shot fine-tuning."""
+    if not found:
+        return []
+    checks = [
+        (settings.gate_max_probe_acc, found["probe"].get("after"), "a linear probe on its features still finds "
+                                                                    "{value:.1f}% of the class (gate {limit}%)"),
+        (settings.gate_max_mia_acc, (found["mia"].get("after_interval") or (None,))[0],
+         "a membership attack still tells its forget images from unseen ones (95% interval from {value:.1f}%, "
+         "gate {limit}%)"),
+        (settings.gate_max_relearn_acc, found["relearn"].get("after"), "{k}-shot fine-tuning gives the class back "
+                                                                       "({value:.1f}%, gate {limit}%)"),
+    ]
+    return [message.format(value=value, limit=limit, k=found["relearn"].get("k"))
+            for limit, value, message in checks if limit is not None and value is not None and value > limit]
 
 
 def cumulative_retain_drop(settings: Settings, batch: Batch, evaluation: dict[str, Any], forgotten: set[str]) -> float:

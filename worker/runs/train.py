@@ -70,8 +70,9 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
                        {r: spec[0] for r, spec in runnable.items()})
 
 
-# The generalisation check's seed, the same for every run: a retry trains with a new seed, but a
-# check that failed is a measurement, and drawing new ones until one passes would make it meaningless.
+# The generalisation check's and the evidence's seed, the same for every run: a retry trains with a new
+# seed, but a check that failed is a measurement, and drawing new ones until one passes would make it
+# meaningless.
 CHECK_SEED = 0
 
 
@@ -81,9 +82,9 @@ def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], se
 
     settings, batch, sources = ctx.settings, ctx.batch, ctx.sources
     config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None,
-                           eval_halves=batch.eval_set_uri is not None,
+                           eval_halves=batch.eval_set_uri is not None, evidence=batch.eval_set_uri is not None,
                            holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
-                           holdout_seed=CHECK_SEED,
+                           check_seed=CHECK_SEED,
                            **get_unlearn_settings().engine_settings(smallest))
     paths = {c: [str(sources.path(u)) for u in uris] for c, uris in classes.items()}
     inputs = UnlearnInputs(model=str(current),

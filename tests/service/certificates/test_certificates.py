@@ -74,6 +74,13 @@ def test_a_completed_request_has_a_certificate_that_verifies_with_the_published_
         1 for _ in digits.test.rglob("*.png"))
     assert evidence["generalisation_check"]["held_back"] > 0 and said["gate"]["passed"] is True
     assert said["gate"]["thresholds"]["forget_set_accuracy_max"] == 1.0
+    # What the new version still knows of the class, next to its parent, with each measure's inputs.
+    residual = evidence["residual_knowledge"]
+    assert set(residual) == {"probe", "mia", "relearn"}
+    assert all(m["measured_on"] == "the audit half of the model's evaluation set" for m in residual.values())
+    assert residual["probe"]["images"] == residual["mia"]["unseen_images"] == residual["relearn"]["images_scored"]
+    assert residual["mia"]["forget_images"] == len(files) and residual["relearn"]["k"] == 10
+    assert residual["relearn"]["before"] > 80  # the parent still knew the class
 
 
 def test_the_same_records_give_the_same_certificate_and_a_change_gives_a_new_one(backend, client, admin, completed):

@@ -358,3 +358,21 @@ def test_the_models_page_shows_the_version_chain_and_the_retain_accuracy_chart(c
     assert f"{sum(PER_CLASS_BEFORE.values()) / 10:.1f} %" in v1
     polyline = re.search(r'<polyline points="([^"]+)"', html).group(1)
     assert len(polyline.split()) == 2
+
+
+def test_a_completed_requests_page_links_its_certificate_which_prints_and_downloads(client, reader, seeded):
+    from service.certificates.verify import keys_by_kid, verify
+
+    done, waiting = seeded.ids["done"], seeded.ids["due-in-20"]
+    assert "/certificate" in client.get(f"/dashboard/requests/{done}").text
+    assert "/certificate" not in client.get(f"/dashboard/requests/{waiting}").text
+    page = client.get(f"/dashboard/requests/{done}/certificate")
+    assert page.status_code == 200 and "Deletion certificate" in page.text
+    assert "@media print" in client.get("/dashboard/static/dashboard.css").text  # it prints as a document
+    download = client.get(f"/dashboard/requests/{done}/certificate.jws")
+    assert download.headers["content-type"] == "application/jose"
+    assert download.text in page.text  # the page shows the very document it offers
+    said = verify(download.text, keys_by_kid(client.get("/.well-known/jwks.json").text)).statements
+    assert said["sub"] == done and said["evidence"]["evaluation"]["images"] == 360
+    refused = client.get(f"/dashboard/requests/{waiting}/certificate")
+    assert refused.status_code == 409 and "completed" in refused.text

@@ -333,3 +333,28 @@ def test_residual_knowledge_of_the_original_records_all_three_and_touches_no_glo
     assert evidence.relearn.accuracy_after >= 90.0  # the original knows the class; relearning keeps it
     with pytest.raises(dataclasses.FrozenInstanceError):
         evidence.probe.accuracy = 0.0  # type: ignore[misc]
+
+
+# --- in a run: lethe unlearn --evidence -----------------------------------------------------------
+
+def test_a_run_reports_each_measure_for_the_original_and_the_new_model_on_the_audit_half(digits_model, digits):
+    inputs = UnlearnInputs(model=str(digits_model), forget=(ForgetSpec("3", str(digits.train_class("3"))),),
+                           eval_source=str(digits.test))
+    config = UnlearnConfig(method="lora-kl", adapter_blocks="later-half", eval_halves=True, evidence=True,
+                           check_seed=4, seed=1)
+    report = unlearn(inputs, config).report
+    found = report.residual_knowledge["3"]
+    assert found["measured_on"] == "audit" and set(found) == {"probe", "mia", "relearn", "measured_on"}
+    assert found["probe"]["images"] == 19  # the audit half of the test split's 37 images of 3
+    assert found["mia"]["forget_images"] == report.forget_set_size["3"]
+    assert found["mia"]["unseen_images"] == found["probe"]["images"] == found["relearn"]["images_scored"]
+    assert all(found[m]["seed"] == 4 for m in ("probe", "mia", "relearn"))  # the check's seed, not the run's
+    # The original knows the class it was trained on; the new model's head no longer predicts it.
+    assert found["probe"]["before"] > 80 and found["relearn"]["accuracy_without_fine_tuning"] <= 10
+    assert found["relearn"]["before"] > 80 and found["relearn"]["k"] == 10
+
+
+def test_evidence_needs_an_evaluation_set(digits_model, digits):
+    inputs = UnlearnInputs(model=str(digits_model), forget=(ForgetSpec("3", str(digits.train_class("3"))),))
+    with pytest.raises(ConfigError, match="evidence"):
+        unlearn(inputs, UnlearnConfig(evidence=True))

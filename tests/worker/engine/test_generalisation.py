@@ -138,7 +138,7 @@ def test_the_check_stops_adding_folds_once_enough_images_were_held_back(digits_m
 
 def test_a_fixed_check_seed_gives_the_same_check_whatever_the_runs_seed(digits_model, digits):
     """A retry draws a new seed for its training, never a new check: the folds and their trainings
-    follow holdout_seed alone."""
+    follow check_seed alone."""
     def check(**seeds):
         config = UnlearnConfig(holdout_folds=3, holdout_images=10, augment=True, **seeds, **LATE)
         return unlearn(inputs(digits_model, digits), config).report.holdout
@@ -146,9 +146,9 @@ def test_a_fixed_check_seed_gives_the_same_check_whatever_the_runs_seed(digits_m
     def same(a, b) -> bool:
         return a == dataclasses.replace(b, seconds=a.seconds)
 
-    first, second, unfixed = check(seed=1, holdout_seed=7), check(seed=2, holdout_seed=7), check(seed=7)
+    first, second, unfixed = check(seed=1, check_seed=7), check(seed=2, check_seed=7), check(seed=7)
     assert first.seed == 7 and same(first, second)
-    assert same(first, unfixed)  # without holdout_seed, the check follows the run's seed
+    assert same(first, unfixed)  # without check_seed, the check follows the run's seed
 
 
 def test_a_class_of_one_image_cannot_be_checked(digits_model, digits, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.config import Settings
-from worker.runs.gate import holdout_errors
+from worker.runs.gate import holdout_errors, residual_errors
 
 
 def holdout(acc: float | None, held_back: int) -> dict:
@@ -45,3 +45,28 @@ def test_the_gate_judges_each_of_the_batchs_classes_apart_and_names_none():
 
 def test_no_check_no_error():
     assert holdout_errors(Settings(), None) == []
+
+
+def residual(probe: float | None, mia_low: float | None, relearn: float | None) -> dict:
+    return {"probe": {"before": 95.0, "after": probe}, "mia": {"after": 60.0, "after_interval": (mia_low, 70.0)},
+            "relearn": {"before": 100.0, "after": relearn, "k": 10}}
+
+
+def test_residual_knowledge_gates_are_off_unless_set():
+    assert residual_errors(Settings(), residual(99.0, 99.0, 99.0)) == []
+    assert residual_errors(Settings(gate_max_probe_acc=10), None) == []  # no evaluation set: nothing measured
+
+
+def test_each_residual_gate_fails_a_run_above_its_limit_and_names_no_class():
+    settings = Settings(gate_max_probe_acc=20, gate_max_mia_acc=60, gate_max_relearn_acc=30)
+    probe, mia, relearn = residual_errors(settings, residual(25.0, 61.0, 40.0))
+    assert probe.startswith("a linear probe on its features still finds 25.0% of the class (gate 20.0%)")
+    assert "95% interval from 61.0%" in mia and relearn.startswith("10-shot fine-tuning gives the class back (40.0%")
+    assert residual_errors(settings, residual(20.0, 60.0, 30.0)) == []  # at the limits: passes
+
+
+def test_the_membership_gate_judges_the_intervals_lower_end_not_the_point():
+    """Seven photos give a wide interval: a point estimate of 70 % is no evidence the attack works."""
+    settings = Settings(gate_max_mia_acc=60)
+    assert residual_errors(settings, residual(None, 45.0, None)) == []
+    assert residual_errors(settings, residual(None, None, None)) == []  # the attack could not run: not measured
