@@ -1,0 +1,292 @@
+"""Residual knowledge against an oracle: what an unlearned model still knows of a forgotten class,
+next to a model retrained without that class by the same recipe (the oracle, the gold standard of
+unlearning). For each class: the original, the oracle, the service's method and the paper's, each
+measured by the engine's evidence (worker/engine/evidence.py) on the held-out split:
+
+- probe: a linear probe on the pre-logit features, cross-validated, scored on the class;
+- MIA: the loss-based membership attack, forget images against unseen images of the class, with
+  its 95 % interval;
+- relearn: the class's accuracy after 10-shot fine-tuning of a copy (10 steps, lr 2e-4);
+
+and reported as the gap to the oracle. Targets for the service's method: probe gap <= 5 points,
+relearn gap <= 10 points, MIA within the oracle's interval.
+
+    .venv/bin/python benchmarks/oracle.py --domain digits --classes 3 5 8 --threads 1
+    .venv/bin/python benchmarks/oracle.py --domain faces --classes subject01 subject05 subject10 --threads 1
+    .venv/bin/python benchmarks/oracle.py --report-only     # benchmarks/results/oracle.{md,json}
+
+Each (domain, class, seed) is one JSON file under results/oracle-runs/ (runs resume); models are
+cached under LETHE_BENCH_CACHE (~/.cache/lethe/benchmarks), never in git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.cifar import DataError, cache_root  # noqa: E402
+from benchmarks.faces import YaleFaces, build_face_model  # noqa: E402
+from service.config import UnlearnSettings  # noqa: E402
+from service.demo_model import DigitsData, train_digits_vit, write_digits  # noqa: E402
+from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # noqa: E402
+from worker.engine.evidence import EvidenceConfig, residual_knowledge  # noqa: E402
+from worker.engine.images import normalise, read_images  # noqa: E402
+from worker.engine.metrics import forget_retain_accuracy, predict  # noqa: E402
+from worker.engine.package import build_model, load_package  # noqa: E402
+from worker.engine.runtime import pick_runtime  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+MODELS = ("original", "oracle", "service", "paper")
+TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
+
+
+class Case:
+    """One domain's original model, an oracle per class, forget sets and the held-out split."""
+
+    def __init__(self, name: str, original: Path, audit: Path) -> None:
+        self.name, self.original = name, original
+        self.audit = audit  # labelled held-out images no model trained on
+
+    def oracle(self, cls: str) -> Path:
+        raise NotImplementedError
+
+    def forget(self, cls: str) -> Path:
+        raise NotImplementedError
+
+
+class Digits(Case):
+    def __init__(self) -> None:
+        root = cache_root() / "digits"
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            write_digits(root)
+            (root / ".complete").touch()
+        self.data = DigitsData(root)
+        super().__init__("digits", _cached(root.parent / "digits-vit", lambda out: train_digits_vit(self.data, out)),
+                         self.data.test)
+
+    def oracle(self, cls: str) -> Path:
+        """The same recipe on the training split without the class (its logit stays, never a target)."""
+        without = self.data.root.parent / f"digits-without-{cls}"
+        if not (without / ".complete").is_file():
+            shutil.rmtree(without, ignore_errors=True)
+            (without / "train").mkdir(parents=True)
+            for folder in self.data.train.iterdir():
+                if folder.name != cls:
+                    shutil.copytree(folder, without / "train" / folder.name)
+            (without / ".complete").touch()
+        return _cached(self.data.root.parent / f"digits-vit-without-{cls}",
+                       lambda out: train_digits_vit(DigitsData(without), out))
+
+    def forget(self, cls: str) -> Path:
+        return self.data.train_class(cls)
+
+
+class Faces(Case):
+    def __init__(self, data_dir: Path, threads: int) -> None:
+        self.data, self.threads = YaleFaces.open(data_dir), threads
+        super().__init__("faces", build_face_model(self.data, threads=threads), self.data.test())
+
+    def oracle(self, cls: str) -> Path:
+        without = _FacesWithout(self.data.root, self.data.classes, without=cls)
+        return build_face_model(without, cache_root() / f"faces-vit-without-{cls}", threads=self.threads)
+
+    def forget(self, cls: str) -> Path:
+        return self.data.forget(cls)  # the person's 9 training photos
+
+
+@dataclass(frozen=True)
+class _FacesWithout(YaleFaces):
+    """The Yale faces with one person's training photos left out (the head keeps every person)."""
+
+    without: str = ""
+
+    def train(self) -> Path:
+        return self._manifest(f"train-without-{self.without}",
+                              [(p, c) for c in self.classes if c != self.without for p in self.images("train", c)])
+
+
+def _cached(out: Path, build) -> Path:
+    if not (out / "model.safetensors").is_file():
+        partial = out.with_name(out.name + f".{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build(partial)
+        partial.rename(out)
+    return out
+
+
+# --- one class ---------------------------------------------------------------------------------
+
+def measure(case: Case, cls: str, seed: int) -> dict[str, Any]:
+    """The four models of one class, each measured the same way."""
+    runtime = pick_runtime("auto", "fp32")
+    card = load_package(case.original).card
+    index = card.class_index(cls)
+    forget_source = case.forget(cls)
+    forget_pixels = read_images(str(forget_source), card.input).pixels
+    audit = read_images(str(case.audit), card.input)
+    audit_labels = audit.label_indices(card.classes)
+    forget_images = normalise(forget_pixels.to(runtime.device), card.input)
+    audit_pixels = normalise(audit.pixels.to(runtime.device), card.input)
+
+    models: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
+    for name, package in (("original", case.original), ("oracle", case.oracle(cls))):
+        loaded = load_package(package)
+        models[name] = build_model(loaded.card, loaded.state_dict).to(runtime.device), {}
+    inputs = UnlearnInputs(model=str(case.original), forget=(ForgetSpec(cls, str(forget_source)),))
+    service = UnlearnSettings().engine_settings(forget_pixels.shape[0])  # the service's setting for this size
+    for name, config in (("service", UnlearnConfig(seed=seed, **service)),
+                         ("paper", UnlearnConfig(method="lora-bounded", seed=seed))):
+        result = unlearn(inputs, config)
+        report = result.report
+        models[name] = build_model(card, result.state_dict).to(runtime.device), {
+            "method": config.method, "steps": report.steps, "seconds": report.seconds,
+            "forget_set_acc_after": report.forget_acc_after[cls], "target_met": report.target_met}
+
+    record: dict[str, Any] = {"domain": case.name, "class": cls, "seed": seed, "forget_images": forget_pixels.shape[0],
+                              "audit_images": int(audit_labels.numel()),
+                              "audit_images_of_class": int((audit_labels == index).sum()),
+                              "service_setting": {k: list(v) if isinstance(v, tuple) else v for k, v in service.items()},
+                              "models": {}}
+    for name, (model, run) in models.items():
+        started = time.perf_counter()
+        found = residual_knowledge(model, forget_images=forget_images, audit_pixels=audit_pixels,
+                                   audit_labels=audit_labels, class_index=index, class_name=cls, seed=seed,
+                                   config=EvidenceConfig())
+        acc_f, acc_r = forget_retain_accuracy(predict(model, audit_pixels, runtime, 512), audit_labels, [index])
+        record["models"][name] = {**run, "acc_f": acc_f, "acc_r": acc_r,
+                                  "probe": found.probe.accuracy, "probe_others": found.probe.others_accuracy,
+                                  "mia": found.mia.accuracy, "mia_interval": found.mia.interval,
+                                  "mia_images_per_side": found.mia.n,
+                                  "relearn": found.relearn.accuracy_after, "relearn_k": found.relearn.k,
+                                  "measure_seconds": round(time.perf_counter() - started, 2)}
+    return record
+
+
+# --- the report --------------------------------------------------------------------------------
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per domain and model: the mean of each measure and its mean gap to the oracle, over classes."""
+    rows = []
+    for domain in sorted({r["domain"] for r in records}):
+        mine = [r for r in records if r["domain"] == domain]
+        for name in MODELS:
+            values = [r["models"][name] for r in mine]
+            oracle = [r["models"]["oracle"] for r in mine]
+            row = {"domain": domain, "model": name, "classes": len(mine)}
+            for key in ("acc_f", "acc_r", "probe", "mia", "relearn"):
+                pairs = [(v[key], o[key]) for v, o in zip(values, oracle) if v[key] is not None and o[key] is not None]
+                row[key] = _mean([v for v, _ in pairs])
+                row[f"{key}_gap"] = _mean([v - o for v, o in pairs])
+                row[f"{key}_worst_gap"] = max((v - o for v, o in pairs), default=None, key=abs) if pairs else None
+            inside = [o["mia_interval"][0] <= v["mia"] <= o["mia_interval"][1] for v, o in zip(values, oracle)
+                      if v["mia"] is not None and o["mia_interval"]]
+            row["mia_within_oracle_interval"] = f"{sum(inside)}/{len(inside)}"
+            row["mia_images_per_side"] = _mean([v["mia_images_per_side"] for v in values])
+            row["steps"] = _mean([v.get("steps") for v in values if v.get("steps") is not None])
+            rows.append(row)
+    return rows
+
+
+def render(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Residual knowledge against an oracle (a model retrained without the class)",
+        "",
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}. Measured on each domain's held-out split; gap = the "
+        "model's figure minus the oracle's (points), mean over classes (worst class in brackets). Targets for the "
+        f"service's method: probe gap <= {TARGETS['probe_gap']:g}, relearn gap <= {TARGETS['relearn_gap']:g}, MIA "
+        "inside the oracle's 95 % interval.",
+        "",
+        "| domain | model | classes | Acc_f | Acc_r | probe (gap) | MIA (gap) | MIA in oracle's interval | relearn (gap) | MIA images per side |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['domain']} | {r['model']} | {r['classes']} | {_f(r['acc_f'])} | {_f(r['acc_r'])} | "
+                     f"{_f(r['probe'])} ({_gap(r, 'probe')}) | {_f(r['mia'])} ({_gap(r, 'mia')}) | "
+                     f"{r['mia_within_oracle_interval']} | {_f(r['relearn'])} ({_gap(r, 'relearn')}) | "
+                     f"{_f(r['mia_images_per_side'])} |")
+    lines += ["", "Per class:", "", "| domain | class | model | Acc_f | Acc_r | probe | MIA [95 % interval] | relearn |",
+              "|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        for name in MODELS:
+            m = rec["models"][name]
+            interval = f" [{m['mia_interval'][0]:.0f}, {m['mia_interval'][1]:.0f}]" if m["mia_interval"] else ""
+            lines.append(f"| {rec['domain']} | {rec['class']} | {name} | {_f(m['acc_f'])} | {_f(m['acc_r'])} | "
+                         f"{_f(m['probe'])} | {_f(m['mia'])}{interval} | {_f(m['relearn'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _f(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _gap(row: dict[str, Any], key: str) -> str:
+    gap, worst = row[f"{key}_gap"], row[f"{key}_worst_gap"]
+    return "–" if gap is None else f"{gap:+.1f}, {worst:+.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domain", choices=("digits", "faces"), default="digits")
+    parser.add_argument("--classes", nargs="+", default=None, help="default: digits 3 5 8; faces subject01 subject05 subject10")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--faces", type=Path, default=SHARED / "datasets" / "yalefaces")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs = args.results / "oracle-runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        try:
+            case = Digits() if args.domain == "digits" else Faces(args.faces, args.threads)
+        except DataError as exc:
+            print(f"oracle: {exc}", file=sys.stderr)
+            return 2
+        classes = args.classes or (["3", "5", "8"] if args.domain == "digits" else ["subject01", "subject05", "subject10"])
+        for cls in classes:
+            path = runs / f"{args.domain}-{cls}-s{args.seed}.json"
+            if path.is_file():
+                continue
+            started = time.perf_counter()
+            record = measure(case, cls, args.seed)
+            record["wall_seconds"] = round(time.perf_counter() - started, 1)
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            service, oracle = record["models"]["service"], record["models"]["oracle"]
+            print(f"{args.domain}/{cls}: probe service {_f(service['probe'])} oracle {_f(oracle['probe'])}; "
+                  f"relearn {_f(service['relearn'])} vs {_f(oracle['relearn'])}; MIA {_f(service['mia'])} vs "
+                  f"{_f(oracle['mia'])} ({record['wall_seconds']} s)", flush=True)
+    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+    if not records:
+        print("oracle: no runs yet", file=sys.stderr)
+        return 1
+    rows = summarise(records)
+    (args.results / "oracle.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2) + "\n")
+    (args.results / "oracle.md").write_text(render(rows, records))
+    print(render(rows, records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
