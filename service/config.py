@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     gate_max_relearn_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: the "
                                                "class's accuracy after 10-shot fine-tuning of the new version, %")
     retention_hours: float = Field(72.0, ge=0, description="superseded versions are deleted after this")
+    redact_after_days: float | None = Field(90.0, ge=0, description="a finished request's class name and forget-set "
+                                            "URI are replaced by a salted hash this long after it finished; none: kept")
     orphan_grace_hours: float = Field(6.0, gt=0, description="stored weights no version names, and unfinished "
                                       "uploads, are deleted by the sweep once this old")
     lease_seconds: int = Field(120, ge=2, description="a worker's lease on a run; renewed by its heartbeat")

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from service.certificates.verify import STATEMENTS_TYPE
 from service.deletion_requests import audit_chain
 from service.deletion_requests.models import AuditEvent, DeletionRequest
+from service.deletion_requests.personal_data import CLASS, commitment
 from service.registry.models import ModelVersion
 
 
@@ -34,14 +35,17 @@ def statements(session: Session, row: DeletionRequest, issuer: str) -> dict[str,
             "due_at": _time(row.due_at), "completed_at": _time(row.finished_at), "extended_days": row.extended_days,
         },
         "model": row.model.name,
-        "forgotten_class": row.forget_class,
+        # Redacted: the class is no longer on record; the commitment lets the holder of an earlier
+        # certificate (which carries the nonce) show it was theirs.
+        "forgotten_class": None if row.redacted_at else row.forget_class,
+        "subject_commitment": _commitment(row),
         "forget_set": {"images": own.get("images"), "sha256": own.get("sha256"),
                        "digest_rule": "sha256 over the sorted, distinct lowercase hex sha256 of each image file, "
                                       "each followed by a newline"},
         "versions": _versions(session, row, fulfilled, metrics),
         "method": ({"name": metrics.get("method"), "config": metrics.get("config")}
                    if not metrics.get("already_forgotten") else None),
-        "evidence": evidence(metrics, row.forget_class),
+        "evidence": evidence(metrics, CLASS if row.redacted_at else row.forget_class),  # redaction re-keys metrics
         "gate": {"passed": True, "thresholds": metrics.get("gate_thresholds")},  # None: a run before they were recorded
         "audit_chain": {
             "head_sha256": audit_chain.head(session, row.id),
@@ -103,7 +107,9 @@ def _versions(session: Session, row: DeletionRequest, fulfilled: ModelVersion, m
     earlier = session.scalars(select(ModelVersion).where(
         ModelVersion.model_id == row.model_id, ModelVersion.version < fulfilled.version)
         .order_by(ModelVersion.version)).all()
-    holding = [v for v in earlier if row.forget_class not in (v.classes_forgotten or [])]
+    # Once redacted, the class is unknown: every earlier version counts as holding it (an overstatement
+    # only for a request its version had already forgotten).
+    holding = [v for v in earlier if row.redacted_at or row.forget_class not in (v.classes_forgotten or [])]
     parent_sha256 = metrics.get("parent_sha256")
     parent = next((v for v in reversed(earlier) if v.sha256 == parent_sha256), None)
     return {
@@ -112,6 +118,15 @@ def _versions(session: Session, row: DeletionRequest, fulfilled: ModelVersion, m
         "earlier_holding_the_class": [{**_version(v), "weights_deleted_at": _time(v.disposed_at)} for v in holding],
         "every_earlier_copy_deleted": all(v.disposed_at is not None for v in holding),
     }
+
+
+def _commitment(row: DeletionRequest) -> dict[str, Any] | None:
+    if row.redacted_at is not None:
+        return {"sha256": row.subject_commitment, "redacted_at": _time(row.redacted_at)}
+    if row.subject_nonce is None:  # a request from before nonces: nothing to commit to
+        return None
+    return {"sha256": commitment(row.subject_nonce, row.forget_class, row.forget_uri), "nonce": row.subject_nonce,
+            "rule": "sha256 over the nonce, the class and the forget set's URI, each followed by a newline"}
 
 
 def _version(version: ModelVersion) -> dict[str, Any]:

@@ -69,6 +69,11 @@ class DeletionRequest(Base):
     # since it was read): a status read before a concurrent cancel, claim or extension can never be
     # written back over it. Bulk ``update()`` statements bypass it; those carry their own WHERE.
     row_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    # Redaction (service/redaction.py): the salt its certificates carry, and what stays of its class
+    # and forget set once they are redacted (a salted sha256).
+    subject_nonce: Mapped[str | None] = mapped_column(String(64))
+    subject_commitment: Mapped[str | None] = mapped_column(String(64))
+    redacted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __mapper_args__ = {"version_id_col": row_version}
 

@@ -96,6 +96,8 @@ class DeletionRequestPublic(BaseModel):
     fulfilled_version: int | None
     metrics: dict[str, Any] | None
     error: str | None
+    redacted_at: datetime | None = Field(None, description="when its class name and forget set were replaced by "
+                                         "'redacted' (LETHE_REDACT_AFTER_DAYS after it finished)")
     events: list[AuditEventPublic] = []
 
 

@@ -58,7 +58,7 @@ def submit(*, session: Session, settings: Settings, body: DeletionRequestCreate,
         external_id=body.external_id, model_id=model.id, forget_class=body.forget_class,
         forget_uri=body.forget_set.uri, status=S.RECEIVED, received_at=received_at, due_at=due_at,
         at_risk_from=at_risk_from(received_at, due_at), created_at=now, updated_at=now, idempotency_key=idempotency_key,
-        body_sha256=digest, seed=0, created_by=actor)
+        body_sha256=digest, seed=0, created_by=actor, subject_nonce=secrets.token_hex(16))
     try:
         with session.begin_nested():  # a concurrent twin may win the unique constraints
             session.add(request)

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from service.db import utcnow
 from service.deletion_requests.audit_chain import link
+from service.deletion_requests.personal_data import scrub_detail
 from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
 from service.errors import InvalidTransition
 
@@ -44,6 +45,9 @@ def transition(*, session: Session, request: DeletionRequest, to: S, actor: str,
 def record(*, session: Session, request: DeletionRequest, event: str, actor: str, from_status: str | None = None,
            to_status: str | None = None, detail: dict[str, Any] | None = None) -> AuditEvent:
     """Append an audit event that changes no status (created, extended, overdue, re-checked ...)."""
+    # The trail outlives redaction and cannot be edited (its chain), so it never holds the request's
+    # class name or forget-set reference, whatever a caller passes in an error or reason.
+    detail = scrub_detail(detail, classes=[request.forget_class], uris=[request.forget_uri]) if detail else detail
     row = AuditEvent(request_id=request.id, at=utcnow(), actor=actor, event=event, from_status=from_status,
                      to_status=to_status, detail=detail)
     session.flush()  # the request (and its earlier events) first: the chain links to what is stored

@@ -39,7 +39,7 @@ def to_public(session, row: DeletionRequest, with_events: bool = True) -> Deleti
         created_at=row.created_at, updated_at=row.updated_at, queued_at=row.queued_at, started_at=row.started_at,
         finished_at=row.finished_at, due_at=row.due_at, days_left=days_left, at_risk=at_risk, overdue=overdue,
         extended_days=row.extended_days, attempts=row.attempts, fulfilled_version=version.version if version else None,
-        metrics=row.metrics, error=row.error,
+        metrics=row.metrics, error=row.error, redacted_at=row.redacted_at,
         events=[AuditEventPublic.model_validate(e, from_attributes=True) for e in row.events] if with_events else [],
     )
 

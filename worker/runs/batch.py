@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.config import Settings
+from service.deletion_requests.personal_data import scrub
 from service.sources import LocalSources, read_limits
 
 if TYPE_CHECKING:
@@ -30,6 +31,11 @@ class Batch:
     @property
     def classes(self) -> list[str]:
         return list(dict.fromkeys(c for c, _, _ in self.requests.values()))
+
+    def scrubbed(self, text: str, *folders) -> str:
+        """``text`` (an error, a traceback) without the batch's class names and forget-set references,
+        nor paths under ``folders`` (the run's folder, where sets are downloaded): for logs and events."""
+        return scrub(text, classes=self.classes, uris=[u for _, u, _ in self.requests.values()], folders=folders)
 
 
 @dataclass(frozen=True)
@@ -57,5 +63,6 @@ class RunContext:
 
 def run_fields(batch: Batch, worker_id: str) -> dict[str, Any]:
     """What a run's log lines carry (``extra=``: fields of their own in JSON logs)."""
+    # Request ids, never class names: a class is often a person (service/deletion_requests/personal_data.py).
     return {"model": batch.model_name, "version": batch.version, "deletion_requests": list(batch.requests),
-            "classes": batch.classes, "worker": worker_id}
+            "worker": worker_id}

@@ -193,8 +193,9 @@ class Heartbeat(threading.Thread):
             # trail of a request another worker now runs.
             with settling(self.settings, self.batch, self.worker_id, release=False) as held:
                 for row in (held[1].values() if held else ()):
+                    # The step's highest forget-set accuracy, not a figure per class (a class is often a person).
                     record(session=held[0], request=row, event="training_started", actor=f"worker:{self.worker_id}",
-                           detail={"loss": progress.loss, "forget_acc": progress.forget_acc})
+                           detail={"loss": progress.loss, "forget_acc_max": max(progress.forget_acc.values(), default=None)})
 
 
 def cancel_requested(settings: Settings, batch: Batch) -> bool:

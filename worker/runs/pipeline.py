@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+import traceback
 
 from sqlalchemy import select
 
@@ -69,8 +70,11 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
             settle_cancellation(settings, batch, worker_id)
     except Exception as exc:  # fails the run with its message; the lease is released
         outcome = "failed"
-        log.exception("run failed for model %s", batch.model_name, extra=fields)
         expected = isinstance(exc, (EngineError, ServiceError))  # bad input: its message is the whole story
+        # The log gets the traceback of a bug, never a class name or forget-set path (they reach
+        # messages through file names and engine errors): the request's own row keeps the whole error.
+        told = "".join(traceback.format_exception_only(exc) if expected else traceback.format_exception(exc))
+        log.error("run failed for model %s: %s", batch.model_name, batch.scrubbed(told.rstrip(), workdir), extra=fields)
         settle_failure(settings, batch, worker_id, error=str(exc) if expected else f"{type(exc).__name__}: {exc}")
     finally:
         heartbeat.stop()

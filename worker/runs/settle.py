@@ -162,9 +162,9 @@ def settle_failure(settings: Settings, batch: Batch, worker_id: str, error: str)
                 transition(session=held[0], request=row, to=S.FAILED, actor=f"worker:{worker_id}",
                            detail={"error": error})
                 row.error = error
-            else:
-                back_to_queue(held[0], row, f"worker:{worker_id}", f"its batch of {len(rows)} failed ({error})",
-                              alone=True)
+            else:  # the reason goes into this request's trail: no other request's class or forget set
+                back_to_queue(held[0], row, f"worker:{worker_id}",
+                              f"its batch of {len(rows)} failed ({batch.scrubbed(error)})", alone=True)
 
 
 def settle_cancellation(settings: Settings, batch: Batch, worker_id: str) -> None:

@@ -1,5 +1,5 @@
 """The periodic sweep: re-queue requests whose worker died, wake idle queues, flag deadlines,
-dispose of superseded weights and of weights no version names."""
+redact finished requests' personal data, dispose of superseded weights and of weights no version names."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from service.config import Settings
 from service.db import db_now, session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import record, transition
+from service.redaction import redact_due
 from service.registry.models import RegisteredModel
 from service.registry.service import dispose_superseded, remove_orphans
 from service.registry.storage import artifact_store
@@ -23,7 +24,7 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
     """Re-queue requests whose worker died, wake idle queues, flag deadlines, dispose of old weights
     and of weights no version names."""
     counts = {"requeued": 0, "failed": 0, "woken": 0, "at_risk": 0, "overdue": 0, "disposed": 0, "orphans": 0,
-              "stale_parts": 0}
+              "stale_parts": 0, "redacted": 0}
     wake: set[str] = set()
     with session_scope(settings.database) as session:
         now = db_now(session)  # leases are judged by the database's clock, as they were granted
@@ -44,6 +45,8 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
         wake |= set(oldest_per_model.values())
         counts["woken"] = len(wake)
         flag_deadlines(session, now, counts)
+        if settings.redact_after_days is not None:
+            counts["redacted"] = redact_due(session, now, settings.redact_after_days)
     # Storage in transactions of its own: listing a store must not hold the locks above.
     store = artifact_store(settings)
     with session_scope(settings.database) as session:

@@ -106,7 +106,8 @@ def recheck_earlier(ctx: RunContext, candidate: Path, exclude: set[str], target:
 
     with session_scope(ctx.settings.database) as session:
         earlier = session.execute(select(DeletionRequest.forget_class, DeletionRequest.forget_uri).where(
-            DeletionRequest.model_id == ctx.batch.model_id, DeletionRequest.status == S.COMPLETED)
+            DeletionRequest.model_id == ctx.batch.model_id, DeletionRequest.status == S.COMPLETED,
+            DeletionRequest.redacted_at.is_(None))  # a redacted request's forget set is no longer known
             .order_by(DeletionRequest.finished_at.desc())).all()
     checks: dict[str, dict[str, Any]] = {}
     for cls, uri in earlier:
