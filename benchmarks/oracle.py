@@ -52,6 +52,16 @@ from worker.engine.runtime import pick_runtime  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("original", "oracle", "service", "paper")
+ALL_LINEAR = ("qkv", "proj", "fc1", "fc2")
+# Candidates for closing the gap (--variants): the service's setting for the set's size, changed as named.
+VARIANTS = {
+    "every-block": {"adapter_blocks": "all"},
+    "every-block-linear": {"adapter_blocks": "all", "targets": ALL_LINEAR},
+    "late-linear": {"targets": ALL_LINEAR, "lr": 1e-3},
+    "margin-0.01": {"max_forget_prob": 0.01},
+    "every-block-margin-0.01": {"adapter_blocks": "all", "max_forget_prob": 0.01},
+    "every-block-linear-margin-0.01": {"adapter_blocks": "all", "targets": ALL_LINEAR, "max_forget_prob": 0.01},
+}
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
 
@@ -132,8 +142,8 @@ def _cached(out: Path, build) -> Path:
 
 # --- one class ---------------------------------------------------------------------------------
 
-def measure(case: Case, cls: str, seed: int) -> dict[str, Any]:
-    """The four models of one class, each measured the same way."""
+def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The four models of one class (and any variants), each measured the same way."""
     runtime = pick_runtime("auto", "fp32")
     card = load_package(case.original).card
     index = card.class_index(cls)
@@ -150,13 +160,15 @@ def measure(case: Case, cls: str, seed: int) -> dict[str, Any]:
         models[name] = build_model(loaded.card, loaded.state_dict).to(runtime.device), {}
     inputs = UnlearnInputs(model=str(case.original), forget=(ForgetSpec(cls, str(forget_source)),))
     service = UnlearnSettings().engine_settings(forget_pixels.shape[0])  # the service's setting for this size
-    for name, config in (("service", UnlearnConfig(seed=seed, **service)),
-                         ("paper", UnlearnConfig(method="lora-bounded", seed=seed))):
+    configs = [("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed))]
+    configs += [(v, UnlearnConfig(seed=seed, **(service | VARIANTS[v]))) for v in variants]
+    for name, config in configs:
         result = unlearn(inputs, config)
         report = result.report
         models[name] = build_model(card, result.state_dict).to(runtime.device), {
             "method": config.method, "steps": report.steps, "seconds": report.seconds,
-            "forget_set_acc_after": report.forget_acc_after[cls], "target_met": report.target_met}
+            "forget_set_acc_after": report.forget_acc_after[cls], "target_met": report.target_met,
+            "settings": VARIANTS.get(name)}
 
     record: dict[str, Any] = {"domain": case.name, "class": cls, "seed": seed, "forget_images": forget_pixels.shape[0],
                               "audit_images": int(audit_labels.numel()),
@@ -180,15 +192,31 @@ def measure(case: Case, cls: str, seed: int) -> dict[str, Any]:
 
 # --- the report --------------------------------------------------------------------------------
 
+def merged(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per domain, class and seed: a variant run's models added to the first run's
+    (the original, the oracle, the service and the paper are the same models in every file)."""
+    by_case: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        key = (record["domain"], record["class"], record["seed"])
+        if key in by_case:
+            extra = {n: m for n, m in record["models"].items() if n not in by_case[key]["models"]}
+            by_case[key]["models"].update(extra)
+        else:
+            by_case[key] = record
+    return list(by_case.values())
+
+
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per domain and model: the mean of each measure and its mean gap to the oracle, over classes."""
     rows = []
     for domain in sorted({r["domain"] for r in records}):
         mine = [r for r in records if r["domain"] == domain]
-        for name in MODELS:
-            values = [r["models"][name] for r in mine]
-            oracle = [r["models"]["oracle"] for r in mine]
-            row = {"domain": domain, "model": name, "classes": len(mine)}
+        names = list(MODELS) + sorted({n for r in mine for n in r["models"]} - set(MODELS))
+        for name in names:
+            having = [r for r in mine if name in r["models"]]
+            values = [r["models"][name] for r in having]
+            oracle = [r["models"]["oracle"] for r in having]
+            row = {"domain": domain, "model": name, "classes": len(having)}
             for key in ("acc_f", "acc_r", "probe", "mia", "relearn"):
                 pairs = [(v[key], o[key]) for v, o in zip(values, oracle) if v[key] is not None and o[key] is not None]
                 row[key] = _mean([v for v, _ in pairs])
@@ -224,8 +252,7 @@ def render(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
     lines += ["", "Per class:", "", "| domain | class | model | Acc_f | Acc_r | probe | MIA [95 % interval] | relearn |",
               "|---|---|---|---|---|---|---|---|"]
     for rec in records:
-        for name in MODELS:
-            m = rec["models"][name]
+        for name, m in rec["models"].items():
             interval = f" [{m['mia_interval'][0]:.0f}, {m['mia_interval'][1]:.0f}]" if m["mia_interval"] else ""
             lines.append(f"| {rec['domain']} | {rec['class']} | {name} | {_f(m['acc_f'])} | {_f(m['acc_r'])} | "
                          f"{_f(m['probe'])} | {_f(m['mia'])}{interval} | {_f(m['relearn'])} |")
@@ -253,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--faces", type=Path, default=SHARED / "datasets" / "yalefaces")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                        help="also measure these changes to the service's setting (results in files of their own)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -266,18 +295,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         classes = args.classes or (["3", "5", "8"] if args.domain == "digits" else ["subject01", "subject05", "subject10"])
         for cls in classes:
-            path = runs / f"{args.domain}-{cls}-s{args.seed}.json"
+            suffix = "-" + "+".join(args.variants) if args.variants else ""
+            path = runs / f"{args.domain}-{cls}-s{args.seed}{suffix}.json"
             if path.is_file():
                 continue
             started = time.perf_counter()
-            record = measure(case, cls, args.seed)
+            record = measure(case, cls, args.seed, tuple(args.variants))
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             path.write_text(json.dumps(record, indent=2) + "\n")
             service, oracle = record["models"]["service"], record["models"]["oracle"]
             print(f"{args.domain}/{cls}: probe service {_f(service['probe'])} oracle {_f(oracle['probe'])}; "
                   f"relearn {_f(service['relearn'])} vs {_f(oracle['relearn'])}; MIA {_f(service['mia'])} vs "
                   f"{_f(oracle['mia'])} ({record['wall_seconds']} s)", flush=True)
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+    records = merged([json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))])
     if not records:
         print("oracle: no runs yet", file=sys.stderr)
         return 1

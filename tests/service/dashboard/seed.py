@@ -40,7 +40,15 @@ def completed_run_metrics() -> dict:
             "precision": "fp32", "forget_set_size": {"3": 140}, "forget_acc_before": {"3": 100.0},
             "forget_acc_after": {"3": 0.7}, "cumulative_retain_drop": 1.5,
             "evaluation": {"images": 360, "acc_f_before": 97.2, "acc_f_after": 0.0, "acc_r_before": 96.3,
-                           "acc_r_after": 94.8, "per_class_before": PER_CLASS_BEFORE, "per_class_after": after}}
+                           "acc_r_after": 94.8, "per_class_before": PER_CLASS_BEFORE, "per_class_after": after,
+                           "half": "audit"},
+            "residual_knowledge": {"3": {
+                "measured_on": "audit",
+                "probe": {"before": 94.6, "after": 71.2, "images": 18, "folds": 5, "seed": 0},
+                "mia": {"before": 51.4, "after": 49.0, "before_interval": [40.0, 62.0], "after_interval": [38.0, 60.0],
+                        "images_per_side": 18, "forget_images": 140, "unseen_images": 18, "folds": 10, "seed": 0},
+                "relearn": {"before": 100.0, "after": 33.3, "k": 10, "steps": 10, "lr": 2e-4, "images_scored": 18,
+                            "seed": 0}}}}
 
 
 def seed(client: TestClient, admin: dict[str, str], digits, package, settings: Settings) -> Seeded:

@@ -364,7 +364,9 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     from service.certificates.verify import keys_by_kid, verify
 
     done, waiting = seeded.ids["done"], seeded.ids["due-in-20"]
-    assert "/certificate" in client.get(f"/dashboard/requests/{done}").text
+    detail = client.get(f"/dashboard/requests/{done}").text
+    assert "/certificate" in detail and "audit half, 360 images" in detail
+    assert "Linear probe on its features" in detail and "71.2 %" in detail and "10-shot fine-tuning" in detail
     assert "/certificate" not in client.get(f"/dashboard/requests/{waiting}").text
     page = client.get(f"/dashboard/requests/{done}/certificate")
     assert page.status_code == 200 and "Deletion certificate" in page.text
