@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="the root logger's level: DEBUG, INFO, WARNING, ERROR")
     forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-Proto and -For the API "
                                      "trusts: comma-separated addresses or CIDR ranges, or *")
+    webhook_allowed_hosts: str = Field("", description="hosts webhooks may be sent to: comma-separated names, "
+                                       "*.example.com, or IP addresses (private and loopback addresses only when "
+                                       "listed); empty: none")
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="a webhook delivery's whole time limit")
+    webhook_retry_hours: float = Field(24.0, gt=0, description="a delivery is retried (exponential backoff with "
+                                       "jitter) this long, then marked failed")
+    webhook_poll_seconds: float = Field(2.0, gt=0, description="how often the sweeper sends due webhook deliveries")
     signing_keys_dir: Path | None = Field(None, description="the certificates' signing keys (default: HOME/signing-keys); "
                                           "every API process must see the same folder")
     public_url: str | None = Field(None, description="the API's public address (https://...): the certificates' issuer, "
@@ -195,6 +202,10 @@ class Settings(BaseSettings):
         if self.artifacts_uri and self.artifacts_uri.startswith("s3://"):
             return None
         return Path(self.artifacts_uri).expanduser().resolve() if self.artifacts_uri else self.home / "artifacts"
+
+    @property
+    def webhook_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_allowed_hosts.split(",") if h.strip()]
 
     @property
     def signing_keys(self) -> Path:

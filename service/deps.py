@@ -84,6 +84,7 @@ RequestsWriter = Annotated[ApiKey, scoped("requests:write")]
 RequestsReader = Annotated[ApiKey, scoped("requests:read")]
 ModelsWriter = Annotated[ApiKey, scoped("models:write")]
 ModelsReader = Annotated[ApiKey, scoped("models:read")]
+WebhooksWriter = Annotated[ApiKey, scoped("webhooks:write")]
 
 
 SESSION_COOKIE = "lethe_session"

@@ -25,6 +25,7 @@ QUEUE = "lethe"
 SWEEP_QUEUE = "lethe-sweep"
 PROCESS_TASK = "lethe.process_request"
 SWEEP_TASK = "lethe.sweep"
+DELIVER_TASK = "lethe.deliver_webhooks"  # on the sweep's queue: seconds of network, never behind a run
 REQUEST_ID_HEADER = "lethe_request_id"  # the API request's id, carried to the run's log lines
 
 log = logging.getLogger("lethe.api")

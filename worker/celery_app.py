@@ -14,7 +14,7 @@ from celery import Celery, signals
 
 from service.config import Settings, get_settings
 from service.logs import configure_logging, request_id_var, sane_request_id
-from service.queue import QUEUE, REQUEST_ID_HEADER, SWEEP_QUEUE, SWEEP_TASK
+from service.queue import DELIVER_TASK, QUEUE, REQUEST_ID_HEADER, SWEEP_QUEUE, SWEEP_TASK
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,9 +29,12 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        task_routes={SWEEP_TASK: {"queue": SWEEP_QUEUE}},
+        task_routes={SWEEP_TASK: {"queue": SWEEP_QUEUE}, DELIVER_TASK: {"queue": SWEEP_QUEUE}},
         beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.sweep_seconds,
-                                 "options": {"queue": SWEEP_QUEUE, "expires": settings.sweep_seconds}}},
+                                 "options": {"queue": SWEEP_QUEUE, "expires": settings.sweep_seconds}},
+                       # the webhook outbox's relay: due deliveries every few seconds
+                       "webhooks": {"task": DELIVER_TASK, "schedule": settings.webhook_poll_seconds,
+                                    "options": {"queue": SWEEP_QUEUE, "expires": settings.webhook_poll_seconds}}},
         timezone="UTC",
     )
     return app

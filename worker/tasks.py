@@ -13,7 +13,8 @@ from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus
 from worker.runs.pipeline import process_model
 from worker.runs.sweep import sweep as sweep_once
-from service.queue import PROCESS_TASK, SWEEP_TASK, send_wakeup
+from service.queue import DELIVER_TASK, PROCESS_TASK, SWEEP_TASK, send_wakeup
+from service.webhooks.delivery import deliver_due
 
 log = logging.getLogger("lethe.worker")
 
@@ -45,4 +46,13 @@ def sweep() -> dict:
     settings = get_settings()
     counts = sweep_once(settings, lambda request_id: send_wakeup(settings, request_id))
     log.info("sweep: %s", counts)
+    return counts
+
+
+@shared_task(name=DELIVER_TASK)
+def deliver_webhooks() -> dict:
+    """Periodic: send the webhook deliveries that are due (the outbox's relay)."""
+    counts = deliver_due(get_settings())
+    if any(counts.values()):
+        log.info("webhooks: %s", counts)
     return counts

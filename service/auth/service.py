@@ -12,7 +12,7 @@ from service.auth.models import ApiKey
 from service.db import utcnow
 from service.errors import Forbidden, InvalidInput, Unauthenticated
 
-SCOPES = ("requests:write", "requests:read", "models:read", "models:write", "admin")
+SCOPES = ("requests:write", "requests:read", "models:read", "models:write", "webhooks:write", "admin")
 KEY_PREFIX = "lethe_"
 
 

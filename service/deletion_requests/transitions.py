@@ -11,6 +11,7 @@ from service.deletion_requests.audit_chain import link
 from service.deletion_requests.personal_data import scrub_detail
 from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
 from service.errors import InvalidTransition
+from service.webhooks.service import REQUEST_EVENTS, emit
 
 ALLOWED: dict[str, set[str]] = {
     S.RECEIVED: {S.QUEUED, S.REJECTED, S.CANCELED},
@@ -54,4 +55,22 @@ def record(*, session: Session, request: DeletionRequest, event: str, actor: str
     link(session, row)
     session.add(row)
     session.flush()
+    announce(session, request, to_status if event.startswith("status:") else event, row.at)
     return row
+
+
+def announce(session: Session, request: DeletionRequest, kind: str | None, at) -> None:
+    """The webhook event of a status change or deadline flag, into the outbox in this transaction:
+    ids, status, version and times, never the class name or forget set (personal data)."""
+    event_type = f"deletion_request.{kind}"
+    if event_type not in REQUEST_EVENTS:
+        return
+    version = request.fulfilled_version.version if request.fulfilled_version_id and request.fulfilled_version else None
+    emit(session, event_type, {
+        "id": request.id, "external_id": request.external_id, "model": request.model.name, "status": request.status,
+        "version": version, "received_at": _iso(request.received_at), "due_at": _iso(request.due_at),
+        "finished_at": _iso(request.finished_at)}, at)
+
+
+def _iso(value) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None

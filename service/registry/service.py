@@ -19,6 +19,7 @@ from service.registry.package_check import (ChecksBusy, PackageLimits, PackageRe
                                             check_sets)
 from service.registry.storage import ArtifactStore
 from service.sources import Root, check_data_root, resolve_in_data_root
+from service.webhooks.service import emit
 
 if TYPE_CHECKING:
     from worker.engine.images import ReadLimits
@@ -92,6 +93,7 @@ def register_model(*, session: Session, store: ArtifactStore, name: str, card_by
     session.flush()
     model.current_version_id = version.id
     session.flush()
+    announce_version(session, model, version)
     return version
 
 
@@ -192,6 +194,14 @@ def lock_model(*, session: Session, model_id: str) -> RegisteredModel:
     return session.scalar(select(RegisteredModel).where(RegisteredModel.id == model_id).with_for_update())
 
 
+def announce_version(session: Session, model: RegisteredModel, version: ModelVersion) -> None:
+    """The webhook event of a new version, into the outbox in this transaction (no class names:
+    how many classes it forgets, not which)."""
+    emit(session, "model.version_published", {"model": model.name, "version": version.version,
+                                              "sha256": version.sha256, "size": version.size,
+                                              "classes_forgotten": len(version.classes_forgotten or [])})
+
+
 def publish_version(*, session: Session, model_id: str, sha256: str, size: int, card: dict[str, Any],
                     classes_forgotten: list[str], metrics: dict[str, Any]) -> ModelVersion:
     """Version n+1 and ``current`` moved to it, in the caller's transaction."""
@@ -206,6 +216,7 @@ def publish_version(*, session: Session, model_id: str, sha256: str, size: int, 
         previous.superseded_at = utcnow()
     model.current_version_id = version.id
     session.flush()
+    announce_version(session, model, version)
     return version
 
 

@@ -8,6 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from service.certificates import models as _certificates  # noqa: F401  (every table registered)
+from service.webhooks import models as _webhooks  # noqa: F401
 from service.dashboard import models as _dashboard  # noqa: F401
 from service.db import Base, alembic_config, engine_for, make_engine, upgrade_schema
 from service.deletion_requests import models as _requests  # noqa: F401
