@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from service.certificates.models import Certificate
 from service.deletion_requests.models import FINISHED, DeletionRequest
-from service.deletion_requests.personal_data import REDACTED, commitment, scrub, scrub_detail
+from service.deletion_requests.personal_data import REDACTED, commitment, rekey, scrub, scrub_detail
 from service.deletion_requests.transitions import record
 
 
@@ -41,7 +41,7 @@ def redact(session: Session, row: DeletionRequest, now: datetime, after_days: fl
     named = {"classes": [row.forget_class], "uris": [row.forget_uri]}
     row.subject_commitment = commitment(nonce, row.forget_class, row.forget_uri)
     row.error = scrub(row.error, **named) if row.error else row.error
-    row.metrics = scrub_detail(row.metrics, **named) if row.metrics else row.metrics
+    row.metrics = scrub_detail(rekey(row.metrics, row.forget_class), **named) if row.metrics else row.metrics
     row.forget_class = row.forget_uri = REDACTED
     row.subject_nonce, row.redacted_at = None, now
     for issued in session.scalars(select(Certificate).where(Certificate.request_id == row.id)):
@@ -50,3 +50,19 @@ def redact(session: Session, row: DeletionRequest, now: datetime, after_days: fl
             token="", content_sha256=hashlib.sha256(f"{nonce}\n{issued.content_sha256}".encode()).hexdigest()))
     record(session=session, request=row, event="redacted", actor="sweep",
            detail={"after_days": after_days, "kept": "a salted sha256 of the class and forget set"})
+
+
+def purge_old_pages(url: str) -> None:
+    """After a redaction has committed: on SQLite, copy the write-ahead log into the database and
+    truncate it, so the pages that held the redacted values (kept in the log until a checkpoint)
+    are gone from disk (with secure_delete, service/db.py). On Postgres, the old row versions stay
+    until VACUUM reclaims them (autovacuum, or the operator's schedule): the README says so."""
+    if not url.startswith("sqlite"):
+        return
+    from service.db import engine_for
+
+    raw = engine_for(url).raw_connection()  # outside any transaction: a checkpoint cannot run inside one
+    try:
+        raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        raw.close()

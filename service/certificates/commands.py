@@ -21,9 +21,12 @@ def add_commands(commands: argparse._SubParsersAction, key_commands: argparse._S
     actions = certificate.add_subparsers(dest="certificate_command", required=True, metavar="ACTION")
     verify = actions.add_parser("verify", help="check a certificate's signature offline; exit 1 when it does not hold")
     verify.add_argument("file", metavar="FILE", help="the certificate: the JWS, or the API's JSON answer")
-    verify.add_argument("--key", metavar="URL|FILE",
-                        help="the issuer's keys (a JWK Set or one JWK), as a file or an https:// URL "
-                             "(default: ISSUER/.well-known/jwks.json, the issuer named in the certificate)")
+    trusted = verify.add_mutually_exclusive_group(required=True)
+    trusted.add_argument("--key", metavar="URL|FILE",
+                         help="the issuer's keys (a JWK Set or one JWK) that you trust, as a file or an https:// URL")
+    trusted.add_argument("--issuer", metavar="URL",
+                         help="the issuer you trust (https://...): its keys are fetched from URL/.well-known/jwks.json "
+                              "and the certificate must name it as its issuer")
     verify.set_defaults(handler=run_verify)
     digest = actions.add_parser("digest", help="the forget-set digest a certificate states, computed from your own "
                                                "images (a folder, archive or manifest)")
@@ -64,25 +67,35 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from service.certificates.verify import CertificateInvalid, keys_by_kid, load_token, verify
+    from service.certificates.verify import CertificateInvalid, check_answer, keys_by_kid, load_certificate, verify
 
     try:
-        token = load_token(_read(Path(args.file)))
-        source = args.key or _default_key_url(token)
+        token, answer = load_certificate(_read(Path(args.file)))
+        # The keys come from the caller, never from the certificate itself: its issuer claim is
+        # what a forger writes first (with --issuer, it must match the issuer the caller named).
+        source = f"{args.issuer.rstrip('/')}/.well-known/jwks.json" if args.issuer else args.key
         keys = keys_by_kid(_fetch(source) if source.startswith(("https://", "http://")) else _read(Path(source)))
         verified = verify(token, keys)
+        check_answer(answer, verified)
+        if args.issuer and verified.statements.get("iss") != args.issuer.rstrip("/"):
+            raise CertificateInvalid(f"issued by {verified.statements.get('iss')!r}, not {args.issuer!r}")
     except CertificateInvalid as exc:
         print(f"invalid: {exc}")
         return 1
     except _Unusable as exc:
         return _fail(str(exc))
-    s = verified.statements
-    versions = s.get("versions") or {}
-    made_from, forgotten_in = versions.get("made_from") or {}, versions.get("forgotten_in") or {}
-    print(f"valid: request {s['request']['id']} (external id {s['request']['external_id']}), model {s['model']} "
-          f"version {made_from.get('version', '-')} -> {forgotten_in.get('version')}, completed "
-          f"{s['request']['completed_at']}; signed by {verified.kid} (keys from {source})")
+    print(f"valid: {_summary(verified.statements)}; signed by {verified.kid} (keys from {source})")
     return 0
+
+
+def _summary(s: dict) -> str:
+    request = s.get("request") if isinstance(s.get("request"), dict) else {}
+    versions = s.get("versions") if isinstance(s.get("versions"), dict) else {}
+    made_from = versions.get("made_from") if isinstance(versions.get("made_from"), dict) else {}
+    forgotten_in = versions.get("forgotten_in") if isinstance(versions.get("forgotten_in"), dict) else {}
+    return (f"request {request.get('id')} (external id {request.get('external_id')}), model {s.get('model')} "
+            f"version {made_from.get('version', '-')} -> {forgotten_in.get('version')}, completed "
+            f"{request.get('completed_at')}")
 
 
 def run_digest(args: argparse.Namespace) -> int:
@@ -100,20 +113,6 @@ def run_digest(args: argparse.Namespace) -> int:
 
 class _Unusable(Exception):
     """The command cannot even check: a file or key set that cannot be read."""
-
-
-def _default_key_url(token: str) -> str:
-    import json
-
-    from joserfc import jws
-
-    try:
-        issuer = json.loads(jws.extract_compact(token.encode()).payload).get("iss", "")
-    except Exception:
-        issuer = ""
-    if not str(issuer).startswith(("https://", "http://")):
-        raise _Unusable("the certificate names no http(s) issuer to fetch its keys from; give --key")
-    return f"{issuer}/.well-known/jwks.json"
 
 
 def _read(path: Path) -> str:

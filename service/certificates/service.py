@@ -35,7 +35,9 @@ def certificate(session: Session, settings: Settings, row: DeletionRequest, issu
     if issued is not None:
         return issued
     certificate_id, now = str(uuid.uuid4()), utcnow()
-    kid, token = SigningKeys(settings.signing_keys).sign({**said, "jti": certificate_id, "iat": int(now.timestamp())})
+    first_ever = session.scalar(select(Certificate.id).limit(1)) is None
+    kid, token = SigningKeys(settings.signing_keys).sign({**said, "jti": certificate_id, "iat": int(now.timestamp())},
+                                                         may_create=first_ever)
     new = Certificate(id=certificate_id, request_id=row.id, issued_at=now, kid=kid, content_sha256=content, token=token)
     try:
         with session_scope(settings.database) as writer:

@@ -36,16 +36,21 @@ class SigningKeys:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def sign(self, statements: dict[str, Any]) -> tuple[str, str]:
-        """(kid, compact JWS) of the statements' canonical JSON, signed with the active key (made on first use)."""
-        kid, key = self.active()
+    def sign(self, statements: dict[str, Any], *, may_create: bool = True) -> tuple[str, str]:
+        """(kid, compact JWS) of the statements' canonical JSON, signed with the active key, made on
+        first use only when ``may_create``: once certificates exist, a missing key is an outage to
+        fix (a restored folder, or an explicit rotation), not a reason to sign with a stranger."""
+        kid, key = self.active(may_create=may_create)
         token = jws.serialize_compact({"alg": ALGORITHM, "kid": kid, "typ": TYPE}, rfc8785.dumps(statements), key,
                                       algorithms=[ALGORITHM])
         return kid, token
 
-    def active(self) -> tuple[str, OKPKey]:
+    def active(self, *, may_create: bool = True) -> tuple[str, OKPKey]:
         with self._locked():
             kid = self._active_kid()
+            if kid is None and not may_create:
+                raise SigningUnavailable(f"{self.folder}: no active signing key, though certificates were signed "
+                                         "before: restore the folder, or run lethe keys signing rotate to start a new key")
             if kid is None:
                 kid = self._new_key()
             try:

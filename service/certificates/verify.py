@@ -31,16 +31,35 @@ class Verified:
 
 def load_token(text: str) -> str:
     """The compact JWS from a file's text: the JWS itself, or the API's JSON answer holding it."""
+    return load_certificate(text)[0]
+
+
+def load_certificate(text: str) -> tuple[str, dict[str, Any] | None]:
+    """(the compact JWS, the API's JSON answer around it or None) from a file's text."""
     text = text.strip()
     if text.startswith("{"):
         try:
-            token = json.loads(text).get("token")
+            answer = json.loads(text)
+            token = answer.get("token")
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str):
             raise CertificateInvalid("a JSON file must hold the certificate as \"token\" (the API's answer)")
-        return token.strip()
-    return text
+        return token.strip(), answer
+    return text, None
+
+
+def check_answer(answer: dict[str, Any] | None, verified: Verified) -> None:
+    """The API's JSON answer shows the statements decoded beside the token: they must be the very
+    ones signed, or a reader would trust what the signature does not cover."""
+    if answer is None:
+        return
+    if "statements" in answer and answer["statements"] != verified.statements:
+        raise CertificateInvalid("the answer's statements differ from what the token signed")
+    if answer.get("kid", verified.kid) != verified.kid:
+        raise CertificateInvalid("the answer's kid differs from the token's")
+    if "id" in answer and answer["id"] != verified.statements.get("jti"):
+        raise CertificateInvalid("the answer's id differs from the token's jti")
 
 
 def keys_by_kid(text: str) -> dict[str, dict[str, Any]]:
@@ -63,20 +82,24 @@ def verify(token: str, keys: dict[str, dict[str, Any]]) -> Verified:
     if header.get("alg") != ALGORITHM or header.get("typ") != TYPE:
         raise CertificateInvalid(f"not a Lethe certificate (alg {header.get('alg')!r}, typ {header.get('typ')!r})")
     kid = header.get("kid")
-    if kid not in keys:
+    if not isinstance(kid, str) or kid not in keys:
         raise CertificateInvalid(f"signed by key {kid!r}, which is not in the key set given")
     try:
         key = OKPKey.import_key(keys[kid])
-        payload = jws.deserialize_compact(token, key, algorithms=[ALGORITHM]).payload
-    except JoseError:
-        raise CertificateInvalid(f"the signature does not match (key {kid}): the certificate was altered or forged") from None
-    except ValueError:
+    except (JoseError, ValueError, TypeError, KeyError):
         raise CertificateInvalid(f"key {kid} in the key set is not an Ed25519 public key") from None
+    if key.thumbprint() != kid:  # a key set cannot lend a key the issuer's name: kid is the key's own digest
+        raise CertificateInvalid(f"the key set's key named {kid} is another key (its RFC 7638 thumbprint differs)")
+    try:
+        payload = jws.deserialize_compact(token, key, algorithms=[ALGORITHM]).payload
+    except (JoseError, ValueError):
+        raise CertificateInvalid(f"the signature does not match (key {kid}): the certificate was altered or forged") from None
     try:
         statements = json.loads(payload)
-    except ValueError:
-        raise CertificateInvalid("the signed payload is not JSON") from None
-    if rfc8785.dumps(statements) != payload:  # one byte form only: what is shown is exactly what was signed
+        canonical = rfc8785.dumps(statements)
+    except (ValueError, rfc8785.CanonicalizationError):
+        raise CertificateInvalid("the signed payload is not canonical JSON (RFC 8785)") from None
+    if canonical != payload:  # one byte form only: what is shown is exactly what was signed
         raise CertificateInvalid("the signed payload is not canonical JSON (RFC 8785)")
     if not isinstance(statements, dict) or statements.get("type") != STATEMENTS_TYPE:
         raise CertificateInvalid("the signed payload is not a deletion certificate")

@@ -11,7 +11,6 @@ from pydantic import BaseModel
 
 from service.certificates import service
 from service.certificates.signing import SigningKeys
-from service.certificates.verify import keys_by_kid, verify
 from service.deletion_requests import service as requests
 from service.config import Settings
 from service.deps import RequestsReader, SessionDep, SettingsDep
@@ -44,9 +43,8 @@ def get_certificate(request_id: str, request: Request, session: SessionDep, sett
     issued = service.certificate(session, settings, row, base)
     if accept and JOSE in accept and "json" not in accept:
         return Response(issued.token, media_type=JOSE)
-    keys = keys_by_kid(json.dumps(SigningKeys(settings.signing_keys).jwks()))
     return CertificatePublic(id=issued.id, issued_at=issued.issued_at, kid=issued.kid, token=issued.token,
-                             jwks_uri=f"{base}/.well-known/jwks.json", statements=verify(issued.token, keys).statements)
+                             jwks_uri=f"{base}/.well-known/jwks.json", statements=service.statements_of(issued))
 
 
 @router.get("/.well-known/jwks.json", summary="The public keys that verify certificates (JWK Set), retired ones too")

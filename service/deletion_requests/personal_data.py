@@ -24,16 +24,27 @@ REDACTED = "redacted"
 
 
 def scrub(text: str, *, classes: Iterable[str] = (), uris: Iterable[str] = (), folders: Iterable[str] = ()) -> str:
-    """``text`` without the given forget-set references (as URIs and as the paths they name, and
-    any path under ``folders``, where a run downloads its sets) and class names."""
-    forms = {form for uri in uris if uri for form in _forms(uri)}
-    for form in sorted(forms, key=len, reverse=True):  # the longest first: a path inside a URI
-        text = text.replace(form, FORGET_SET)
-    for folder in folders:
-        text = re.sub(re.escape(str(folder).rstrip("/")) + r"/\S*", FORGET_SET, text)
+    """``text`` without the given forget-set references (as URIs and as the paths they name, with
+    whatever follows them up to a space or quote: the files inside, whose names often name the
+    person), any path under ``folders`` (where a run downloads its sets), and class names — in any
+    letter case, with ``-``, ``_``, ``.`` or a space between their parts, inside file names too."""
+    forms = {form.rstrip("/") for uri in uris if uri for form in _forms(uri)}
+    for form in sorted(forms | {str(f).rstrip("/") for f in folders}, key=len, reverse=True):  # the longest first
+        text = re.sub(re.escape(form) + r"(/[^\s'\"]*[^\s'\":;,.)])?", FORGET_SET, text)
     for name in sorted({c for c in classes if c and any(ch.isalpha() for ch in c)}, key=len, reverse=True):
-        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", CLASS, text)
+        parts = [re.escape(part) for part in re.split(r"[-_. ]+", name) if part]
+        text = re.sub(r"(?<![A-Za-z0-9])" + r"[-_. ]+".join(parts) + r"(?![A-Za-z])", CLASS, text, flags=re.IGNORECASE)
     return text
+
+
+def rekey(detail: Any, name: str) -> Any:
+    """``detail`` with every key equal to ``name`` (a class, digits included) renamed ``<class>``: how
+    a redacted request's figures keyed by its class stay readable."""
+    if isinstance(detail, dict):
+        return {(CLASS if k == name else k): rekey(v, name) for k, v in detail.items()}
+    if isinstance(detail, list):
+        return [rekey(v, name) for v in detail]
+    return detail
 
 
 def scrub_detail(detail: Any, **named: Iterable[str]) -> Any:

@@ -12,7 +12,7 @@ from service.config import Settings
 from service.db import db_now, session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import record, transition
-from service.redaction import redact_due
+from service.redaction import purge_old_pages, redact_due
 from service.registry.models import RegisteredModel
 from service.registry.service import dispose_superseded, remove_orphans
 from service.registry.storage import artifact_store
@@ -47,6 +47,8 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
         flag_deadlines(session, now, counts)
         if settings.redact_after_days is not None:
             counts["redacted"] = redact_due(session, now, settings.redact_after_days)
+    if counts["redacted"]:
+        purge_old_pages(settings.database)
     # Storage in transactions of its own: listing a store must not hold the locks above.
     store = artifact_store(settings)
     with session_scope(settings.database) as session:

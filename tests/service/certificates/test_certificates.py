@@ -15,7 +15,7 @@ from joserfc.jwk import OKPKey
 from sqlalchemy import select, update
 
 from service.certificates.signing import ALGORITHM, TYPE, SigningKeys
-from service.certificates.verify import CertificateInvalid, keys_by_kid, load_token, verify
+from service.certificates.verify import CertificateInvalid, check_answer, keys_by_kid, load_token, verify
 from service.cli import main
 from service.db import session_scope
 from service.deletion_requests import audit_chain
@@ -166,6 +166,12 @@ def test_lethe_certificate_verify_says_valid_or_invalid_in_one_line(client, admi
     assert main(["certificate", "verify", str(tmp_path / "altered.jws"), "--key", str(tmp_path / "keys.json")]) == 1
     assert capsys.readouterr().out.startswith("invalid: the signature does not match")
     assert main(["certificate", "verify", str(tmp_path / "missing.jws"), "--key", str(tmp_path / "keys.json")]) == 2
+    edited = {**json.loads(body), "statements": {**json.loads(body)["statements"], "model": "someone-else"}}
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert main(["certificate", "verify", str(tmp_path / "edited.json"), "--key", str(tmp_path / "keys.json")]) == 1
+    assert "statements differ" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # which keys to trust is the caller's to say, never the certificate's
+        main(["certificate", "verify", str(tmp_path / "certificate.json")])
 
 
 # --- offline verification, no service -------------------------------------------------------------
@@ -211,6 +217,52 @@ def test_a_forger_who_reuses_the_published_kid_with_their_own_key_is_refused(sig
                                    algorithms=[ALGORITHM])
     with pytest.raises(CertificateInvalid, match="signature does not match"):
         verify(forged, keys)
+
+
+def test_a_key_set_cannot_lend_a_forgers_key_the_issuers_kid(signed):
+    token, keys = signed
+    kid = next(iter(keys))
+    forger = OKPKey.generate_key("Ed25519")
+    borrowed = {kid: {**forger.as_dict(private=False), "kid": kid}}
+    forged = jws.serialize_compact({"alg": ALGORITHM, "kid": kid, "typ": TYPE},
+                                   rfc8785.dumps({"type": "lethe.deletion-certificate/v1", "sub": "r2"}), forger,
+                                   algorithms=[ALGORITHM])
+    with pytest.raises(CertificateInvalid, match="thumbprint"):
+        verify(forged, borrowed)
+
+
+def test_statements_shown_beside_the_token_must_be_the_signed_ones(signed):
+    token, keys = signed
+    verified = verify(token, keys)
+    check_answer({"token": token, "statements": verified.statements, "kid": verified.kid}, verified)
+    with pytest.raises(CertificateInvalid, match="statements differ"):
+        check_answer({"token": token, "statements": {**verified.statements, "forgotten_class": "5"}}, verified)
+    with pytest.raises(CertificateInvalid, match="kid differs"):
+        check_answer({"token": token, "kid": "bogus"}, verified)
+
+
+@pytest.mark.parametrize("payload", [b'{"sub":NaN,"type":"lethe.deletion-certificate/v1"}',
+                                     b'{"sub":123456789012345678901,"type":"lethe.deletion-certificate/v1"}'])
+def test_a_payload_json_cannot_canonicalise_is_invalid_not_an_error(tmp_path, payload):
+    keys = SigningKeys(tmp_path / "keys")
+    kid, key = keys.active()
+    token = jws.serialize_compact({"alg": ALGORITHM, "kid": kid, "typ": TYPE}, payload, key, algorithms=[ALGORITHM])
+    with pytest.raises(CertificateInvalid, match="canonical"):
+        verify(token, keys_by_kid(json.dumps(keys.jwks())))
+
+
+def test_a_missing_key_folder_is_503_and_no_new_key_is_made_while_certificates_exist(backend, client, admin,
+                                                                                      completed):
+    import shutil as sh
+
+    first = client.get(f"/deletion-requests/{completed}/certificate", headers=admin)
+    sh.rmtree(backend.settings.signing_keys)
+    assert client.get(f"/deletion-requests/{completed}/certificate", headers=admin).json()["id"] == first.json()["id"]
+    with session_scope(backend.settings.database) as session:  # new statements: a new certificate is needed
+        session.execute(update(DeletionRequest).where(DeletionRequest.id == completed).values(extended_days=2))
+    refused = client.get(f"/deletion-requests/{completed}/certificate", headers=admin)
+    assert refused.status_code == 503 and refused.json()["code"] == "signing_unavailable"
+    assert not (backend.settings.signing_keys / "active").exists()
 
 
 def test_a_payload_that_is_not_canonical_json_or_not_a_certificate_is_refused(tmp_path):

@@ -21,7 +21,7 @@ from service.deletion_requests.personal_data import commitment, scrub, scrub_det
 from service.logs import JsonFormatter, RequestIdFilter, configure_logging
 from service.registry.models import RegisteredModel
 from tests.service.deletion_requests.test_audit_chain import audit_verify
-from tests.service_fixtures import register_digits
+from tests.service_fixtures import register_digits, request_body
 from worker.runs.pipeline import process_model
 from worker.runs.sweep import sweep
 
@@ -30,13 +30,18 @@ PERSON = "zoe-kowalska"
 
 # --- scrubbing ------------------------------------------------------------------------------------
 
-def test_scrub_replaces_references_paths_and_names_but_not_digits():
+def test_scrub_replaces_references_with_the_files_under_them_and_names_but_not_digits():
     uri = "file:///data/people/zoe-kowalska%20photos"
-    text = (f"{uri}: no images; /data/people/zoe-kowalska photos/1.png unreadable; zoe-kowalska at 3.5%; "
+    text = (f"{uri}: no images; /data/people/zoe-kowalska photos/zk-1.png: unreadable; zoe-kowalska at 3.5%; "
             "/tmp/run-1/sources/x/zoe.png")
     scrubbed = scrub(text, classes=["zoe-kowalska", "3"], uris=[uri], folders=["/tmp/run-1"])
-    assert scrubbed == "<forget set>: no images; <forget set>/1.png unreadable; <class> at 3.5%; <forget set>"
+    assert scrubbed == "<forget set>: no images; <forget set>: unreadable; <class> at 3.5%; <forget set>"
     assert scrub("zoe-kowalskaX and xzoe-kowalska", classes=["zoe-kowalska"]) == "zoe-kowalskaX and xzoe-kowalska"
+
+
+@pytest.mark.parametrize("written", ["bo-lind-99.png", "BO_LIND_99.png", "bo lind.jpg", "photos/Bo.Lind/1.png"])
+def test_a_name_is_found_in_any_case_and_separator_inside_file_names(written):
+    assert "lind" not in scrub(f"{written}: not a decodable image", classes=["bo-lind"]).lower()
 
 
 def test_scrub_detail_reaches_keys_and_nested_values():
@@ -148,5 +153,25 @@ def test_redaction_leaves_a_salted_hash_the_certificate_holder_can_match(
     assert after["forgotten_class"] is None and "nonce" not in after["subject_commitment"]
     assert after["subject_commitment"]["sha256"] == before["subject_commitment"]["sha256"]
     assert after["evidence"]["forget_set"]["accuracy_after"] is not None  # the figures stay, re-keyed
+    assert after["evidence"]["generalisation_check"]["accuracy"] == before["evidence"]["generalisation_check"]["accuracy"]
     verified = audit_verify(backend)  # the trail never held the person: its chain still verifies
     assert verified.returncode == 0 and "intact" in verified.stderr
+    if backend.name == "embedded":  # the database's files, write-ahead log included, hold neither the
+        home = backend.settings.home  # forget set nor the nonce (the model's card still names its classes)
+        for file in (home / "lethe.db", home / "lethe.db-wal"):
+            held = file.read_bytes() if file.exists() else b""
+            assert f"{PERSON} photos".encode() not in held and nonce.encode() not in held, file
+
+
+def test_a_digit_class_keeps_its_figures_once_redacted(backend, client, admin, digits, digits_model):
+    """Classes that cannot be names are not scrubbed from text, but a redacted request's figures are
+    still re-keyed from its class: its certificate states the same evidence after redaction."""
+    assert register_digits(client, admin, digits_model).status_code == 201
+    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
+    with session_scope(backend.settings.database) as session:
+        model_id = session.scalar(select(RegisteredModel.id))
+    process_model(backend.settings, model_id, "w1")
+    before = client.get(f"/deletion-requests/{request_id}/certificate", headers=admin).json()["statements"]["evidence"]
+    sweep(backend.settings.model_copy(update={"redact_after_days": 0}), lambda _id: None)
+    after = client.get(f"/deletion-requests/{request_id}/certificate", headers=admin).json()["statements"]["evidence"]
+    assert after == before
