@@ -12,18 +12,16 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook as Verifier, WebhookVerificationError
 
-from service.app import create_app
 from service.db import session_scope, utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import transition
 from service.webhooks.delivery import deliver_due
 from service.webhooks.models import WebhookDelivery
 from service.webhooks.targets import TargetRefused, check_target
-from tests.service_fixtures import make_key, register_digits, request_body, wait_for
+from tests.service_fixtures import Backend, make_key, register_digits, request_body, settings_from, wait_for
 
 
 class Receiver:
@@ -64,11 +62,15 @@ def receiver():
 
 
 @pytest.fixture
-def allowed(backend):
-    """The backend's settings with 127.0.0.1 explicitly allowed, and a client of an app that has them."""
-    settings = backend.settings.model_copy(update={"webhook_allowed_hosts": "127.0.0.1"})
-    with TestClient(create_app(settings, enqueue=lambda _id: None)) as client:
-        yield settings, client
+def backend(backend):
+    """Each backend with 127.0.0.1 explicitly allowed as a webhook target (the tests' receiver)."""
+    env = {**backend.env, "LETHE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+    return Backend(backend.name, env, settings_from(env))
+
+
+@pytest.fixture
+def allowed(backend, client):
+    return backend.settings, client
 
 
 def subscribe(client, admin, url: str, events: list[str]) -> dict:
@@ -222,7 +224,7 @@ def test_a_real_worker_and_sweeper_deliver_a_completed_request_to_the_receiver(
     hook = subscribe(client, admin, receiver.url, ["deletion_request.completed", "model.version_published"])
     assert register_digits(client, admin, digits_model).status_code == 201
     request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-    start_worker(LETHE_WEBHOOK_ALLOWED_HOSTS="127.0.0.1", LETHE_WEBHOOK_POLL_SECONDS="1")
+    start_worker(LETHE_WEBHOOK_POLL_SECONDS="1")
     # Version 1 (the registration), version 2 (the run) and the completed request.
     wait_for(lambda: len(receiver.received) >= 3, timeout=180, message="the three events at the receiver")
     events = [json.loads(r["body"]) for r in receiver.received]
