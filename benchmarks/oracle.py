@@ -22,6 +22,7 @@ cached under LETHE_BENCH_CACHE (~/.cache/lethe/benchmarks), never in git.
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 import json
 import os
 import platform
@@ -65,18 +66,18 @@ VARIANTS = {
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
 
-class Case:
+class Case(ABC):
     """One domain's original model, an oracle per class, forget sets and the held-out split."""
 
     def __init__(self, name: str, original: Path, audit: Path) -> None:
         self.name, self.original = name, original
         self.audit = audit  # labelled held-out images no model trained on
 
-    def oracle(self, cls: str) -> Path:
-        raise NotImplementedError
+    @abstractmethod
+    def oracle(self, cls: str) -> Path: ...
 
-    def forget(self, cls: str) -> Path:
-        raise NotImplementedError
+    @abstractmethod
+    def forget(self, cls: str) -> Path: ...
 
 
 class Digits(Case):

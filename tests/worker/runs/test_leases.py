@@ -36,13 +36,18 @@ def taken_over(backend, client, admin, digits, digits_model):
         model_id = session.scalar(select(RegisteredModel.id))
     stalled = claim_batch(backend.settings, model_id, "w1")
     assert stalled is not None and request_id in stalled.requests
+    assert expire_and_claim(backend, model_id, "w2") is not None
+    return stalled, request_id
+
+
+def expire_and_claim(backend, model_id: str, worker: str):
+    """Every lease expires, the sweep re-queues what they held, and ``worker`` claims the model."""
     past = utcnow() - timedelta(seconds=1)
     with session_scope(backend.settings.database) as session:
         session.execute(update(RegisteredModel).values(run_lease_expires_at=past))
         session.execute(update(DeletionRequest).values(lease_expires_at=past))
     assert sweep(backend.settings, lambda _id: None)["requeued"] == 1
-    assert claim_batch(backend.settings, model_id, "w2") is not None
-    return stalled, request_id
+    return claim_batch(backend.settings, model_id, worker)
 
 
 def held_by(backend, request_id: str) -> tuple[str, str | None]:
@@ -90,12 +95,7 @@ def test_a_batch_claimed_before_a_newer_claim_by_the_same_worker_settles_nothing
     with session_scope(backend.settings.database) as session:
         model_id = session.scalar(select(RegisteredModel.id))
     old = claim_batch(backend.settings, model_id, "w1")
-    past = utcnow() - timedelta(seconds=1)
-    with session_scope(backend.settings.database) as session:
-        session.execute(update(RegisteredModel).values(run_lease_expires_at=past))
-        session.execute(update(DeletionRequest).values(lease_expires_at=past))
-    sweep(backend.settings, lambda _id: None)
-    new = claim_batch(backend.settings, model_id, "w1")
+    new = expire_and_claim(backend, model_id, "w1")
     assert new.lease_token > old.lease_token
     settle_failure(backend.settings, old, "w1", error="RuntimeError: the old claim's run")
     assert held_by(backend, request_id) == (S.RUNNING, "w1")
@@ -136,12 +136,7 @@ def test_a_worker_records_its_training_only_on_requests_it_still_holds(backend, 
     stalled = claim_batch(backend.settings, model_id, "w1")
     Heartbeat(backend.settings, stalled, "w1").on_progress(STEP)
     assert training_events(backend, request_id) == ["worker:w1"]
-    past = utcnow() - timedelta(seconds=1)
-    with session_scope(backend.settings.database) as session:
-        session.execute(update(RegisteredModel).values(run_lease_expires_at=past))
-        session.execute(update(DeletionRequest).values(lease_expires_at=past))
-    sweep(backend.settings, lambda _id: None)
-    taken = claim_batch(backend.settings, model_id, "w2")
+    taken = expire_and_claim(backend, model_id, "w2")
     Heartbeat(backend.settings, stalled, "w1").on_progress(STEP)  # the stalled run reaches its first step again
     Heartbeat(backend.settings, taken, "w2").on_progress(STEP)
     assert training_events(backend, request_id) == ["worker:w1", "worker:w2"]
