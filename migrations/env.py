@@ -11,6 +11,7 @@ from service.dashboard import models as _dashboard  # noqa: F401
 from service.deletion_requests import models as _requests  # noqa: F401
 from service.registry import models as _registry  # noqa: F401
 from service.webhooks import models as _webhooks  # noqa: F401
+from service.consumers import models as _consumers  # noqa: F401
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().database

@@ -94,12 +94,14 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     install_error_handlers(app)
 
     from service.certificates.views import router as certificates_router
+    from service.consumers.views import router as consumers_router
     from service.webhooks.views import router as webhooks_router
     from service.dashboard.views import html_error, router as dashboard_router, static_files
     from service.deletion_requests.views import router as requests_router
     from service.registry.views import router as registry_router
 
     app.include_router(registry_router)
+    app.include_router(consumers_router)
     app.include_router(requests_router)
     app.include_router(certificates_router)
     app.include_router(webhooks_router)

@@ -9,6 +9,7 @@ from sqlalchemy import inspect
 
 from service.certificates import models as _certificates  # noqa: F401  (every table registered)
 from service.webhooks import models as _webhooks  # noqa: F401
+from service.consumers import models as _consumers  # noqa: F401
 from service.dashboard import models as _dashboard  # noqa: F401
 from service.db import Base, alembic_config, engine_for, make_engine, upgrade_schema
 from service.deletion_requests import models as _requests  # noqa: F401

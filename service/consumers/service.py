@@ -1,0 +1,88 @@
+"""Registering consumers and recording what they serve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.auth.models import ApiKey
+from service.auth.service import has_scope
+from service.consumers.models import Acknowledgement, Consumer
+from service.db import utcnow
+from service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from service.registry.models import ModelVersion, RegisteredModel
+from service.registry.service import NAME_PATTERN
+
+
+class VersionMismatch(InvalidInput):
+    code, title = "version_mismatch", "Not a version of this model"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a consumer serves now: its last acknowledgement, and whether current has moved past it."""
+
+    consumer: Consumer
+    last: Acknowledgement | None
+    current_version: int
+
+    @property
+    def lagging(self) -> bool:
+        return self.last is None or self.last.version < self.current_version
+
+
+def register(*, session: Session, model: RegisteredModel, name: str, api_key_name: str, actor: str) -> Consumer:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidInput("a consumer's name is 1-64 letters, digits, '.', '_' or '-'")
+    if session.scalar(select(ApiKey.id).where(ApiKey.name == api_key_name)) is None:
+        raise InvalidInput(f"no API key named {api_key_name!r}: create it first (lethe keys create)")
+    if session.scalar(select(Consumer.id).where(Consumer.model_id == model.id, Consumer.name == name)):
+        raise Conflict(f"model {model.name} has a consumer named {name!r} already")
+    consumer = Consumer(model_id=model.id, name=name, api_key_name=api_key_name, created_by=actor)
+    session.add(consumer)
+    session.flush()  # two calls racing: the loser's IntegrityError is a 409 (service/errors.py)
+    return consumer
+
+
+def get(*, session: Session, model: RegisteredModel, name: str) -> Consumer:
+    consumer = session.scalar(select(Consumer).where(Consumer.model_id == model.id, Consumer.name == name))
+    if consumer is None:
+        raise NotFound(f"model {model.name} has no consumer named {name!r}")
+    return consumer
+
+
+def acknowledge(*, session: Session, model: RegisteredModel, consumer: Consumer, version: int, sha256: str,
+                key: ApiKey) -> Acknowledgement:
+    """The consumer now serves ``version`` (checked against the registry: that version of this
+    model, with these weights). Only the consumer's own key (or an admin) may say so."""
+    if key.name != consumer.api_key_name and not has_scope(key, "admin"):
+        raise Forbidden(f"only the key {consumer.api_key_name!r} acknowledges for consumer {consumer.name!r}")
+    row = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version))
+    if row is None or row.sha256 != sha256.lower():
+        raise VersionMismatch(f"model {model.name} has no version {version} with sha256 {sha256}")
+    ack = Acknowledgement(consumer_id=consumer.id, version_id=row.id, version=row.version, sha256=row.sha256,
+                          at=utcnow(), by=key.name)
+    session.add(ack)
+    session.flush()
+    return ack
+
+
+def serving(*, session: Session, model: RegisteredModel) -> list[Serving]:
+    current = session.get(ModelVersion, model.current_version_id)
+    consumers = session.scalars(select(Consumer).where(Consumer.model_id == model.id).order_by(Consumer.created_at)).all()
+    return [Serving(c, _last(session, c), current.version if current else 0) for c in consumers]
+
+
+def history(*, session: Session, consumer: Consumer) -> list[tuple[Acknowledgement, datetime | None]]:
+    """Every acknowledgement, oldest first, with when the next one replaced it (None: still served)."""
+    acks = session.scalars(select(Acknowledgement).where(Acknowledgement.consumer_id == consumer.id)
+                           .order_by(Acknowledgement.id)).all()
+    return [(a, acks[i + 1].at if i + 1 < len(acks) else None) for i, a in enumerate(acks)]
+
+
+def _last(session: Session, consumer: Consumer) -> Acknowledgement | None:
+    return session.scalar(select(Acknowledgement).where(Acknowledgement.consumer_id == consumer.id)
+                          .order_by(Acknowledgement.id.desc()).limit(1))
