@@ -81,15 +81,16 @@ class Case(ABC):
 
 
 class Digits(Case):
-    def __init__(self) -> None:
+    def __init__(self, epochs: int = 40) -> None:
         root = cache_root() / "digits"
         if not (root / ".complete").is_file():
             shutil.rmtree(root, ignore_errors=True)
             write_digits(root)
             (root / ".complete").touch()
-        self.data = DigitsData(root)
-        super().__init__("digits", _cached(root.parent / "digits-vit", lambda out: train_digits_vit(self.data, out)),
-                         self.data.test)
+        self.data, self.epochs = DigitsData(root), epochs  # the tests' recipe: 40 epochs
+        self.suffix = "" if epochs == 40 else f"-e{epochs}"
+        super().__init__("digits", _cached(root.parent / f"digits-vit{self.suffix}",
+                                           lambda out: train_digits_vit(self.data, out, epochs=epochs)), self.data.test)
 
     def oracle(self, cls: str) -> Path:
         """The same recipe on the training split without the class (its logit stays, never a target)."""
@@ -101,8 +102,8 @@ class Digits(Case):
                 if folder.name != cls:
                     shutil.copytree(folder, without / "train" / folder.name)
             (without / ".complete").touch()
-        return _cached(self.data.root.parent / f"digits-vit-without-{cls}",
-                       lambda out: train_digits_vit(DigitsData(without), out))
+        return _cached(self.data.root.parent / f"digits-vit-without-{cls}{self.suffix}",
+                       lambda out: train_digits_vit(DigitsData(without), out, epochs=self.epochs))
 
     def forget(self, cls: str) -> Path:
         return self.data.train_class(cls)
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", nargs="+", default=None, help="default: digits 3 5 8; faces subject01 subject05 subject10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=40, help="digits: the original's and oracles' training epochs "
+                                                               "(40: the tests' recipe; fewer only to smoke-test this script)")
     parser.add_argument("--faces", type=Path, default=SHARED / "datasets" / "yalefaces")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         try:
-            case = Digits() if args.domain == "digits" else Faces(args.faces, args.threads)
+            case = Digits(args.epochs) if args.domain == "digits" else Faces(args.faces, args.threads)
         except DataError as exc:
             print(f"oracle: {exc}", file=sys.stderr)
             return 2
