@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.auth.models import ApiKey
 from service.auth.service import authenticate, has_scope, hash_key, require_scope
+from service.consumers.service import Serving, serving
 from service.dashboard.models import DashboardSession
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus
@@ -231,6 +232,26 @@ class ModelChain:
     model: RegisteredModel
     versions: list[VersionRow]  # newest first
     chart: RetainChart | None
+    consumers: list[ConsumerRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConsumerRow:
+    """A consumer as the models page shows it: what it serves, since when, and how far behind current."""
+
+    serving: Serving
+
+    @property
+    def badge(self) -> tuple[str, str]:
+        """(text, tone): current is ok; one version behind is amber; further behind, or nothing
+        acknowledged, is red (an older version still holds what later requests erased)."""
+        last = self.serving.last
+        if last is None:
+            return "nothing acknowledged", "red"
+        behind = self.serving.current_version - last.version
+        if behind <= 0:
+            return "serves current", "ok"
+        return f"{behind} version{'s' if behind > 1 else ''} behind", "amber" if behind == 1 else "red"
 
 
 def retain_accuracy(version: ModelVersion) -> float | None:
@@ -291,6 +312,7 @@ def model_chains(*, session: Session) -> list[ModelChain]:
         rows = [VersionRow(v, v.id == model.current_version_id, incorporated_requests(session=session, version=v),
                            retain_accuracy(v)) for v in model.versions]
         measured = [(r.version.version, r.retain_accuracy) for r in rows if r.retain_accuracy is not None]
-        chains.append(ModelChain(model, rows[::-1], retain_chart(measured)))
+        chains.append(ModelChain(model, rows[::-1], retain_chart(measured),
+                                 [ConsumerRow(c) for c in serving(session=session, model=model)]))
     return chains
 

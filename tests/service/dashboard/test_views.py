@@ -12,7 +12,7 @@ import pytest
 
 from sqlalchemy import select, update
 
-from service.auth.service import revoke_key
+from service.auth.service import create_key, revoke_key
 from service.dashboard import service as dashboard_service
 from service.dashboard.models import DashboardSession
 from service.db import session_scope, utcnow
@@ -378,3 +378,24 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     assert said["sub"] == done and said["evidence"]["evaluation"]["images"] == 360
     refused = client.get(f"/dashboard/requests/{waiting}/certificate")
     assert refused.status_code == 409 and "completed" in refused.text
+
+
+def test_the_models_page_lists_consumers_and_marks_those_behind_current(client, admin, reader, seeded, backend):
+    """Seeded: version 2 is current. A consumer on current is fine, one on version 1 is one version
+    behind (amber), one that acknowledged nothing is red."""
+    assert "No consumer registered" in client.get("/dashboard/models").text
+    with session_scope(backend.settings.database) as session:
+        create_key(session=session, name="inference", scopes=["models:read"])
+    versions = {v["version"]: v["sha256"] for v in client.get("/models/digits/versions", headers=admin).json()["versions"]}
+    for name, version in (("kiosk", 2), ("search-api", 1), ("batch-scoring", None)):
+        assert client.post("/models/digits/consumers", headers=admin,
+                           json={"name": name, "api_key": "inference"}).status_code == 201
+        if version:
+            assert client.put(f"/models/digits/consumers/{name}", headers=admin,
+                              json={"version": version, "sha256": versions[version]}).status_code == 200
+    html = client.get("/dashboard/models").text
+    rows = {name: re.search(rf"<tr><td>{name}</td>.*?</tr>", html, re.S).group(0)
+            for name in ("kiosk", "search-api", "batch-scoring")}
+    assert "tone-ok" in rows["kiosk"] and "serves current" in rows["kiosk"]
+    assert "tone-amber" in rows["search-api"] and "1 version behind" in rows["search-api"]
+    assert "tone-red" in rows["batch-scoring"] and "nothing acknowledged" in rows["batch-scoring"]
