@@ -8,6 +8,7 @@ for the task's log lines: an erasure can be followed from its HTTP request to th
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 from functools import lru_cache
 
 from celery import Celery, signals
@@ -104,3 +105,26 @@ def _remove_stale_run_folders(**_) -> None:
     from worker.run_folders import remove_stale_run_folders_safely
 
     remove_stale_run_folders_safely()
+
+
+def prune_delivered_messages(broker: str, older_than_seconds: float = 3600.0) -> int:
+    """Delete the messages the embedded broker has delivered, older than an hour; returns how many.
+
+    kombu's SQL transport keeps every delivered message (``visible`` false) for ever: with the
+    sweep every 30 s and the webhook relay every 2 s, the embedded broker's file would grow by
+    tens of thousands of rows a day. Redis needs nothing of the kind."""
+    if not broker.startswith("sqla+"):
+        return 0
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(broker.removeprefix("sqla+"))
+    cutoff = datetime.now() - timedelta(seconds=older_than_seconds)  # kombu stamps local, naive times
+    try:
+        with engine.begin() as connection:
+            return connection.execute(text("DELETE FROM kombu_message WHERE visible = :delivered AND timestamp < :cutoff"),
+                                      {"delivered": False, "cutoff": cutoff}).rowcount
+    except OperationalError:  # no message table yet: nothing was ever sent
+        return 0
+    finally:
+        engine.dispose()

@@ -11,6 +11,7 @@ from celery import shared_task
 from service.config import get_settings
 from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus
+from worker.celery_app import prune_delivered_messages
 from worker.runs.pipeline import process_model
 from worker.runs.sweep import sweep as sweep_once
 from service.queue import DELIVER_TASK, PROCESS_TASK, SWEEP_TASK, send_wakeup
@@ -45,6 +46,7 @@ def sweep() -> dict:
     """Periodic: recover requests of dead workers, wake idle queues, flag deadlines, dispose of old weights."""
     settings = get_settings()
     counts = sweep_once(settings, lambda request_id: send_wakeup(settings, request_id))
+    counts["broker_messages_pruned"] = prune_delivered_messages(settings.broker)
     log.info("sweep: %s", counts)
     return counts
 

@@ -97,6 +97,7 @@ def test_the_same_records_give_the_same_certificate_and_a_change_gives_a_new_one
     assert verify(first["token"], keys).statements["versions"]["every_earlier_copy_deleted"] is False  # still valid
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # HTTP behaviour, the same on either backend
 def test_the_jws_alone_on_accept_application_jose(client, admin, completed):
     response = client.get(f"/deletion-requests/{completed}/certificate",
                           headers={**admin, "Accept": "application/jose"})
@@ -113,6 +114,7 @@ def test_only_a_completed_request_has_a_certificate(client, admin, digits, digit
     assert missing.status_code == 404
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # HTTP behaviour, the same on either backend
 def test_a_certificate_needs_the_requests_read_scope(backend, client, completed):
     assert client.get(f"/deletion-requests/{completed}/certificate").status_code == 401
     writer_of_models = make_key(backend.settings, "models:read")
@@ -155,6 +157,7 @@ def test_two_calls_issuing_at_once_keep_one_certificate(backend, client, admin, 
         assert len(service.history(session, completed)) == 1
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # HTTP behaviour, the same on either backend
 def test_lethe_certificate_verify_says_valid_or_invalid_in_one_line(client, admin, completed, tmp_path, capsys):
     body = client.get(f"/deletion-requests/{completed}/certificate", headers=admin).text
     (tmp_path / "certificate.json").write_text(body)
@@ -251,6 +254,7 @@ def test_a_payload_json_cannot_canonicalise_is_invalid_not_an_error(tmp_path, pa
         verify(token, keys_by_kid(json.dumps(keys.jwks())))
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # HTTP behaviour, the same on either backend
 def test_a_missing_key_folder_is_503_and_no_new_key_is_made_while_certificates_exist(backend, client, admin,
                                                                                       completed):
     import shutil as sh

@@ -179,6 +179,7 @@ def test_a_deleted_webhook_gets_nothing_more(backend, allowed, admin, receiver, 
     assert len(deliveries(settings)) == 1  # no new outbox row for it
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # HTTP behaviour, the same on either backend
 def test_targets_must_be_allowed_and_public_unless_listed(allowed, admin, monkeypatch):
     settings, client = allowed
     refused = client.post("/webhooks", headers=admin, json={"url": "https://hooks.example.com/x",
@@ -208,6 +209,7 @@ def test_a_bad_subscription_is_422_and_creates_nothing(allowed, admin, body):
     assert client.get("/webhooks", headers=admin).json() == []
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # HTTP behaviour, the same on either backend
 def test_webhooks_need_their_own_scope(backend, allowed):
     _settings, client = allowed
     reader = make_key(backend.settings, "requests:read", "requests:write")
