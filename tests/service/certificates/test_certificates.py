@@ -211,13 +211,17 @@ def test_a_certificate_signed_by_another_key_is_refused(signed, tmp_path):
         verify(forged, keys)
 
 
+def signed_by(key: OKPKey, kid: str) -> str:
+    """A certificate for request r2 signed with ``key``, its header naming ``kid``."""
+    return jws.serialize_compact({"alg": ALGORITHM, "kid": kid, "typ": TYPE},
+                                 rfc8785.dumps({"type": "lethe.deletion-certificate/v1", "sub": "r2"}), key,
+                                 algorithms=[ALGORITHM])
+
+
 def test_a_forger_who_reuses_the_published_kid_with_their_own_key_is_refused(signed):
     token, keys = signed
     kid = next(iter(keys))
-    forger = OKPKey.generate_key("Ed25519")
-    forged = jws.serialize_compact({"alg": ALGORITHM, "kid": kid, "typ": TYPE},
-                                   rfc8785.dumps({"type": "lethe.deletion-certificate/v1", "sub": "r2"}), forger,
-                                   algorithms=[ALGORITHM])
+    forged = signed_by(OKPKey.generate_key("Ed25519"), kid)
     with pytest.raises(CertificateInvalid, match="signature does not match"):
         verify(forged, keys)
 
@@ -227,9 +231,7 @@ def test_a_key_set_cannot_lend_a_forgers_key_the_issuers_kid(signed):
     kid = next(iter(keys))
     forger = OKPKey.generate_key("Ed25519")
     borrowed = {kid: {**forger.as_dict(private=False), "kid": kid}}
-    forged = jws.serialize_compact({"alg": ALGORITHM, "kid": kid, "typ": TYPE},
-                                   rfc8785.dumps({"type": "lethe.deletion-certificate/v1", "sub": "r2"}), forger,
-                                   algorithms=[ALGORITHM])
+    forged = signed_by(forger, kid)
     with pytest.raises(CertificateInvalid, match="thumbprint"):
         verify(forged, borrowed)
 

@@ -27,13 +27,18 @@ from worker.runs.sweep import sweep
 from worker.runs.train import BatchResult
 
 
-@pytest.fixture
-def taken_over(backend, client, admin, digits, digits_model):
-    """A request claimed by worker w1, whose lease then expired; the sweep re-queued it and w2 claimed it."""
+def a_queued_request(backend, client, admin, digits, digits_model) -> tuple[str, str]:
+    """(model id, request id) of one request queued on a newly registered digits model."""
     assert register_digits(client, admin, digits_model).status_code == 201
     request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
     with session_scope(backend.settings.database) as session:
-        model_id = session.scalar(select(RegisteredModel.id))
+        return session.scalar(select(RegisteredModel.id)), request_id
+
+
+@pytest.fixture
+def taken_over(backend, client, admin, digits, digits_model):
+    """A request claimed by worker w1, whose lease then expired; the sweep re-queued it and w2 claimed it."""
+    model_id, request_id = a_queued_request(backend, client, admin, digits, digits_model)
     stalled = claim_batch(backend.settings, model_id, "w1")
     assert stalled is not None and request_id in stalled.requests
     assert expire_and_claim(backend, model_id, "w2") is not None
@@ -90,10 +95,7 @@ def test_a_worker_whose_lease_was_taken_over_does_not_fail_the_requests_another_
 def test_a_batch_claimed_before_a_newer_claim_by_the_same_worker_settles_nothing(backend, client, admin, digits,
                                                                                   digits_model):
     """The fencing token: a worker id alone cannot tell an old claim from a new one."""
-    assert register_digits(client, admin, digits_model).status_code == 201
-    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-    with session_scope(backend.settings.database) as session:
-        model_id = session.scalar(select(RegisteredModel.id))
+    model_id, request_id = a_queued_request(backend, client, admin, digits, digits_model)
     old = claim_batch(backend.settings, model_id, "w1")
     new = expire_and_claim(backend, model_id, "w1")
     assert new.lease_token > old.lease_token
@@ -129,10 +131,7 @@ STEP = Progress(step=1, max_steps=100, loss=0.5, forget_acc={"3": 50.0}, confirm
 
 
 def test_a_worker_records_its_training_only_on_requests_it_still_holds(backend, client, admin, digits, digits_model):
-    assert register_digits(client, admin, digits_model).status_code == 201
-    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-    with session_scope(backend.settings.database) as session:
-        model_id = session.scalar(select(RegisteredModel.id))
+    model_id, request_id = a_queued_request(backend, client, admin, digits, digits_model)
     stalled = claim_batch(backend.settings, model_id, "w1")
     Heartbeat(backend.settings, stalled, "w1").on_progress(STEP)
     assert training_events(backend, request_id) == ["worker:w1"]
@@ -146,10 +145,7 @@ def test_a_worker_records_its_training_only_on_requests_it_still_holds(backend, 
 def test_a_cancel_that_arrives_after_the_last_step_wins_over_the_result(backend, client, admin, digits, digits_model,
                                                                         tmp_path):
     """The caller was told the run will stop: a result ready a moment too late is not published."""
-    assert register_digits(client, admin, digits_model).status_code == 201
-    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-    with session_scope(backend.settings.database) as session:
-        model_id = session.scalar(select(RegisteredModel.id))
+    model_id, request_id = a_queued_request(backend, client, admin, digits, digits_model)
     batch = claim_batch(backend.settings, model_id, "w1")
     assert client.post(f"/deletion-requests/{request_id}/cancel", headers=admin).json()["events"][-1]["event"] == "cancel_requested"
     report = {"classes": ["3"], "target_met": True, "forget_acc_after": {"3": 0.0}}
