@@ -124,8 +124,9 @@ def test_serve_takes_a_number_of_api_processes_of_at_least_one(capsys):
 
 
 def test_the_generalisation_check_is_in_the_summary_and_the_report(digits_model, digits, tmp_path, capsys):
+    # What is printed and recorded, whether or not this run reaches the target (--allow-miss).
     args = unlearn_args(digits_model, digits, tmp_path / "out") + ["--method", "lora-kl", "--holdout-folds", "3",
-                                                                    "--augment"]
+                                                                    "--augment", "--allow-miss"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "held-back images still recognised: 3 " in err and "of 3 folds" in err
