@@ -106,7 +106,7 @@ def run_duration_histogram(session: Session, buckets: Sequence[float] = RUN_SECO
     last run. Counted in the database, so a scrape reads one row however many runs there were.
     """
     seconds = run_seconds(session)
-    finished_by_a_run = and_(DeletionRequest.status.in_([S.COMPLETED, S.FAILED]),
+    finished_by_a_run = and_(DeletionRequest.status.in_([S.COMPLETED, S.PROPAGATED, S.FAILED]),
                              DeletionRequest.started_at.is_not(None), DeletionRequest.finished_at.is_not(None))
     row = session.execute(select(
         func.count(), func.coalesce(func.sum(seconds), 0.0),

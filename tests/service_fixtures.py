@@ -197,6 +197,12 @@ def s3(moto_server: str, monkeypatch) -> S3:
     return S3(moto_server, bucket, env, client)
 
 
+def with_env(backend: Backend, **env: str) -> Backend:
+    """The same database and queue, with these ``LETHE_*`` settings added."""
+    merged = {**backend.env, **env}
+    return Backend(backend.name, merged, settings_from(merged))
+
+
 def with_s3(backend: Backend, s3: S3) -> Backend:
     """The same database and queue, with artifacts in ``s3://bucket/artifacts`` and ``s3://bucket/forget-sets``
     added to the data roots."""

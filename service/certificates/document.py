@@ -1,4 +1,4 @@
-"""What a deletion certificate states, built from the records of one completed request.
+"""What a deletion certificate states, built from the records of one completed (or propagated) request.
 
 Every figure says where it was measured: the request's own forget set, the audit half of the
 model's evaluation set (the selection half only chose the checkpoint), or held-back folds of the
@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.certificates.verify import STATEMENTS_TYPE
+from service.consumers.propagation import confirmations
 from service.deletion_requests import audit_chain
 from service.deletion_requests.models import AuditEvent, DeletionRequest
 from service.deletion_requests.personal_data import CLASS, commitment
@@ -32,7 +33,8 @@ def statements(session: Session, row: DeletionRequest, issuer: str) -> dict[str,
         "sub": row.id,
         "request": {
             "id": row.id, "external_id": row.external_id, "received_at": _time(row.received_at),
-            "due_at": _time(row.due_at), "completed_at": _time(row.finished_at), "extended_days": row.extended_days,
+            "due_at": _time(row.due_at), "completed_at": _time(row.finished_at),
+            "propagated_at": _time(row.propagated_at), "extended_days": row.extended_days,
         },
         "model": row.model.name,
         # Redacted: the class is no longer on record; the commitment lets the holder of an earlier
@@ -43,6 +45,7 @@ def statements(session: Session, row: DeletionRequest, issuer: str) -> dict[str,
                        "digest_rule": "sha256 over the sorted, distinct lowercase hex sha256 of each image file, "
                                       "each followed by a newline"},
         "versions": _versions(session, row, fulfilled, metrics),
+        "serving": _serving(session, row),
         "method": ({"name": metrics.get("method"), "config": metrics.get("config")}
                    if not metrics.get("already_forgotten") else None),
         "evidence": evidence(metrics, CLASS if row.redacted_at else row.forget_class),  # redaction re-keys metrics
@@ -118,6 +121,17 @@ def _versions(session: Session, row: DeletionRequest, fulfilled: ModelVersion, m
         "earlier_holding_the_class": [{**_version(v), "weights_deleted_at": _time(v.disposed_at)} for v in holding],
         "every_earlier_copy_deleted": all(v.disposed_at is not None for v in holding),
     }
+
+
+def _serving(session: Session, row: DeletionRequest) -> dict[str, Any]:
+    """Which inference services acknowledged serving a version without the class: as recorded when
+    the request propagated (the audit event's), or, until then, each live consumer's state now."""
+    if row.propagated_at is not None:
+        event = session.scalar(select(AuditEvent).where(AuditEvent.request_id == row.id,
+                                                        AuditEvent.event == "status:propagated"))
+        detail = event.detail if event is not None and event.detail else {}
+        return {"propagated": True, "consumers": detail.get("consumers", []), "note": detail.get("note")}
+    return {"propagated": False, "consumers": [c.to_dict() for c in confirmations(session, row)], "note": None}
 
 
 def _commitment(row: DeletionRequest) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from service.certificates.models import Certificate
 from service.certificates.signing import SigningKeys
 from service.config import Settings
 from service.db import session_scope, utcnow
-from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import FULFILLED, DeletionRequest
 from service.errors import NotCertifiable
 
 
@@ -26,7 +26,7 @@ def certificate(session: Session, settings: Settings, row: DeletionRequest, issu
     statements, or a new one, signed with the active key and kept (in a transaction of its own, so
     that a read-only call can issue it). A later change (an earlier version's weights deleted, more
     events in its trail) gives a new certificate; the earlier ones stay valid for what they said."""
-    if row.status != S.COMPLETED:
+    if row.status not in FULFILLED:
         raise NotCertifiable(f"this request is {row.status}; a certificate is issued once it is completed",
                              current_status=row.status)
     said = statements(session, row, issuer)

@@ -21,6 +21,8 @@ class Consumer(Base):
     api_key_name: Mapped[str] = mapped_column(String(200))  # the key it acknowledges with
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(200))
+    # Removed (decommissioned): no longer awaited before a request propagates; its history stays.
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Acknowledgement(Base):

@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session
 from service.auth.models import ApiKey
 from service.auth.service import has_scope
 from service.consumers.models import Acknowledgement, Consumer
+from service.consumers.propagation import live_consumers, propagate
 from service.db import utcnow
+from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import NAME_PATTERN
@@ -39,17 +41,29 @@ def register(*, session: Session, model: RegisteredModel, name: str, api_key_nam
         raise InvalidInput("a consumer's name is 1-64 letters, digits, '.', '_' or '-'")
     if session.scalar(select(ApiKey.id).where(ApiKey.name == api_key_name)) is None:
         raise InvalidInput(f"no API key named {api_key_name!r}: create it first (lethe keys create)")
-    if session.scalar(select(Consumer.id).where(Consumer.model_id == model.id, Consumer.name == name)):
+    existing = session.scalar(select(Consumer).where(Consumer.model_id == model.id, Consumer.name == name))
+    if existing is not None and existing.removed_at is None:
         raise Conflict(f"model {model.name} has a consumer named {name!r} already")
+    if existing is not None:  # the same service back: its history goes on, and it is awaited again
+        existing.removed_at, existing.api_key_name, existing.created_by = None, api_key_name, actor
+        return existing
     consumer = Consumer(model_id=model.id, name=name, api_key_name=api_key_name, created_by=actor)
     session.add(consumer)
     session.flush()  # two calls racing: the loser's IntegrityError is a 409 (service/errors.py)
     return consumer
 
 
-def get(*, session: Session, model: RegisteredModel, name: str) -> Consumer:
+def remove(*, session: Session, model: RegisteredModel, consumer: Consumer, actor: str) -> list[DeletionRequest]:
+    """A decommissioned service: no longer awaited (its history stays). Requests that waited only
+    for it propagate now; returned."""
+    consumer.removed_at = utcnow()
+    session.flush()
+    return propagate(session=session, model_id=model.id, actor=actor)
+
+
+def get(*, session: Session, model: RegisteredModel, name: str, removed_too: bool = False) -> Consumer:
     consumer = session.scalar(select(Consumer).where(Consumer.model_id == model.id, Consumer.name == name))
-    if consumer is None:
+    if consumer is None or (consumer.removed_at is not None and not removed_too):
         raise NotFound(f"model {model.name} has no consumer named {name!r}")
     return consumer
 
@@ -67,12 +81,13 @@ def acknowledge(*, session: Session, model: RegisteredModel, consumer: Consumer,
                           at=utcnow(), by=key.name)
     session.add(ack)
     session.flush()
+    propagate(session=session, model_id=model.id, actor=f"consumer:{consumer.name}")
     return ack
 
 
 def serving(*, session: Session, model: RegisteredModel) -> list[Serving]:
     current = session.get(ModelVersion, model.current_version_id)
-    consumers = session.scalars(select(Consumer).where(Consumer.model_id == model.id).order_by(Consumer.created_at)).all()
+    consumers = live_consumers(session, model.id)
     return [Serving(c, _last(session, c), current.version if current else 0) for c in consumers]
 
 

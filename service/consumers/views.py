@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.consumers import service
@@ -74,8 +74,17 @@ def acknowledge(name: str, consumer: str, body: Acknowledge, session: SessionDep
                                        sha256=body.sha256, key=key))
 
 
+@router.delete("/{consumer}", status_code=204, summary="Remove a decommissioned consumer (its history stays)")
+def remove(name: str, consumer: str, session: SessionDep, key: ModelsWriter) -> Response:
+    """Requests that waited only for this consumer become propagated in the same transaction."""
+    model = get_model(session=session, name=name)
+    service.remove(session=session, model=model, consumer=service.get(session=session, model=model, name=consumer),
+                   actor=f"api-key:{key.name}")
+    return Response(status_code=204)
+
+
 @router.get("/{consumer}/acknowledgements", response_model=list[Served],
             summary="Every version the consumer served, from when to when, oldest first")
 def history(name: str, consumer: str, session: SessionDep, _key: ModelsReader) -> list[Served]:
-    row = service.get(session=session, model=get_model(session=session, name=name), name=consumer)
+    row = service.get(session=session, model=get_model(session=session, name=name), name=consumer, removed_too=True)
     return [_served(ack, until) for ack, until in service.history(session=session, consumer=row)]

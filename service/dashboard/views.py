@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 
 from service.dashboard import service
 from service.deletion_requests import service as requests_service
+from service.consumers.propagation import confirmations
 from service.deletion_requests.models import FINISHED, RequestStatus
 from service.auth.service import has_scope, require_scope
 from service.deps import SESSION_COOKIE, DashboardLogin, SessionDep, SettingsDep
@@ -211,7 +212,8 @@ def request_detail(request: Request, request_id: str, session: SessionDep, user:
     [table_row] = service.request_rows(session, [row], utcnow())
     writer = service.can_write(user.api_key)
     return render(request, "request_detail.html", user=user, section="requests", row=table_row, r=row, metrics=row.metrics or {},
-                  done=done, can_cancel=writer and row.status not in FINISHED and not row.cancel_requested,
+                  done=done, confirmations=confirmations(session, row),
+                  can_cancel=writer and row.status not in FINISHED and not row.cancel_requested,
                   can_retry=writer and row.status == RequestStatus.FAILED)
 
 

@@ -17,13 +17,22 @@ class RequestStatus(StrEnum):
     RECEIVED = "received"
     QUEUED = "queued"
     RUNNING = "running"
-    COMPLETED = "completed"
+    COMPLETED = "completed"  # the new version is published
+    PROPAGATED = "propagated"  # and every consumer of the model has acknowledged serving it (or a later one)
     FAILED = "failed"
     REJECTED = "rejected"
     CANCELED = "canceled"
 
 
-FINISHED = frozenset({RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.REJECTED, RequestStatus.CANCELED})
+# No run is left to do (nothing to cancel, claim or retry).
+FINISHED = frozenset({RequestStatus.COMPLETED, RequestStatus.PROPAGATED, RequestStatus.FAILED, RequestStatus.REJECTED,
+                      RequestStatus.CANCELED})
+# A version without the class is published: what later runs re-check, what a certificate states.
+FULFILLED = frozenset({RequestStatus.COMPLETED, RequestStatus.PROPAGATED})
+# The legal deadline still counts: an erasure is done when no consumer serves a version that holds
+# the class any more, not when that version is published.
+DEADLINE_OPEN = frozenset({RequestStatus.RECEIVED, RequestStatus.QUEUED, RequestStatus.RUNNING,
+                           RequestStatus.COMPLETED})
 
 
 class DeletionRequest(Base):
@@ -49,6 +58,7 @@ class DeletionRequest(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    propagated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     extended_days: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     body_sha256: Mapped[str] = mapped_column(String(64))  # what the idempotency key was first used with

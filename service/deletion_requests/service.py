@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.db import on_commit, utcnow
 from service.deadlines import at_risk_from
-from service.deletion_requests.models import FINISHED, DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import DEADLINE_OPEN, FINISHED, DeletionRequest, RequestStatus as S
 from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody, in_utc
 from service.deletion_requests.transitions import record, transition
 from service.errors import AttemptsExhausted, Conflict, IdempotencyMismatch, InvalidInput, InvalidTransition, NotFound
@@ -131,7 +131,7 @@ def filtered(filters: RequestFilter, now: datetime | None = None) -> Select:
         query = query.where(DeletionRequest.status.in_(filters.status))
     if filters.model:
         query = query.where(RegisteredModel.name == filters.model)
-    active = DeletionRequest.status.in_(ACTIVE)
+    active = DeletionRequest.status.in_(DEADLINE_OPEN)
     is_overdue = and_(active, DeletionRequest.due_at < now)
     is_at_risk = and_(active, DeletionRequest.at_risk_from <= now, DeletionRequest.due_at >= now)
     if filters.overdue is not None:
@@ -202,7 +202,7 @@ def retry(*, session: Session, settings: Settings, request: DeletionRequest, act
 def extend(*, session: Session, settings: Settings, request: DeletionRequest, body: ExtendBody,
            actor: str) -> DeletionRequest:
     """GDPR Art. 12(3): the deadline may be extended by up to two further months, with a reason."""
-    if request.status in FINISHED:
+    if request.status not in DEADLINE_OPEN:
         raise Conflict(f"a {request.status} request has no deadline to extend", current_status=request.status)
     if request.extended_days + body.days > settings.max_extension_days:
         raise InvalidInput(f"extensions may add at most {settings.max_extension_days} days in all; "
@@ -218,8 +218,9 @@ def extend(*, session: Session, settings: Settings, request: DeletionRequest, bo
 
 
 def deadline_state(request: DeletionRequest, now: datetime | None = None) -> tuple[int | None, bool, bool]:
-    """(days_left, at_risk, overdue); finished requests have none of them."""
-    if request.status in FINISHED:
+    """(days_left, at_risk, overdue); none once the deadline stopped counting (propagated, or ended
+    without an erasure)."""
+    if request.status not in DEADLINE_OPEN:
         return None, False, False
     now = now or utcnow()
     seconds = (request.due_at - now).total_seconds()

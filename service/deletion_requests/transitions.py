@@ -18,12 +18,13 @@ ALLOWED: dict[str, set[str]] = {
     S.QUEUED: {S.RUNNING, S.COMPLETED, S.REJECTED, S.CANCELED},
     S.RUNNING: {S.COMPLETED, S.FAILED, S.REJECTED, S.CANCELED, S.QUEUED},  # queued: lease lost, run again
     S.FAILED: {S.QUEUED},  # retry
-    S.COMPLETED: set(),
+    S.COMPLETED: {S.PROPAGATED},  # every consumer serves the new version (service/consumers/propagation.py)
+    S.PROPAGATED: set(),
     S.REJECTED: set(),
     S.CANCELED: set(),
 }
 TIMESTAMPS = {S.QUEUED: "queued_at", S.RUNNING: "started_at", S.COMPLETED: "finished_at", S.FAILED: "finished_at",
-              S.REJECTED: "finished_at", S.CANCELED: "finished_at"}
+              S.REJECTED: "finished_at", S.CANCELED: "finished_at", S.PROPAGATED: "propagated_at"}
 
 
 def transition(*, session: Session, request: DeletionRequest, to: S, actor: str,

@@ -14,7 +14,7 @@ def test_the_demo_forgets_a_digit_and_reports_the_new_version(tmp_path):
                            "--timeout", "300"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    assert "request status: completed" in out
+    assert "request status: propagated" in out
     assert "forget-set accuracy of digit 3:" in out and "held-out Acc_r" in out
     assert "current version: 2, sha256 " in out
     assert (tmp_path / "var" / "demo" / "model" / "model.safetensors").is_file()

@@ -16,7 +16,7 @@ def test_a_request_is_fulfilled_by_a_worker_and_current_moves(client, admin, dig
         return body if body["status"] not in ("queued", "running") else None
 
     body = wait_for(finished, timeout=180, message=f"the request to finish; worker log:\n{worker.output()[-3000:]}")
-    assert body["status"] == RequestStatus.COMPLETED, body
+    assert body["status"] == RequestStatus.PROPAGATED, body
     assert body["fulfilled_version"] == 2
     assert [e["event"] for e in body["events"]][:3] == ["created", "status:queued", "status:running"]
     current = client.get("/models/current", headers=admin).json()

@@ -54,8 +54,8 @@ def seeded_states(client, admin, digits, digits_model, backend):
 
 def test_requests_are_counted_by_status_with_every_status_present(client, seeded_states):
     by_status = {dict(labels)["status"]: value for labels, value in scrape(client)["lethe_deletion_requests"].items()}
-    assert by_status == {"received": 0, "queued": 2, "running": 0, "completed": 1, "failed": 1, "rejected": 0,
-                         "canceled": 0}
+    assert by_status == {"received": 0, "queued": 2, "running": 0, "completed": 0, "propagated": 1, "failed": 1,
+                         "rejected": 0, "canceled": 0}
 
 
 def test_at_risk_overdue_and_pending_work_follow_the_dashboards_rule(client, seeded_states):

@@ -176,7 +176,7 @@ def test_a_request_with_an_s3_forget_set_is_served_by_a_worker_into_a_version_st
         return answer if answer["status"] not in ("queued", "running") else None
 
     result = wait_for(finished, 240, message=f"the request to finish; worker log:\n{worker.output()[-3000:]}")
-    assert result["status"] == "completed", result
+    assert result["status"] == "propagated", result
     current = client.get("/models/current", headers=admin).json()
     assert current["version"] == 2 and current["classes_forgotten"] == ["3"]
     sha = current["sha256"]

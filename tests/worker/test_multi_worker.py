@@ -18,7 +18,7 @@ from service.deletion_requests.models import AuditEvent
 from service.registry.models import ModelVersion, RegisteredModel
 from tests.service_fixtures import register_digits, request_body, wait_for, with_s3
 
-FINISHED = {"completed", "failed", "rejected", "canceled"}
+FINISHED = {"completed", "propagated", "failed", "rejected", "canceled"}
 MODELS = ("digits-a", "digits-b")
 
 
@@ -89,7 +89,7 @@ def test_two_workers_share_one_queue_keep_versions_sequential_and_a_killed_one_l
         f"both workers consume the one queue\n{logs()}"
     # Both machines published a version: each request was completed by the worker that ran it.
     for request_id in (a1, b1):
-        assert round_one[request_id]["status"] == "completed", round_one[request_id]
+        assert round_one[request_id]["status"] == "propagated", round_one[request_id]
         assert completed_by(round_one[request_id]) == ran_by(round_one[request_id])
     assert machine_of(completed_by(round_one[a1])) != machine_of(completed_by(round_one[b1]))
 
@@ -107,7 +107,7 @@ def test_two_workers_share_one_queue_keep_versions_sequential_and_a_killed_one_l
     b2 = post("digits-b", "2", "b-2")
 
     results = wait_finished([a1, b1, a2, b2])
-    assert [r["status"] for r in results.values()] == ["completed"] * 4, \
+    assert [r["status"] for r in results.values()] == ["propagated"] * 4, \
         [(r["status"], r["error"]) for r in results.values()]
     assert any("expired" in str((e["detail"] or {}).get("reason", "")) for e in results[a2]["events"]), \
         f"the kill landed after the run on {victim} had finished"

@@ -18,7 +18,7 @@ from service.deletion_requests.models import AuditEvent, DeletionRequest
 from service.registry.models import ModelVersion
 from tests.service_fixtures import register_digits, request_body, wait_for
 
-FINISHED = {"completed", "failed", "rejected", "canceled"}
+FINISHED = {"completed", "propagated", "failed", "rejected", "canceled"}
 
 
 def status_of(client, headers, request_id: str) -> dict:
@@ -48,7 +48,7 @@ def test_a_worker_killed_mid_run_loses_nothing(backend, client, admin, digits, d
     slow.kill()
     replacement = start_worker()
     body = wait_finished(client, admin, [request_id], replacement)[0]
-    assert body["status"] == "completed", body
+    assert body["status"] == "propagated", body
     events = [e["event"] for e in body["events"]]
     assert "status:running" in events and events.count("status:completed") == 1
     assert any(e["detail"] and "expired" in str(e["detail"].get("reason", "")) for e in body["events"])
@@ -99,7 +99,7 @@ def test_twenty_requests_over_five_classes_with_two_workers_give_sequential_vers
         accepted = list(pool.map(lambda b: client.post("/deletion-requests", headers=admin, json=b), bodies))
     assert {r.status_code for r in accepted} == {202}
     results = wait_finished(client, admin, [r.json()["id"] for r in accepted], workers[0], timeout=400)
-    assert {r["status"] for r in results} == {"completed"}, [(r["status"], r["error"]) for r in results]
+    assert {r["status"] for r in results} == {"propagated"}, [(r["status"], r["error"]) for r in results]
     numbers = [v.version for v in versions(backend)]
     assert numbers == list(range(1, len(numbers) + 1))
     current = client.get("/models/current", headers=admin).json()
@@ -119,7 +119,7 @@ def test_a_request_for_a_class_already_forgotten_completes_without_a_new_version
     wait_finished(client, admin, [first], worker)
     second = client.post("/deletion-requests", headers=admin, json=request_body(digits, "b")).json()["id"]
     body = wait_finished(client, admin, [second], worker)[0]
-    assert body["status"] == "completed" and body["fulfilled_version"] == 2
+    assert body["status"] == "propagated" and body["fulfilled_version"] == 2
     assert body["metrics"]["already_forgotten"] is True
     assert "already_forgotten" in [e["event"] for e in body["events"]]
     assert [v.version for v in versions(backend)] == [1, 2]
@@ -131,7 +131,7 @@ def test_a_worker_runs_the_method_its_settings_name_and_the_version_records_them
     worker = start_worker_with(backend, start_worker, LETHE_UNLEARN_METHOD="lora-bounded", LETHE_UNLEARN_RANK="4",
                                LETHE_UNLEARN_ADAPTER_BLOCKS="all")
     request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-    assert wait_finished(client, admin, [request_id], worker)[0]["status"] == "completed"
+    assert wait_finished(client, admin, [request_id], worker)[0]["status"] == "propagated"
     lineage = versions(backend)[-1].card["lineage"][-1]
     assert lineage["method"] == "lora-bounded"
     assert (lineage["config"]["rank"], lineage["config"]["adapter_blocks"]) == (4, "all")
@@ -197,7 +197,7 @@ def test_the_generalisation_check_rejects_one_image_and_its_figures_are_the_requ
 
     whole = client.post("/deletion-requests", headers=admin, json=request_body(digits, external_id="subject-2")).json()["id"]
     body = wait_finished(client, admin, [whole], worker)[0]
-    assert body["status"] == "completed", body
+    assert body["status"] == "propagated", body
     holdout = body["metrics"]["holdout"]
     assert holdout["folds"] == 3 and holdout["held_back"]["3"] >= 30
     assert holdout["forget_acc"]["3"] <= backend.settings.gate_max_holdout_forget_acc

@@ -10,6 +10,7 @@ from typing import Any
 
 
 from service.config import Settings
+from service.consumers.propagation import propagate
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import record, transition
 from service.registry.models import ModelVersion
@@ -79,6 +80,9 @@ def settle_result(session, batch: Batch, rows: dict[str, DeletionRequest], runna
             row.metrics = request_metrics(result, request_id)
         row.fulfilled_version_id = fulfilled.id
         transition(session=session, request=row, to=S.COMPLETED, actor=actor, detail={"version": fulfilled.version})
+    # Done when every consumer serves it: at once for a model with none, or with one that already
+    # serves this version (an already-forgotten class).
+    propagate(session=session, model_id=batch.model_id, actor=actor)
 
 
 def settle_gate_failure(session, batch: Batch, rows: dict[str, DeletionRequest], runnable, result: BatchResult,

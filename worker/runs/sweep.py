@@ -10,7 +10,8 @@ from sqlalchemy import select, update
 
 from service.config import Settings
 from service.db import db_now, session_scope
-from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.consumers.propagation import propagate
+from service.deletion_requests.models import DEADLINE_OPEN, DeletionRequest, RequestStatus as S
 from service.deletion_requests.transitions import record, transition
 from service.redaction import purge_old_pages, redact_due
 from service.registry.models import RegisteredModel
@@ -24,7 +25,8 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
     """Re-queue requests whose worker died, wake idle queues, flag deadlines, dispose of old weights
     and of weights no version names."""
     counts = {"requeued": 0, "failed": 0, "woken": 0, "at_risk": 0, "overdue": 0, "disposed": 0, "orphans": 0,
-              "stale_parts": 0, "redacted": 0}
+              "stale_parts": 0, "redacted": 0,
+              "propagated": 0}
     wake: set[str] = set()
     with session_scope(settings.database) as session:
         now = db_now(session)  # leases are judged by the database's clock, as they were granted
@@ -49,6 +51,7 @@ def sweep(settings: Settings, enqueue) -> dict[str, int]:
             counts["redacted"] = redact_due(session, now, settings.redact_after_days)
     if counts["redacted"]:
         purge_old_pages(settings.database)
+    counts["propagated"] = propagate_pending(settings)
     # Storage in transactions of its own: listing a store must not hold the locks above.
     store = artifact_store(settings)
     with session_scope(settings.database) as session:
@@ -80,9 +83,23 @@ def recover(session, row: DeletionRequest, batch_size: int, settings: Settings, 
     wake.add(row.id)
 
 
+def propagate_pending(settings: Settings) -> int:
+    """Completed requests that no acknowledgement or completion moved on (completed before their
+    model's consumers were counted, or a crash between commit and check): one transaction per model,
+    the model's row locked first as everywhere."""
+    with session_scope(settings.database) as session:
+        models = session.scalars(select(DeletionRequest.model_id).distinct()
+                                 .where(DeletionRequest.status == S.COMPLETED)).all()
+    moved = 0
+    for model_id in models:
+        with session_scope(settings.database) as session:
+            moved += len(propagate(session=session, model_id=model_id, actor="sweep"))
+    return moved
+
+
 def flag_deadlines(session, now, counts: dict[str, int]) -> None:
     """Once per request: an audit event when it becomes at risk and when it becomes overdue."""
-    active = DeletionRequest.status.in_([S.RECEIVED, S.QUEUED, S.RUNNING])
+    active = DeletionRequest.status.in_(DEADLINE_OPEN)
     for row in session.scalars(select(DeletionRequest).where(active, DeletionRequest.at_risk_from <= now)):
         flagged = {e.event for e in row.events}
         if row.due_at < now and "overdue" not in flagged:

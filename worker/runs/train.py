@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from service.config import get_unlearn_settings
 from service.db import session_scope
-from service.deletion_requests.models import DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import FULFILLED, DeletionRequest, RequestStatus as S
 from service.errors import ServiceError
 from worker.runs.batch import RunContext
 from worker.runs.gate import GateVerdict, gate_errors
@@ -106,7 +106,7 @@ def recheck_earlier(ctx: RunContext, candidate: Path, exclude: set[str], target:
 
     with session_scope(ctx.settings.database) as session:
         earlier = session.execute(select(DeletionRequest.forget_class, DeletionRequest.forget_uri).where(
-            DeletionRequest.model_id == ctx.batch.model_id, DeletionRequest.status == S.COMPLETED,
+            DeletionRequest.model_id == ctx.batch.model_id, DeletionRequest.status.in_(FULFILLED),
             DeletionRequest.redacted_at.is_(None))  # a redacted request's forget set is no longer known
             .order_by(DeletionRequest.finished_at.desc())).all()
     checks: dict[str, dict[str, Any]] = {}

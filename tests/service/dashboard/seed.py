@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.config import Settings
 from service.db import session_scope
 from service.deletion_requests.models import DeletionRequest, RequestStatus
+from service.consumers.propagation import propagate
 from service.deletion_requests.transitions import transition
 from service.registry.service import publish_version
 from tests.service.conftest import register_digits, request_body
@@ -65,7 +66,8 @@ def seed(client: TestClient, admin: dict[str, str], digits, package, settings: S
 
 
 def complete(settings: Settings, request_id: str) -> None:
-    """Record a finished run for a request as the worker does: version n+1 published, request completed."""
+    """Record a finished run for a request as the worker does: version n+1 published, request
+    completed, and propagated (the model has no consumers)."""
     metrics = completed_run_metrics()
     with session_scope(settings.database) as session:
         row = session.get(DeletionRequest, request_id)
@@ -77,3 +79,4 @@ def complete(settings: Settings, request_id: str) -> None:
         row.fulfilled_version_id, row.metrics = version.id, metrics
         transition(session=session, request=row, to=RequestStatus.COMPLETED, actor="worker:seed",
                    detail={"version": version.version})
+        propagate(session=session, model_id=row.model_id, actor="worker:seed")  # no consumers: at once

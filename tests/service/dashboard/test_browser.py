@@ -97,7 +97,7 @@ def test_an_operator_triages_the_morning_queue_in_a_real_browser(client, admin, 
                 expect(row).to_contain_text(external_id)
                 if expected is None:
                     expect(row.locator(".badge")).to_have_count(0)
-                    expect(row.locator(".status")).to_have_text("completed")
+                    expect(row.locator(".status")).to_have_text("propagated")
                 else:
                     text, tone = expected
                     expect(row.locator(".badge")).to_have_text(text)

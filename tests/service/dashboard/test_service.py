@@ -35,10 +35,14 @@ def test_the_deadline_badge_counts_whole_days_and_turns_amber_then_red(delta, te
     assert badge(request_due_in(delta), NOW) == Badge(text, tone)
 
 
-@pytest.mark.parametrize("status", [RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.REJECTED,
+@pytest.mark.parametrize("status", [RequestStatus.PROPAGATED, RequestStatus.FAILED, RequestStatus.REJECTED,
                                     RequestStatus.CANCELED])
 def test_finished_requests_have_no_badge_even_when_past_their_date(status):
     assert badge(request_due_in(-timedelta(days=2), status), NOW) is None
+
+
+def test_a_completed_request_still_counts_its_deadline_until_every_consumer_serves_it():
+    assert badge(request_due_in(-timedelta(days=2), RequestStatus.COMPLETED), NOW) == Badge("2 days overdue", "red")
 
 
 def test_the_table_query_refuses_unknown_statuses_sorts_and_pages():

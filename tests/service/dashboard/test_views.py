@@ -155,7 +155,7 @@ def test_the_table_shows_each_request_with_its_deadline_badge(client, reader, se
         row = row_of(html, seeded.ids[external_id])
         assert external_id in row
         if expected is None:  # finished requests show no badge, and their version
-            assert "class=\"badge" not in row and "v2" in row and "status-completed" in row
+            assert "class=\"badge" not in row and "v2" in row and "status-propagated" in row
         else:
             text, tone = expected
             assert f'<span class="badge tone-{tone}">{text}</span>' in row
@@ -163,16 +163,16 @@ def test_the_table_shows_each_request_with_its_deadline_badge(client, reader, se
 
 def test_counts_per_status_head_the_table(client, reader, seeded):
     html = client.get("/dashboard/requests").text
-    assert re.search(r"<strong>3</strong> queued", html) and re.search(r"<strong>1</strong> completed", html)
+    assert re.search(r"<strong>3</strong> queued", html) and re.search(r"<strong>1</strong> propagated", html)
     assert re.search(r"<strong>1</strong> at risk", html) and re.search(r"<strong>1</strong> overdue", html)
     assert re.search(r"<strong>0</strong> failed", html)
     overdue_only = client.get("/dashboard/requests", params={"overdue": "1"}).text
-    assert 'href="/dashboard/requests?status=completed"' in overdue_only  # a count shows its whole status
+    assert 'href="/dashboard/requests?status=propagated"' in overdue_only  # a count shows its whole status
 
 
 def test_filters_by_status_model_and_overdue(client, reader, seeded):
     ids = seeded.ids
-    assert shown_ids(client.get("/dashboard/requests", params={"status": "completed"}).text) == [ids["done"]]
+    assert shown_ids(client.get("/dashboard/requests", params={"status": "propagated"}).text) == [ids["done"]]
     assert shown_ids(client.get("/dashboard/requests", params={"overdue": "1"}).text) == [ids["overdue"]]
     assert len(shown_ids(client.get("/dashboard/requests", params={"model": "digits"}).text)) == 4
     assert shown_ids(client.get("/dashboard/requests", params={"model": "other"}).text) == []
@@ -228,7 +228,7 @@ def test_csv_export_has_every_request_with_the_tables_filters(client, reader, se
     assert list(rows[0]) == list(dashboard_service.CSV_COLUMNS)
     assert [r["external_id"] for r in rows] == ["overdue", "due-in-3", "due-in-20", "done"]
     done = rows[-1]
-    assert done["status"] == "completed" and done["fulfilled_version"] == "2" and done["days_left"] == ""
+    assert done["status"] == "propagated" and done["fulfilled_version"] == "2" and done["days_left"] == ""
     overdue = rows[0]
     assert overdue["overdue"] == "True" and overdue["days_left"] == "-3"
     assert [r["external_id"] for r in read_csv(client.get("/dashboard/requests.csv", params={"overdue": "1"}))] \
@@ -248,7 +248,7 @@ def test_csv_cells_never_start_a_spreadsheet_formula(client, reader, seeded, adm
 def test_the_detail_page_shows_the_audit_trail_and_the_evidence_of_forgetting(client, reader, seeded):
     html = client.get(f"/dashboard/requests/{seeded.ids['done']}").text
     events = re.findall(r"<strong>([a-z :]+)</strong>", html.split("Audit trail")[1])
-    assert events == ["created", "queued", "running", "completed"]
+    assert events == ["created", "queued", "running", "completed", "propagated"]
     evidence = html.split("Evidence of forgetting")[1].split("Audit trail")[0]
     metrics = completed_run_metrics()
     for value in ("100.0 %", "0.7 %", "97.2 %", "0.0 %", "96.3 %", "94.8 %"):

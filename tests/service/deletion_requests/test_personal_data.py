@@ -114,7 +114,7 @@ def test_no_log_line_event_or_metric_names_the_person_or_their_forget_set(
     client.get(f"/deletion-requests/{request_id}", headers=admin)
     with session_scope(backend.settings.database) as session:
         model_id = session.scalar(select(RegisteredModel.id))
-        assert session.get(DeletionRequest, request_id).status == S.COMPLETED
+        assert session.get(DeletionRequest, request_id).status == S.PROPAGATED
     process_model(backend.settings, model_id, "w1")  # the second request is rejected: its set is missing
     with session_scope(backend.settings.database) as session:
         assert session.get(DeletionRequest, broken).status == S.REJECTED

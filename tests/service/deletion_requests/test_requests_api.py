@@ -605,9 +605,10 @@ def test_cancel_a_running_request_asks_it_to_stop_at_its_next_step(client, admin
         assert session.get(DeletionRequest, accepted).cancel_requested is True
 
 
-@pytest.mark.parametrize("final", [RequestStatus.COMPLETED, RequestStatus.REJECTED])
-def test_a_finished_request_cannot_be_canceled(client, admin, backend, accepted, final):
-    move(backend, accepted, final)
+@pytest.mark.parametrize("path", [[RequestStatus.COMPLETED], [RequestStatus.COMPLETED, RequestStatus.PROPAGATED],
+                                  [RequestStatus.REJECTED]], ids=["completed", "propagated", "rejected"])
+def test_a_finished_request_cannot_be_canceled(client, admin, backend, accepted, path):
+    move(backend, accepted, *path)
     assert_problem(client.post(f"/deletion-requests/{accepted}/cancel", headers=admin), 409, "invalid_transition")
 
 
@@ -621,9 +622,9 @@ def test_a_bad_cancel_body_is_422_and_cancels_nothing(client, admin, accepted, b
 # --- POST /deletion-requests/{id}/retry ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("before", [
-    [], [RequestStatus.CANCELED], [RequestStatus.COMPLETED], [RequestStatus.REJECTED],
-    [RequestStatus.RUNNING],
-], ids=["queued", "canceled", "completed", "rejected", "running"])
+    [], [RequestStatus.CANCELED], [RequestStatus.COMPLETED], [RequestStatus.COMPLETED, RequestStatus.PROPAGATED],
+    [RequestStatus.REJECTED], [RequestStatus.RUNNING],
+], ids=["queued", "canceled", "completed", "propagated", "rejected", "running"])
 def test_only_a_failed_request_can_be_retried(client, admin, backend, accepted, enqueued, before):
     move(backend, accepted, *before)
     assert_problem(client.post(f"/deletion-requests/{accepted}/retry", headers=admin), 409, "invalid_transition")

@@ -20,11 +20,12 @@ ALLOWED_MOVES = [
     (S.RUNNING, S.COMPLETED), (S.RUNNING, S.FAILED), (S.RUNNING, S.REJECTED), (S.RUNNING, S.CANCELED),
     (S.RUNNING, S.QUEUED),  # the lease was lost: run it again
     (S.FAILED, S.QUEUED),  # retry
+    (S.COMPLETED, S.PROPAGATED),  # every consumer of the model serves the version that fulfilled it
 ]
 STAMPED = {S.QUEUED: "queued_at", S.RUNNING: "started_at", S.COMPLETED: "finished_at", S.FAILED: "finished_at",
-           S.REJECTED: "finished_at", S.CANCELED: "finished_at"}
-TIMESTAMP_FIELDS = ("queued_at", "started_at", "finished_at", "updated_at")
-FINISHED = (S.COMPLETED, S.REJECTED, S.CANCELED)
+           S.REJECTED: "finished_at", S.CANCELED: "finished_at", S.PROPAGATED: "propagated_at"}
+TIMESTAMP_FIELDS = ("queued_at", "started_at", "finished_at", "propagated_at", "updated_at")
+FINISHED = (S.PROPAGATED, S.REJECTED, S.CANCELED)  # completed still moves on, to propagated
 
 
 def ids(moves):

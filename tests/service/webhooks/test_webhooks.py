@@ -21,7 +21,7 @@ from service.deletion_requests.transitions import transition
 from service.webhooks.delivery import deliver_due
 from service.webhooks.models import WebhookDelivery
 from service.webhooks.targets import TargetRefused, check_target
-from tests.service_fixtures import Backend, make_key, register_digits, request_body, settings_from, wait_for
+from tests.service_fixtures import make_key, register_digits, request_body, wait_for, with_env
 
 
 class Receiver:
@@ -64,8 +64,7 @@ def receiver():
 @pytest.fixture
 def backend(backend):
     """Each backend with 127.0.0.1 explicitly allowed as a webhook target (the tests' receiver)."""
-    env = {**backend.env, "LETHE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
-    return Backend(backend.name, env, settings_from(env))
+    return with_env(backend, LETHE_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
 
 
 @pytest.fixture

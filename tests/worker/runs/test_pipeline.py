@@ -53,7 +53,7 @@ def test_two_requests_for_one_class_train_on_both_sets_and_each_is_verified_on_i
     target = get_unlearn_settings().target_forget_acc
     with session_scope(backend.settings.database) as session:
         rows = [session.get(DeletionRequest, i) for i in ids]
-        assert [r.status for r in rows] == [S.COMPLETED, S.COMPLETED], [r.error for r in rows]
+        assert [r.status for r in rows] == [S.PROPAGATED, S.PROPAGATED], [r.error for r in rows]
         for row, half in zip(rows, halves):
             assert row.metrics["forget_set_size"] == {"3": len(images)}  # the union, not one request's set
             own = row.metrics["own_forget_set"]
@@ -92,7 +92,7 @@ def test_a_worker_runs_one_batch_per_wake_up_and_names_the_next_for_the_queue(ba
            for c in ("3", "5")]
     capped = backend.settings.model_copy(update={"max_batch_requests": 1})
     assert process_model(capped, model_id_of(backend), "w1") == ids[1]  # sent to the back of the queue
-    assert statuses(backend, ids) == [S.COMPLETED, S.QUEUED]
+    assert statuses(backend, ids) == [S.PROPAGATED, S.QUEUED]
 
 
 def test_a_request_whose_images_break_its_batch_fails_alone_and_the_other_completes(
@@ -119,7 +119,7 @@ def test_a_request_whose_images_break_its_batch_fails_alone_and_the_other_comple
     while (batch := claim_batch(backend.settings, model_id, "w1")) is not None:
         assert len(batch.requests) == 1
         run_batch(backend.settings, batch, "w1")
-    assert statuses(backend, [poison, fine]) == [S.FAILED, S.COMPLETED]
+    assert statuses(backend, [poison, fine]) == [S.FAILED, S.PROPAGATED]
     with session_scope(backend.settings.database) as session:
         assert "anchor source holds images of a forget set" in session.get(DeletionRequest, poison).error
 
@@ -207,4 +207,4 @@ def test_a_fifo_named_like_an_archive_is_rejected_at_once_and_the_run_goes_on(ba
     with session_scope(backend.settings.database) as session:
         rejected, completed = session.get(DeletionRequest, stuck), session.get(DeletionRequest, fine)
         assert rejected.status == S.REJECTED and "not a regular file" in rejected.error
-        assert completed.status == S.COMPLETED, completed.error
+        assert completed.status == S.PROPAGATED, completed.error
