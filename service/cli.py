@@ -1,13 +1,16 @@
 """The ``lethe`` command.
 
 Bad input ends with a one-line ``lethe: error: ...`` message on stderr and exit status 2 (no
-traceback); a run that did not reach its forgetting target exits with 3.
+traceback); a run that did not reach its forgetting target exits with 3; a failed ``lethe pull --once``
+with 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from typing import TextIO
 
 EXIT_BAD_INPUT = 2
 EXIT_TARGET_MISSED = 3
+EXIT_PULL_FAILED = 4  # lethe pull --once: the poll failed, the folder is as it was
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +100,57 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = audit_commands.add_parser("verify", help="walk every request's hash chain; exit 1 naming each break")
     verify.set_defaults(handler=run_audit_verify)
+
+    pull = commands.add_parser(
+        "pull", help="keep a folder at a model's current version and acknowledge it (an inference service's side)",
+        description="Poll GET /models/current; put each new version in DIR/vN-<sha> with DIR/current swapped to "
+                    "it atomically, delete the previous one, run --on-update and acknowledge the version as "
+                    "--consumer. The API key comes from $LETHE_API_KEY (not the command line: ps shows it). "
+                    f"Exit: 0 served, {EXIT_BAD_INPUT} bad input, {EXIT_PULL_FAILED} a poll failed with --once "
+                    "(the folder is as it was).")
+    pull.add_argument("--model", required=True)
+    pull.add_argument("--into", required=True, metavar="DIR", help="the folder this command owns")
+    pull.add_argument("--consumer", help="the consumer name registered for this service (omit: do not acknowledge)")
+    pull.add_argument("--url", default=os.environ.get("LETHE_URL", "http://127.0.0.1:8000"),
+                      help="the Lethe API (default: $LETHE_URL or %(default)s)")
+    pull.add_argument("--every", type=float, default=30.0, metavar="SECONDS", help="poll interval (default: %(default)s)")
+    pull.add_argument("--once", action="store_true", help="one poll, then exit (for cron)")
+    pull.add_argument("--on-update", metavar="CMD",
+                      help="a shell command run after each swap (LETHE_MODEL_DIR, LETHE_MODEL_VERSION, "
+                           "LETHE_MODEL_SHA256 set); the version is acknowledged once it exits 0")
+    pull.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per HTTP call (default: %(default)s)")
+    pull.set_defaults(handler=run_pull)
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    import signal
+
+    from service.pull import Pull, PullError, Puller
+
+    key = os.environ.get("LETHE_API_KEY", "").strip()
+    if not key:
+        return fail("set LETHE_API_KEY to the consumer's API key (models:read)")
+    if args.every <= 0 or args.timeout <= 0:
+        return fail("--every and --timeout must be positive")
+    into = Path(args.into)
+    if into.exists() and not into.is_dir():
+        return fail(f"{into}: not a folder")
+    puller = Puller(Pull(url=args.url, api_key=key, model=args.model, into=into, consumer=args.consumer,
+                         on_update=args.on_update, timeout=args.timeout))
+    if args.once:
+        try:
+            outcome = puller.once()
+        except PullError as exc:
+            print(f"lethe: error: {exc}", file=sys.stderr)
+            return EXIT_PULL_FAILED
+        print(f"lethe pull: {'now serving' if outcome.updated else 'serving'} {args.model} version {outcome.version} "
+              f"(sha256 {outcome.sha256[:12]}…){', acknowledged' if outcome.acknowledged else ''}", file=sys.stderr)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="lethe pull: %(message)s", stream=sys.stderr)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    puller.forever(args.every, stop=lambda: bool(stopping))
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
@@ -158,6 +159,13 @@ def update_model(name: str, body: ModelUpdate, session: SessionDep, settings: Se
 def list_versions(name: str, session: SessionDep, _key: ModelsReader) -> ModelVersionList:
     model = service.get_model(session=session, name=name)
     return ModelVersionList(model=model.name, versions=[to_public(session, model, v) for v in model.versions])
+
+
+@router.get("/models/{name}/versions/{version}/card", summary="The version's model card (model.json): what a "
+            "consumer needs beside the weights to build the model")
+def get_card(name: str, version: int, session: SessionDep, _key: ModelsReader) -> Response:
+    row = service.get_version(session=session, name=name, version=version)
+    return Response(json.dumps(row.card, indent=2), media_type="application/json", headers={"ETag": f'"{row.sha256}"'})
 
 
 @router.get("/models/{name}/versions/{version}/weights", response_class=FileResponse,
