@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     webhook_retry_hours: float = Field(24.0, gt=0, description="a delivery is retried (exponential backoff with "
                                        "jitter) this long, then marked failed")
     webhook_poll_seconds: float = Field(2.0, gt=0, description="how often the sweeper sends due webhook deliveries")
+    webhook_first_retry_seconds: float = Field(5.0, gt=0, le=3600, description="a failed webhook delivery's first "
+                                               "retry after this (then doubling, with jitter, up to an hour)")
     signing_keys_dir: Path | None = Field(None, description="the certificates' signing keys (default: HOME/signing-keys); "
                                           "every API process must see the same folder")
     public_url: str | None = Field(None, description="the API's public address (https://...): the certificates' issuer, "

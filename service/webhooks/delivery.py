@@ -30,7 +30,6 @@ from service.webhooks.models import Webhook, WebhookDelivery
 from service.webhooks.targets import Target, check_target
 
 log = logging.getLogger("lethe.webhooks")
-FIRST_RETRY_SECONDS = 5.0
 LONGEST_RETRY_SECONDS = 3600.0
 
 
@@ -109,14 +108,16 @@ def settle(settings: Settings, claimed: Claimed, code: int | None, error: str | 
             log.warning("webhook delivery %s failed for good after %d attempt(s): %s", claimed.message_id,
                         claimed.attempts, error)
             return "failed"
-        delivery.next_attempt_at = now + timedelta(seconds=backoff(claimed.attempts))
+        wait = backoff(claimed.attempts, settings.webhook_first_retry_seconds)
+        delivery.next_attempt_at = now + timedelta(seconds=wait)
         return "retrying"
 
 
-def backoff(attempts: int) -> float:
-    """Seconds before the next attempt: 5 s doubling per attempt up to an hour, times a jitter of
-    0.5-1.5 so that many deliveries failing together do not retry together."""
-    return min(FIRST_RETRY_SECONDS * 2 ** (attempts - 1), LONGEST_RETRY_SECONDS) * random.uniform(0.5, 1.5)
+def backoff(attempts: int, first: float) -> float:
+    """Seconds before the next attempt: ``first`` (LETHE_WEBHOOK_FIRST_RETRY_SECONDS, 5 s) doubling per
+    attempt up to an hour, times a jitter of 0.5-1.5 so that many deliveries failing together do not
+    retry together."""
+    return min(first * 2 ** (attempts - 1), LONGEST_RETRY_SECONDS) * random.uniform(0.5, 1.5)
 
 
 def _pinned(target: Target) -> str:

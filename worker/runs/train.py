@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from service.config import get_unlearn_settings
 from service.db import session_scope
-from service.deletion_requests.models import FULFILLED, DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import FULFILLED, DeletionRequest
 from service.errors import ServiceError
 from worker.runs.batch import RunContext
 from worker.runs.gate import GateVerdict, gate_errors

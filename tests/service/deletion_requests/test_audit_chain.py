@@ -10,6 +10,8 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from service.cli import main
+from service.config import get_settings
 from service.db import engine_for, session_scope
 from service.deletion_requests.audit_chain import head, verify
 from service.deletion_requests.models import AuditEvent
@@ -44,18 +46,31 @@ def test_each_event_links_to_the_one_before_and_the_trail_verifies(backend, clie
     assert done.returncode == 0 and done.stderr.strip() == f"1 chain(s), {len(events)} event(s): intact"
 
 
-def test_an_event_edited_or_removed_in_the_database_is_found(backend, client, admin, digits, digits_model):
+def audit_verify_in_process(backend, monkeypatch, capsys) -> tuple[int, str]:
+    """``lethe audit verify`` in this process (the installed command has its own test above)."""
+    for name, value in backend.env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        code = main(["audit", "verify"])
+    finally:
+        get_settings.cache_clear()
+    return code, capsys.readouterr().out
+
+
+def test_an_event_edited_or_removed_in_the_database_is_found(backend, client, admin, digits, digits_model,
+                                                             monkeypatch, capsys):
     request_id = a_request_with_a_trail(client, admin, digits, digits_model)
     with engine_for(backend.settings.database).begin() as connection:
         ids = connection.execute(text("SELECT id FROM audit_events WHERE request_id = :r ORDER BY id"),
                                  {"r": request_id}).scalars().all()
         connection.execute(text("UPDATE audit_events SET actor = 'someone-else' WHERE id = :i"), {"i": ids[1]})
-    done = audit_verify(backend)
-    assert done.returncode == 1
-    assert f"broken: request {request_id}, event {ids[1]}: its fields were changed after it was written" in done.stdout
+    code, out = audit_verify_in_process(backend, monkeypatch, capsys)
+    assert code == 1
+    assert f"broken: request {request_id}, event {ids[1]}: its fields were changed after it was written" in out
 
     with engine_for(backend.settings.database).begin() as connection:
         connection.execute(text("DELETE FROM audit_events WHERE id = :i"), {"i": ids[1]})
-    done = audit_verify(backend)
-    assert done.returncode == 1
-    assert (f"broken: request {request_id}, event {ids[2]}: does not follow the event before it" in done.stdout)
+    code, out = audit_verify_in_process(backend, monkeypatch, capsys)
+    assert code == 1
+    assert f"broken: request {request_id}, event {ids[2]}: does not follow the event before it" in out

@@ -1,7 +1,8 @@
 """Webhooks to compliance tools: an event enters the outbox in the transaction of the change it
 announces, is signed as Standard Webhooks says, retried until the receiver answers 2xx (same
 webhook-id each time), and only ever sent to hosts the operator allowed (embedded default and
-Postgres; a real HTTP receiver on 127.0.0.1)."""
+Postgres; a real HTTP receiver on 127.0.0.1). The relay in a real worker's sweeper, with real
+consumers, is tests/service/consumers/test_end_to_end.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from service.deletion_requests.transitions import transition
 from service.webhooks.delivery import deliver_due
 from service.webhooks.models import WebhookDelivery
 from service.webhooks.targets import TargetRefused, check_target
-from tests.service_fixtures import make_key, register_digits, request_body, wait_for, with_env
+from tests.service_fixtures import make_key, register_digits, request_body, with_env
 
 
 class Receiver:
@@ -215,23 +216,3 @@ def test_webhooks_need_their_own_scope(backend, allowed):
     assert client.get("/webhooks", headers=reader).status_code == 403
     writer = make_key(backend.settings, "webhooks:write")
     assert client.get("/webhooks", headers=writer).status_code == 200
-
-
-def test_a_real_worker_and_sweeper_deliver_a_completed_request_to_the_receiver(
-        backend, allowed, admin, receiver, digits, digits_model, start_worker):
-    """The outbox's relay is the sweeper's periodic task: a request completed by a real worker is
-    announced within seconds, signed, and once per event."""
-    settings, client = allowed
-    hook = subscribe(client, admin, receiver.url, ["deletion_request.completed", "model.version_published"])
-    assert register_digits(client, admin, digits_model).status_code == 201
-    request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-    start_worker(LETHE_WEBHOOK_POLL_SECONDS="1")
-    # Version 1 (the registration), version 2 (the run) and the completed request.
-    wait_for(lambda: len(receiver.received) >= 3, timeout=180, message="the three events at the receiver")
-    events = [json.loads(r["body"]) for r in receiver.received]
-    (completed,) = [e for e in events if e["type"] == "deletion_request.completed"]
-    assert completed["data"]["id"] == request_id and completed["data"]["version"] == 2
-    assert sorted(e["data"]["version"] for e in events if e["type"] == "model.version_published") == [1, 2]
-    for sent in receiver.received:
-        Verifier(hook["secret"]).verify(sent["body"], sent["headers"])
-    assert len({r["headers"]["webhook-id"] for r in receiver.received}) == len(receiver.received) == 3
