@@ -24,10 +24,12 @@ from service.deps import SESSION_COOKIE, DashboardLogin, SessionDep, SettingsDep
 from service.db import utcnow
 from service.errors import Forbidden, InvalidInput, ServiceError
 from service.registry.service import NAME_PATTERN
+from service.webhooks import service as webhooks
 
 HERE = Path(__file__).parent
 LOGIN_CSRF_COOKIE = "lethe_login_csrf"
 MODELS_SCOPE = "models:read"
+WEBHOOKS_SCOPE = "webhooks:write"  # the webhooks API's own scope: their URLs and logs are the operator's
 # Everything the pages load comes from this app: no CDNs, no inline script or style.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -66,6 +68,7 @@ def render(request: Request, name: str, status_code: int = 200, **context) -> HT
     context.setdefault("refresh_seconds", request.app.state.settings.dashboard_refresh_seconds)
     user = context.get("user")
     context["can_read_models"] = user is not None and has_scope(user.api_key, MODELS_SCOPE)
+    context["can_manage_webhooks"] = user is not None and has_scope(user.api_key, WEBHOOKS_SCOPE)
     response = templates.TemplateResponse(request, name, context, status_code=status_code)
     response.headers.update(SECURITY_HEADERS)
     return response
@@ -277,3 +280,25 @@ def retry(request: Request, request_id: str, session: SessionDep, user: Dashboar
 def models_page(request: Request, session: SessionDep, user: DashboardLogin) -> HTMLResponse:
     require_scope(user.api_key, MODELS_SCOPE)  # the registry's own scope, as in the API
     return render(request, "models.html", user=user, section="models", chains=service.model_chains(session=session))
+
+
+# --- webhooks -------------------------------------------------------------------------------------
+
+@router.get("/webhooks", response_class=HTMLResponse)
+def webhooks_page(request: Request, session: SessionDep, user: DashboardLogin,
+                  done: Annotated[str | None, Query(max_length=20)] = None) -> HTMLResponse:
+    """Each live webhook and its last deliveries: status, attempts, answer, latency, error."""
+    require_scope(user.api_key, WEBHOOKS_SCOPE)
+    hooks = [(w, webhooks.deliveries(session=session, webhook_id=w.id, limit=50))
+             for w in webhooks.listing(session=session)]
+    return render(request, "webhooks.html", user=user, section="webhooks", hooks=hooks, done=done)
+
+
+@router.post("/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver")
+def redeliver(request: Request, webhook_id: str, delivery_id: int, session: SessionDep, user: DashboardLogin,
+              csrf_token: Annotated[str, Form(max_length=100)] = "") -> Response:
+    same_origin(request)
+    service.check_csrf(user.csrf_token, csrf_token)
+    require_scope(user.api_key, WEBHOOKS_SCOPE)
+    webhooks.redeliver(session=session, webhook_id=webhook_id, delivery_id=delivery_id)
+    return see_other(f"/dashboard/webhooks?done=redeliver#delivery-{delivery_id}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -18,11 +19,15 @@ from service.dashboard.models import DashboardSession
 from service.db import session_scope, utcnow
 from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus
 from service.deletion_requests.transitions import transition
+from service.webhooks import service as webhooks
+from service.webhooks.delivery import deliver_due
+from service.webhooks.models import WebhookDelivery
 from tests.service.conftest import make_key, request_body
+from tests.service_fixtures import settings_from
 from tests.service.dashboard.conftest import csrf_of, log_in
 from tests.service.dashboard.seed import BADGES, PER_CLASS_BEFORE, completed_run_metrics
 
-PAGES = ["/dashboard/requests", "/dashboard/models", "/dashboard/requests.csv",
+PAGES = ["/dashboard/requests", "/dashboard/models", "/dashboard/webhooks", "/dashboard/requests.csv",
          "/dashboard/requests/00000000-0000-0000-0000-000000000000"]
 
 
@@ -399,3 +404,40 @@ def test_the_models_page_lists_consumers_and_marks_those_behind_current(client, 
     assert "tone-ok" in rows["kiosk"] and "serves current" in rows["kiosk"]
     assert "tone-amber" in rows["search-api"] and "1 version behind" in rows["search-api"]
     assert "tone-red" in rows["batch-scoring"] and "nothing acknowledged" in rows["batch-scoring"]
+
+
+# --- webhooks -------------------------------------------------------------------------------------
+
+def test_the_webhooks_page_shows_each_delivery_and_redelivers_one_with_its_own_id(client, backend, admin, seeded):
+    """Its scope is the webhooks API's: a reader of requests and models sees neither the link nor the page."""
+    reader = make_key(backend.settings, "requests:read", "models:read")
+    assert log_in(client, reader).status_code == 303
+    assert 'href="/dashboard/webhooks"' not in client.get("/dashboard/requests").text
+    assert client.get("/dashboard/webhooks").status_code == 403
+
+    with session_scope(backend.settings.database) as session:  # nobody listens on port 9
+        webhook_id = webhooks.register(session=session, url="http://127.0.0.1:9/hooks", allowed_hosts=["127.0.0.1"],
+                                       events=["deletion_request.canceled"], actor="test").id
+    assert client.post(f"/deletion-requests/{seeded.ids['due-in-20']}/cancel", headers=admin).status_code == 200
+    relay = settings_from({**backend.env, "LETHE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
+    deliver_due(relay)  # refused: retried later
+    with session_scope(backend.settings.database) as session:  # ... until its retry window is over
+        session.execute(update(WebhookDelivery).values(created_at=utcnow() - timedelta(days=2), next_attempt_at=utcnow()))
+    deliver_due(relay)
+    manager = make_key(backend.settings, "requests:read", "webhooks:write")
+    assert log_in(client, manager).status_code == 303
+    page = client.get("/dashboard/webhooks")
+    assert page.status_code == 200 and 'href="/dashboard/webhooks"' in page.text
+    with session_scope(backend.settings.database) as session:
+        delivery = session.scalar(select(WebhookDelivery))
+        delivery_id, message_id = delivery.id, delivery.message_id
+    row = re.search(rf'<tr id="delivery-{delivery_id}">(.*?)</tr>', page.text, re.S).group(1)
+    assert "deletion_request.canceled" in row and message_id in row and ">failed<" in row
+    assert "Connection refused" in row and "<td>2</td>" in row and "Redeliver" in row  # two attempts
+    form = f"/dashboard/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
+    assert client.post(form, data={"csrf_token": "forged"}, follow_redirects=False).status_code == 403
+    done = client.post(form, data={"csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    assert done.status_code == 303 and "done=redeliver" in done.headers["location"]
+    with session_scope(backend.settings.database) as session:
+        again = session.get(WebhookDelivery, delivery_id)
+        assert (again.status, again.message_id) == ("pending", message_id)  # the same webhook-id: receivers de-duplicate
