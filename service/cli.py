@@ -118,6 +118,8 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     pull.add_argument("--on-update", metavar="CMD",
                       help="a shell command run after each swap (LETHE_MODEL_DIR, LETHE_MODEL_VERSION, "
                            "LETHE_MODEL_SHA256 set); the version is acknowledged once it exits 0")
+    pull.add_argument("--on-update-timeout", type=float, default=300.0, metavar="SECONDS",
+                      help="--on-update is stopped after this and runs again on the next poll (default: %(default)s)")
     pull.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per HTTP call (default: %(default)s)")
     pull.set_defaults(handler=run_pull)
 
@@ -130,13 +132,13 @@ def run_pull(args: argparse.Namespace) -> int:
     key = os.environ.get("LETHE_API_KEY", "").strip()
     if not key:
         return fail("set LETHE_API_KEY to the consumer's API key (models:read)")
-    if args.every <= 0 or args.timeout <= 0:
-        return fail("--every and --timeout must be positive")
+    if args.every <= 0 or args.timeout <= 0 or args.on_update_timeout <= 0:
+        return fail("--every, --timeout and --on-update-timeout must be positive")
     into = Path(args.into)
     if into.exists() and not into.is_dir():
         return fail(f"{into}: not a folder")
     puller = Puller(Pull(url=args.url, api_key=key, model=args.model, into=into, consumer=args.consumer,
-                         on_update=args.on_update, timeout=args.timeout))
+                         on_update=args.on_update, on_update_timeout=args.on_update_timeout, timeout=args.timeout))
     if args.once:
         try:
             outcome = puller.once()
@@ -147,6 +149,7 @@ def run_pull(args: argparse.Namespace) -> int:
               f"(sha256 {outcome.sha256[:12]}…){', acknowledged' if outcome.acknowledged else ''}", file=sys.stderr)
         return 0
     logging.basicConfig(level=logging.INFO, format="lethe pull: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     puller.forever(args.every, stop=lambda: bool(stopping))

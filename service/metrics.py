@@ -62,12 +62,15 @@ def database_metrics(session: Session) -> Iterator[Metric]:
         by_status.add_metric([status], count)
     yield by_status
     yield GaugeMetricFamily("lethe_deletion_requests_at_risk",
-                            "Unfinished requests with less than 25 % of their window left, not yet overdue",
+                            "Requests not yet propagated (or ended) with less than 25 % of their window left, "
+                            "not yet overdue",
                             value=totals.at_risk)
-    yield GaugeMetricFamily("lethe_deletion_requests_overdue", "Unfinished requests past their due date",
+    yield GaugeMetricFamily("lethe_deletion_requests_overdue", "Requests not yet propagated (or ended) past their due date",
                             value=totals.overdue)
     yield GaugeMetricFamily("lethe_pending_requests", "Requests waiting for or in a run (queued + running)",
                             value=totals.by_status[S.QUEUED] + totals.by_status[S.RUNNING])
+    yield GaugeMetricFamily("lethe_unpropagated_requests", "Completed requests some consumer of their model does "
+                            "not serve yet", value=totals.by_status[S.COMPLETED])
     yield from queue_metrics(session)
     yield run_duration_histogram(session)
     versions = GaugeMetricFamily("lethe_model_current_version", "The version the alias current points at",

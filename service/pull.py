@@ -9,6 +9,7 @@ The folder (``--into``)::
     v3-1f2e3d4c5b6a/model.json        the card, as the registry holds it
     v3-1f2e3d4c5b6a/version.json      {"model", "version", "sha256", "size"}
     .pull-state.json                  what is served and whether it was acknowledged
+    .pull.lock                        held during a poll: one lethe pull per folder
     .partial/                         downloads in progress (resumed with Range after a crash)
 
 A poll: ``GET /models/current`` with ``If-None-Match`` (304: nothing new); a new version's weights
@@ -21,6 +22,7 @@ without the database, the web framework or the engine (an import contract says s
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,9 +42,11 @@ import httpx
 log = logging.getLogger("lethe.pull")
 
 STATE = ".pull-state.json"
+LOCK = ".pull.lock"
 PARTIAL = ".partial"
 CURRENT = "current"
 CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _OURS = re.compile(r"v\d+-[0-9a-f]{12}|\.staging-v\d+-[0-9a-f]{12}-.+")  # folders this module made
 
 
@@ -53,8 +58,8 @@ class PullError(Exception):
 class Pull:
     """Where to pull from and into. ``consumer``: the name it was registered under (None: pull
     without acknowledging). ``on_update``: a shell command run after each swap, with
-    LETHE_MODEL_DIR, LETHE_MODEL_VERSION and LETHE_MODEL_SHA256 set; the version is acknowledged
-    only once it exits 0."""
+    LETHE_MODEL_DIR, LETHE_MODEL_VERSION and LETHE_MODEL_SHA256 set, stopped after
+    ``on_update_timeout`` seconds; the version is acknowledged only once it exits 0."""
 
     url: str
     api_key: str
@@ -62,6 +67,7 @@ class Pull:
     into: Path
     consumer: str | None = None
     on_update: str | None = None
+    on_update_timeout: float = 300.0
     timeout: float = 30.0
 
 
@@ -84,24 +90,49 @@ class Puller:
     # --- one poll ------------------------------------------------------------------------------
 
     def once(self) -> Outcome:
-        """Bring the folder to the model's current version and acknowledge it. Raises PullError."""
-        self.into.mkdir(parents=True, exist_ok=True)
+        """Bring the folder to the model's current version and acknowledge it. Raises PullError,
+        for whatever went wrong (the server, its answer, the disk): a daemon logs it and polls again."""
+        try:
+            self.into.mkdir(parents=True, exist_ok=True)
+            with _folder_lock(self.into):
+                return self._poll()
+        except OSError as exc:
+            raise PullError(f"{self.into}: {exc.strerror or exc} ({type(exc).__name__}); the current model is "
+                            "untouched") from exc
+
+    def _poll(self) -> Outcome:
         state = self._state()
         headers = {"If-None-Match": f'"{state["sha256"]}"'} if state.get("sha256") and self._served_dir() else {}
         answer = self._get("/models/current", params={"model": self.pull.model}, headers=headers)
         if answer.status_code == 304:
             return self._settle(state, updated=False)
-        current = answer.json()
-        version, sha256, size = current["version"], current["sha256"], current["size"]
-        if current.get("download_url") is None:
-            raise PullError(f"version {version} of {self.pull.model} has no weights to download")
-        weights = self._download(current["download_url"], sha256, size)
+        version, sha256, size, url = self._current(answer)
+        weights = self._download(url, sha256, size)
         card = self._get(f"/models/{self.pull.model}/versions/{version}/card").content
         folder = self._install(version, sha256, size, weights, card)
         state = {"model": self.pull.model, "version": version, "sha256": sha256, "folder": folder.name,
                  "hook_ok": self.pull.on_update is None, "acknowledged": False}
         self._write_state(state)
         return self._settle(state, updated=True)
+
+    def _current(self, answer: httpx.Response) -> tuple[int, str, int, str]:
+        """The answer's version, sha256, size and download path, each checked before it names a
+        file or a URL: a broken or hostile server must not steer a path or the API key elsewhere."""
+        try:
+            body = answer.json()
+            version, sha256, size, url = body["version"], body["sha256"], body["size"], body["download_url"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PullError(f"GET /models/current did not answer a model version ({type(exc).__name__}: {exc})") from exc
+        if url is None:
+            raise PullError(f"version {version} of {self.pull.model} has no weights to download")
+        checks = (isinstance(version, int) and not isinstance(version, bool) and version >= 1,
+                  isinstance(sha256, str) and _SHA256.fullmatch(sha256) is not None,
+                  isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+                  isinstance(url, str) and url == f"/models/{self.pull.model}/versions/{version}/weights")
+        if not all(checks):
+            raise PullError("GET /models/current answered a version, sha256, size or download URL that is not "
+                            "this model's; nothing was downloaded")
+        return version, sha256, size, url
 
     def _settle(self, state: dict, updated: bool) -> Outcome:
         """After the swap (this poll's or an interrupted earlier one's): reload, delete the old
@@ -131,35 +162,29 @@ class Puller:
         if have > size:
             target.unlink()
             have = 0
-        digest = hashlib.sha256()
-        if have:
-            with target.open("rb") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha256}"'} if 0 < have < size else {}
         if have < size:
             try:
-                digest = self._fetch(url, headers, target, have, digest, size)
+                self._fetch(url, headers, target, have, size)
             except httpx.HTTPError as exc:  # what arrived stays in .partial: the next poll resumes from it
                 raise PullError(f"downloading the weights of {sha256[:12]}… stopped after "
                                 f"{target.stat().st_size if target.exists() else 0} of {size} bytes "
                                 f"({exc or type(exc).__name__}); the next poll resumes") from exc
-        got = target.stat().st_size
-        if got != size or digest.hexdigest() != sha256:
+        got, digest = target.stat().st_size, _file_sha256(target)  # what is on disk is what gets served
+        if got != size or digest != sha256:
             target.unlink()  # never resumed from: its bytes are wrong
             raise PullError(f"the downloaded weights do not match the registry (size {got} of {size}, sha256 "
-                            f"{digest.hexdigest()[:12]}… not {sha256[:12]}…); the current model is untouched")
+                            f"{digest[:12]}… not {sha256[:12]}…); the current model is untouched")
         return target
 
-    def _fetch(self, url: str, headers: dict[str, str], target: Path, have: int, digest, size: int):
-        """Append the rest of the weights to ``target`` (all of them, if the server sends them
-        whole); the sha256 of the whole file so far."""
+    def _fetch(self, url: str, headers: dict[str, str], target: Path, have: int, size: int) -> None:
+        """Append the rest of the weights to ``target`` (all of them, if the server sends them whole)."""
         with self.client.stream("GET", url, headers=headers, follow_redirects=True) as response:
             if response.status_code not in (200, 206):
                 response.read()
                 raise PullError(f"downloading version weights: HTTP {response.status_code} {_detail(response)}")
-            if response.status_code == 200 and have:  # the server sent the whole file again
-                have, digest = 0, hashlib.sha256()
+            if response.status_code == 200:  # the server sent the whole file (again)
+                have = 0
             with target.open("r+b" if have else "wb") as f:
                 f.seek(have)
                 f.truncate()
@@ -167,10 +192,8 @@ class Puller:
                     if f.tell() + len(chunk) > size:  # never more than the registry says: a full disk serves nobody
                         break
                     f.write(chunk)
-                    digest.update(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-        return digest
 
     # --- the folder ----------------------------------------------------------------------------
 
@@ -226,9 +249,15 @@ class Puller:
     def _run_hook(self, state: dict) -> None:
         if self.pull.on_update is None:
             return
-        env = {**os.environ, "LETHE_MODEL_DIR": str(self.into / CURRENT), "LETHE_MODEL_VERSION": str(state["version"]),
-               "LETHE_MODEL_SHA256": state["sha256"]}
-        done = subprocess.run(self.pull.on_update, shell=True, env=env, check=False)
+        env = {**os.environ, "LETHE_MODEL_DIR": str(self.into.absolute() / CURRENT),
+               "LETHE_MODEL_VERSION": str(state["version"]), "LETHE_MODEL_SHA256": state["sha256"]}
+        try:
+            done = subprocess.run(self.pull.on_update, shell=True, env=env, check=False,
+                                  timeout=self.pull.on_update_timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise PullError(f"--on-update ran past {self.pull.on_update_timeout:g} s and was stopped; version "
+                            f"{state['version']} is in place but not acknowledged (the hook runs again on the next "
+                            "poll)") from exc
         if done.returncode != 0:
             raise PullError(f"--on-update exited {done.returncode}; version {state['version']} is in place but not "
                             "acknowledged (the hook runs again on the next poll)")
@@ -265,6 +294,28 @@ class Puller:
             deadline = time.monotonic() + every
             while time.monotonic() < deadline and not stop():
                 time.sleep(min(0.5, every))
+
+
+@contextmanager
+def _folder_lock(into: Path):
+    """One poll at a time per folder: a second ``lethe pull`` on it fails its poll, never shares a download."""
+    with open(into / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise PullError(f"another lethe pull is polling {into}; one per folder") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _detail(response: httpx.Response) -> str:

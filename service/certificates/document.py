@@ -130,8 +130,14 @@ def _serving(session: Session, row: DeletionRequest) -> dict[str, Any]:
         event = session.scalar(select(AuditEvent).where(AuditEvent.request_id == row.id,
                                                         AuditEvent.event == "status:propagated"))
         detail = event.detail if event is not None and event.detail else {}
-        return {"propagated": True, "consumers": detail.get("consumers", []), "note": detail.get("note")}
-    return {"propagated": False, "consumers": [c.to_dict() for c in confirmations(session, row)], "note": None}
+        # A consumer that went back to an older version after that serves the class again: said too.
+        again = session.scalars(select(AuditEvent).where(AuditEvent.request_id == row.id,
+                                                         AuditEvent.event == "served_again")
+                                .order_by(AuditEvent.id)).all()
+        return {"propagated": True, "consumers": detail.get("consumers", []), "note": detail.get("note"),
+                "served_again": [{**(e.detail or {}), "at": _time(e.at)} for e in again]}
+    return {"propagated": False, "consumers": [c.to_dict() for c in confirmations(session, row)], "note": None,
+            "served_again": []}
 
 
 def _commitment(row: DeletionRequest) -> dict[str, Any] | None:

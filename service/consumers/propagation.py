@@ -8,6 +8,7 @@ consumers existed, a crash between commit and check)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from service.consumers.models import Acknowledgement, Consumer
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
-from service.deletion_requests.transitions import transition
+from service.deletion_requests.transitions import record, transition
 from service.registry.models import ModelVersion
 from service.registry.service import lock_model
 
+log = logging.getLogger("lethe.consumers")
 NO_CONSUMERS = "the model has no registered consumers: no inference service reported serving an earlier version"
 
 
@@ -77,17 +79,36 @@ def propagate(*, session: Session, model_id: str, actor: str) -> list[DeletionRe
     return moved
 
 
+def served_again(*, session: Session, model_id: str, consumer: str, version: int, actor: str) -> list[str]:
+    """A consumer now serves a version older than the one that fulfilled propagated requests: it
+    answers with their classes again. Their status stays (the erasure was shown done), and each gets
+    an audit event saying so, which their certificates then state; returns their ids."""
+    back = list(session.scalars(
+        select(DeletionRequest).join(ModelVersion, ModelVersion.id == DeletionRequest.fulfilled_version_id)
+        .where(DeletionRequest.model_id == model_id, DeletionRequest.status == S.PROPAGATED,
+               ModelVersion.version > version)))
+    for request in back:
+        record(session=session, request=request, event="served_again", actor=actor,
+               detail={"consumer": consumer, "version": version})
+    if back:
+        log.warning("consumer %s of model %s went back to version %d: %d propagated request(s) are served again",
+                    consumer, model_id, version, len(back))
+    return [r.id for r in back]
+
+
 def _needed(session: Session, request: DeletionRequest) -> int:
     return session.get(ModelVersion, request.fulfilled_version_id).version
 
 
 def _served(session: Session, consumers: list[Consumer]) -> dict[str, list[tuple[int, datetime]]]:
-    """Each consumer's acknowledgements as (version, when), oldest first."""
+    """Each consumer's acknowledgements since it was (last) registered, as (version, when), oldest first."""
     served: dict[str, list[tuple[int, datetime]]] = {c.id: [] for c in consumers}
+    since = {c.id: c.created_at for c in consumers}
     rows = session.execute(select(Acknowledgement.consumer_id, Acknowledgement.version, Acknowledgement.at)
                            .where(Acknowledgement.consumer_id.in_(list(served))).order_by(Acknowledgement.id))
     for consumer_id, version, at in rows:
-        served[consumer_id].append((version, at))
+        if at >= since[consumer_id]:
+            served[consumer_id].append((version, at))
     return served
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.auth.models import ApiKey
 from service.auth.service import has_scope
 from service.consumers.models import Acknowledgement, Consumer
-from service.consumers.propagation import live_consumers, propagate
+from service.consumers.propagation import live_consumers, propagate, served_again
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest
 from service.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -38,14 +38,21 @@ class Serving:
 
 def register(*, session: Session, model: RegisteredModel, name: str, api_key_name: str, actor: str) -> Consumer:
     if not NAME_PATTERN.fullmatch(name):
-        raise InvalidInput("a consumer's name is 1-64 letters, digits, '.', '_' or '-'")
-    if session.scalar(select(ApiKey.id).where(ApiKey.name == api_key_name)) is None:
+        raise InvalidInput("a consumer's name is 1-64 lowercase letters, digits, '.', '_' or '-', starting with a "
+                           "letter or digit")
+    key = session.scalar(select(ApiKey).where(ApiKey.name == api_key_name))
+    if key is None:
         raise InvalidInput(f"no API key named {api_key_name!r}: create it first (lethe keys create)")
+    if not has_scope(key, "models:read"):  # it could never read the version it should acknowledge
+        raise InvalidInput(f"the key {api_key_name!r} lacks models:read, which a consumer needs to pull and acknowledge")
     existing = session.scalar(select(Consumer).where(Consumer.model_id == model.id, Consumer.name == name))
     if existing is not None and existing.removed_at is None:
         raise Conflict(f"model {model.name} has a consumer named {name!r} already")
-    if existing is not None:  # the same service back: its history goes on, and it is awaited again
+    if existing is not None:
+        # The same service back: its history stays, but it serves nothing until it acknowledges
+        # again (what it said before its removal may no longer be true).
         existing.removed_at, existing.api_key_name, existing.created_by = None, api_key_name, actor
+        existing.created_at = utcnow()
         return existing
     consumer = Consumer(model_id=model.id, name=name, api_key_name=api_key_name, created_by=actor)
     session.add(consumer)
@@ -81,7 +88,9 @@ def acknowledge(*, session: Session, model: RegisteredModel, consumer: Consumer,
                           at=utcnow(), by=key.name)
     session.add(ack)
     session.flush()
-    propagate(session=session, model_id=model.id, actor=f"consumer:{consumer.name}")
+    actor = f"consumer:{consumer.name}"
+    propagate(session=session, model_id=model.id, actor=actor)
+    served_again(session=session, model_id=model.id, consumer=consumer.name, version=row.version, actor=actor)
     return ack
 
 
@@ -99,5 +108,6 @@ def history(*, session: Session, consumer: Consumer) -> list[tuple[Acknowledgeme
 
 
 def _last(session: Session, consumer: Consumer) -> Acknowledgement | None:
-    return session.scalar(select(Acknowledgement).where(Acknowledgement.consumer_id == consumer.id)
+    return session.scalar(select(Acknowledgement).where(Acknowledgement.consumer_id == consumer.id,
+                                                        Acknowledgement.at >= consumer.created_at)
                           .order_by(Acknowledgement.id.desc()).limit(1))

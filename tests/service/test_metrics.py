@@ -63,6 +63,7 @@ def test_at_risk_overdue_and_pending_work_follow_the_dashboards_rule(client, see
     assert samples["lethe_deletion_requests_at_risk"][()] == 1  # due in 3 days of 30
     assert samples["lethe_deletion_requests_overdue"][()] == 1
     assert samples["lethe_pending_requests"][()] == 2
+    assert samples["lethe_unpropagated_requests"][()] == 0  # the seeded one propagated at once (no consumers)
     assert samples["lethe_models_with_queued_requests"][()] == 1
     assert samples["lethe_oldest_queued_request_age_seconds"][()] > 0
     assert samples["lethe_database_up"][()] == 1

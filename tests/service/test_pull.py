@@ -213,3 +213,62 @@ def test_the_command_says_what_went_wrong_in_one_line_with_its_exit_code(backend
     assert done.returncode == 0, done.stderr
     assert "now serving digits version 1" in done.stderr and "acknowledged" in done.stderr
     assert served(tmp_path / "m")["version"] == 1
+
+
+class Answering(httpx.BaseTransport):
+    """A server that answers GET /models/current with ``body`` (a broken or hostile registry)."""
+
+    def __init__(self, body: bytes, content_type: str = "application/json") -> None:
+        self.body, self.content_type, self.paths = body, content_type, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return httpx.Response(200, content=self.body, headers={"content-type": self.content_type})
+
+
+GOOD = {"version": 2, "sha256": "a" * 64, "size": 10, "download_url": "/models/digits/versions/2/weights"}
+
+
+@pytest.mark.parametrize("body", [
+    b"<html>502 Bad Gateway</html>", b"[1, 2]", json.dumps({**GOOD, "sha256": None}).encode(),
+    json.dumps({k: v for k, v in GOOD.items() if k != "size"}).encode(),
+    json.dumps({**GOOD, "size": "10"}).encode(),
+    json.dumps({**GOOD, "sha256": "/tmp/victim"}).encode(),  # a path, not a digest
+    json.dumps({**GOOD, "version": "1/../../escaped"}).encode(),
+    json.dumps({**GOOD, "download_url": "https://elsewhere.example/steal-the-key"}).encode(),
+], ids=["html", "list", "no sha256", "no size", "size as text", "sha256 a path", "version a path", "foreign url"])
+def test_an_answer_that_is_not_this_models_version_is_a_failed_poll_that_touches_nothing(tmp_path, body):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    server = Answering(body)
+    pull = Pull(url="http://registry", api_key="k", model="digits", into=tmp_path / "m", consumer="search")
+    with pytest.raises(PullError):
+        Puller(pull, httpx.Client(base_url="http://registry", transport=server)).once()
+    assert server.paths == ["/models/current"]  # nothing downloaded, nothing acknowledged
+    assert victim.read_text() == "keep me" and not (tmp_path / "m" / "current").exists()
+
+
+def test_a_daemon_logs_a_failed_poll_and_polls_again(tmp_path, caplog):
+    server = Answering(b"<html>502 Bad Gateway</html>", "text/html")
+    pull = Pull(url="http://registry", api_key="k", model="digits", into=tmp_path / "m")
+    Puller(pull, httpx.Client(base_url="http://registry", transport=server)).forever(
+        0.01, stop=lambda: len(server.paths) >= 3)
+    assert len(server.paths) == 3 and "did not answer a model version" in caplog.text
+
+
+def test_one_poll_at_a_time_per_folder(client, model, consumer, tmp_path):
+    into = tmp_path / "models"
+    into.mkdir()
+    import fcntl
+    with open(into / ".pull.lock", "a") as held:  # another lethe pull is polling
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(PullError, match="another lethe pull"):
+            puller(client, consumer, into).once()
+    assert puller(client, consumer, into).once().version == 1
+
+
+def test_a_hook_that_hangs_is_stopped_and_the_version_stays_unacknowledged(client, admin, model, consumer, tmp_path):
+    into = tmp_path / "models"
+    with pytest.raises(PullError, match="ran past 0.5 s"):
+        puller(client, consumer, into, on_update="sleep 30", on_update_timeout=0.5).once()
+    assert served(into)["version"] == 1 and acknowledged(client, admin) == []

@@ -27,12 +27,13 @@ from tests.service_fixtures import make_key, register_digits, request_body, wait
 
 
 class SlowLink:
-    """A TCP proxy to the API that passes the answers on at ``rate`` bytes a second, so that a
-    download lasts long enough to kill the process that makes it; it records each request's first
-    lines (method, path, Range)."""
+    """A TCP proxy to the API that, once ``slow`` is set, passes the answers on at ``rate`` bytes
+    a second, so that a download lasts long enough to kill the process that makes it; it records
+    each request's first lines (method, path, Range)."""
 
     def __init__(self, upstream_port: int, rate: int) -> None:
         self.upstream_port, self.rate, self.requests = upstream_port, rate, []
+        self.slow = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -53,7 +54,7 @@ class SlowLink:
                 if not throttled:
                     self.requests.append(data.decode("latin-1").split("\r\n\r\n")[0])
                 sink.sendall(data)
-                if throttled:
+                if throttled and self.slow.is_set():
                     time.sleep(len(data) / self.rate)
         except OSError:
             pass
@@ -124,6 +125,7 @@ def test_a_request_propagates_only_once_both_consumers_pulled_and_acknowledged_i
         wait_for(lambda: serving("search") == 1 and serving("ranking") == 1, 90,
                  message=f"both consumers on version 1; logs:\n{pulls[0].output()}\n{pulls[1].output()}")
 
+        link.slow.set()
         request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
         worker = start_worker()
 

@@ -229,3 +229,35 @@ def test_two_consumers_acknowledging_at_once_propagate_it(backend, client, admin
 def _in_a_transaction(backend, work, *args) -> None:
     with session_scope(backend.settings.database) as session:
         work(session, *args)
+
+
+def test_a_consumer_back_on_an_older_version_after_propagation_is_on_the_record(backend, client, admin, model, digits):
+    search = consumer(client, admin, backend, "search")
+    request_id = submitted(client, admin, digits)
+    v2 = completed_by_a_new_version(backend, request_id)
+    ack(client, search, "search", v2)
+    assert status(client, admin, request_id)["status"] == "propagated"
+    ack(client, search, "search", {"version": 1, "sha256": model["sha256"]})  # a rollback: the class is served again
+    last = events(backend, request_id)[-1]
+    assert (last.event, last.detail, last.actor) == ("served_again", {"consumer": "search", "version": 1},
+                                                     "consumer:search")
+    with session_scope(backend.settings.database) as session:
+        from service.certificates.document import statements
+        said = statements(session, session.get(DeletionRequest, request_id), "https://lethe.test")
+    assert said["serving"]["propagated"] is True and said["serving"]["served_again"][0]["version"] == 1
+
+
+def test_a_consumer_registered_again_serves_nothing_until_it_acknowledges_again(backend, client, admin, model, digits):
+    search = consumer(client, admin, backend, "search")
+    ack(client, search, "search", {"version": 1, "sha256": model["sha256"]})
+    assert client.delete("/models/digits/consumers/search", headers=admin).status_code == 204
+    assert client.post("/models/digits/consumers", headers=admin,
+                       json={"name": "search", "api_key": key_name(backend, search)}).json()["serving"] is None
+    assert len(client.get("/models/digits/consumers/search/acknowledgements", headers=admin).json()) == 1  # kept
+
+
+def test_a_consumer_needs_a_key_that_can_read_models(backend, client, admin, model):
+    writer = make_key(backend.settings, "requests:write")
+    response = client.post("/models/digits/consumers", headers=admin,
+                           json={"name": "search", "api_key": key_name(backend, writer)})
+    assert response.status_code == 422 and "models:read" in response.json()["detail"]
