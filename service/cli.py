@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 EXIT_BAD_INPUT = 2
+UNLEARN_HELP = "forget classes of a model package and write a new package"
 EXIT_TARGET_MISSED = 3
 EXIT_PULL_FAILED = 4  # lethe pull --once: the poll failed, the folder is as it was
 
@@ -26,7 +27,10 @@ EXIT_PULL_FAILED = 4  # lethe pull --once: the poll failed, the folder is as it 
 def main(argv: list[str] | None = None) -> int:
     from service.config import SettingsError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # The unlearn command's options come from the engine (torch, peft: ~6 s to import); the other
+    # commands, `lethe pull` on every cron tick among them, do not pay for them.
+    parser = build_parser(engine_options=not argv or argv[0] == "unlearn")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -41,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(engine_options: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lethe", description="Make trained image classifiers forget classes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_unlearn_command(commands)
+    if engine_options:
+        add_unlearn_command(commands)
+    else:
+        commands.add_parser("unlearn", help=UNLEARN_HELP, add_help=False)
     add_service_commands(commands)
     return parser
 
@@ -318,7 +325,7 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
 
     defaults = UnlearnConfig()
     p = commands.add_parser(
-        "unlearn", help="forget classes of a model package and write a new package",
+        "unlearn", help=UNLEARN_HELP,
         description="Forget one or more classes of a model package (low-rank unlearning, no retain data) "
                     "and write the merged model as a new package with a JSON report.",
         epilog="A face model with few images of the person (benchmarks/README.md, 'Few images'): "
