@@ -22,7 +22,7 @@ from service.deletion_requests.transitions import transition
 from service.webhooks.delivery import deliver_due
 from service.webhooks.models import WebhookDelivery
 from service.webhooks.targets import TargetRefused, check_target
-from tests.service_fixtures import make_key, register_digits, request_body, with_env
+from tests.service_fixtures import make_key, register_digits, request_body, settings_from, with_env
 
 
 class Receiver:
@@ -216,3 +216,17 @@ def test_webhooks_need_their_own_scope(backend, allowed):
     assert client.get("/webhooks", headers=reader).status_code == 403
     writer = make_key(backend.settings, "webhooks:write")
     assert client.get("/webhooks", headers=writer).status_code == 200
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # the relay's check, the same on either backend
+def test_a_target_no_longer_allowed_is_refused_at_delivery_and_gets_nothing(backend, allowed, admin, receiver, digits,
+                                                                            digits_model):
+    """Checked again at every attempt: an operator who takes a host off the list stops its deliveries."""
+    settings, client = allowed
+    subscribe(client, admin, receiver.url, ["deletion_request.queued"])
+    assert register_digits(client, admin, digits_model).status_code == 201
+    client.post("/deletion-requests", headers=admin, json=request_body(digits))
+    no_longer = settings_from({**backend.env, "LETHE_WEBHOOK_ALLOWED_HOSTS": ""})
+    assert deliver_due(no_longer) == {"delivered": 0, "retrying": 0, "failed": 1}
+    (delivery,) = deliveries(settings)
+    assert delivery.status == "failed" and "LETHE_WEBHOOK_ALLOWED_HOSTS" in delivery.last_error and receiver.received == []
