@@ -74,6 +74,7 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
         found["evaluation"] = {
             "measured_on": _measured_on(evaluation.get("half", "whole")),
             "half": evaluation.get("half", "whole"), "images": evaluation["images"],
+            "class_images": (evaluation.get("per_class_images") or {}).get(cls),  # None: a run before they were recorded
             "class_accuracy_before": (evaluation.get("per_class_before") or {}).get(cls),
             "class_accuracy_after": (evaluation.get("per_class_after") or {}).get(cls),
             "retained_accuracy_before": evaluation.get("acc_r_before"),

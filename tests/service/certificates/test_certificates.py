@@ -70,6 +70,7 @@ def test_a_completed_request_has_a_certificate_that_verifies_with_the_published_
     assert evidence["forget_set"]["accuracy_before"] > 50 and evidence["forget_set"]["accuracy_after"] <= 1.0
     # Judged on the audit half; the selection half only chose the checkpoint.
     assert evidence["evaluation"]["half"] == "audit" and evidence["checkpoint_selection"]["half"] == "selection"
+    assert 0 < evidence["evaluation"]["class_images"] < evidence["evaluation"]["images"]  # the figure's resolution
     assert evidence["evaluation"]["images"] + evidence["checkpoint_selection"]["images"] == sum(
         1 for _ in digits.test.rglob("*.png"))
     assert evidence["generalisation_check"]["held_back"] > 0 and said["gate"]["passed"] is True

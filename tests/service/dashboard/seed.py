@@ -42,6 +42,7 @@ def completed_run_metrics() -> dict:
             "forget_acc_after": {"3": 0.7}, "cumulative_retain_drop": 1.5,
             "evaluation": {"images": 360, "acc_f_before": 97.2, "acc_f_after": 0.0, "acc_r_before": 96.3,
                            "acc_r_after": 94.8, "per_class_before": PER_CLASS_BEFORE, "per_class_after": after,
+                           "per_class_images": {c: 36 for c in PER_CLASS_BEFORE},
                            "half": "audit"},
             "residual_knowledge": {"3": {
                 "measured_on": "audit",

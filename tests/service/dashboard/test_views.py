@@ -371,6 +371,7 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     done, waiting = seeded.ids["done"], seeded.ids["due-in-20"]
     detail = client.get(f"/dashboard/requests/{done}").text
     assert "/certificate" in detail and "audit half, 360 images" in detail
+    assert "36 images of the class: one is 2.8 points" in detail  # the figure's resolution beside it
     assert "Linear probe on its features" in detail and "71.2 %" in detail and "10-shot fine-tuning" in detail
     assert "/certificate" not in client.get(f"/dashboard/requests/{waiting}").text
     page = client.get(f"/dashboard/requests/{done}/certificate")

@@ -222,6 +222,7 @@ def test_the_evaluation_block_has_per_class_accuracy_before_and_after(digits_mod
     assert set(evaluation.per_class_before) == set(CLASSES)
     assert evaluation.acc_f_before == pytest.approx(evaluation.per_class_before[FORGET])
     assert evaluation.acc_f_after == pytest.approx(evaluation.per_class_after[FORGET])
+    assert evaluation.per_class_images[FORGET] > 0 and sum(evaluation.per_class_images.values()) == evaluation.images
     assert evaluation.acc_f_after < evaluation.acc_f_before
 
 
