@@ -242,6 +242,13 @@ def register_digits(client: TestClient, headers: dict[str, str], package: Path, 
         return client.post("/models", headers=headers, data=data, files={"card": card, "weights": weights})
 
 
+def registered_digits(client: TestClient, headers: dict[str, str], package: Path) -> dict:
+    """The digits model registered as version 1; the API's answer."""
+    response = register_digits(client, headers, package)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def request_body(digits, external_id: str = "subject-1", forget_class: str = "3", model: str = "digits",
                  uri: str | None = None) -> dict:
     return {"external_id": external_id, "model": model, "forget_class": forget_class,

@@ -25,14 +25,12 @@ from service.registry.models import RegisteredModel
 from service.registry.service import current_version, publish_version
 from service.registry.storage import artifact_store
 from tests.service.consumers.test_propagation import key_name
-from tests.service_fixtures import make_key, register_digits
+from tests.service_fixtures import make_key, registered_digits
 
 
 @pytest.fixture
 def model(client, admin, digits_model) -> dict:
-    response = register_digits(client, admin, digits_model)
-    assert response.status_code == 201
-    return response.json()
+    return registered_digits(client, admin, digits_model)
 
 
 @pytest.fixture

@@ -10,14 +10,12 @@ from service.auth.service import authenticate
 from service.db import session_scope
 from service.registry.models import RegisteredModel
 from service.registry.service import publish_version
-from tests.service_fixtures import make_key, register_digits
+from tests.service_fixtures import make_key, registered_digits
 
 
 @pytest.fixture
 def model(client, admin, digits_model) -> dict:
-    response = register_digits(client, admin, digits_model)
-    assert response.status_code == 201
-    return response.json()
+    return registered_digits(client, admin, digits_model)
 
 
 @pytest.fixture

@@ -19,21 +19,19 @@ from service.registry.models import RegisteredModel
 from service.registry.service import current_version, publish_version
 from service.webhooks.models import WebhookDelivery
 from tests.service.deletion_requests.test_races import only_on_postgres, waiting_for_a_lock
-from tests.service_fixtures import make_key, register_digits, request_body, with_env
+from tests.service_fixtures import make_key, registered_digits, request_body, with_env
 from worker.runs.sweep import sweep
+
+
+@pytest.fixture
+def model(client, admin, digits_model) -> dict:
+    return registered_digits(client, admin, digits_model)
 
 
 @pytest.fixture
 def backend(backend):
     """Each backend with 127.0.0.1 allowed as a webhook target: the outbox shows the event."""
     return with_env(backend, LETHE_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
-
-
-@pytest.fixture
-def model(client, admin, digits_model) -> dict:
-    response = register_digits(client, admin, digits_model)
-    assert response.status_code == 201
-    return response.json()
 
 
 def consumer(client, admin, backend, name: str) -> dict[str, str]:
