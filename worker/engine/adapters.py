@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from worker.engine.errors import UnsupportedModelError
 
@@ -93,3 +96,29 @@ def merge_lora(model: PeftModel) -> torch.nn.Module:
     Keeping A and B next to W' would let anyone compute W0 = W' - B @ A and undo the forgetting.
     """
     return model.merge_and_unload()
+
+
+@contextmanager
+def merged_view(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, ``model`` computes what ``merge_lora`` would write (W0 + B @ A, merged the
+    same way); after it, the adapters and base weights are exactly as before (restored from a copy,
+    not by subtracting B @ A again, which would not give W0 back bit for bit).
+
+    The stop rule is judged this way: measured through the unmerged adapters (W0 x + B A x), an
+    image at the boundary can be forgotten and flip back once the update is merged, and the run
+    would write weights that miss the target it stopped on (seen on an AMX CPU in bf16: 1.8 % on a
+    run that stopped at 0.9 %). A model without adapters is measured as it is.
+    """
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.get_base_layer().weight.copy_(weight)

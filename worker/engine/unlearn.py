@@ -23,6 +23,7 @@ from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, 
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package, write_package
 from worker.engine.runtime import PeakMemory, Runtime, pick_runtime
+from worker.engine.timings import Timings
 
 
 WHOLE = "whole"  # the evaluation set uncut (no halves)
@@ -94,6 +95,9 @@ class UnlearnReport:
     anchor_images: int  # images in the anchor source (0: none)
     selection: dict[str, Any] | None
     history: list[dict[str, Any]]
+    # Where total_seconds went: {phase: {"seconds", "count"}}, each phase's seconds without those
+    # nested in it (timings.py); the caller's own phases too when it passed its Timings.
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +122,7 @@ class UnlearnResult:
 
 def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
             on_progress: Callable[[Progress], None] | None = None,
-            should_cancel: Callable[[], bool] | None = None) -> UnlearnResult:
+            should_cancel: Callable[[], bool] | None = None, timings: Timings | None = None) -> UnlearnResult:
     """Forget one or more classes of a model package.
 
     Every input is read and checked before training starts: the package, each forget set, the
@@ -131,18 +135,25 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
             check's fold runs from the run itself).
         should_cancel: polled before every step; when it returns True the run raises
             ``UnlearningCancelled``.
+        timings: where the run's phases are timed (the caller's, to time its own phases around
+            this one); the report's ``timings`` holds them either way.
     """
     config.check_inputs(inputs)
+    timings = timings if timings is not None else Timings()
     runtime = pick_runtime(config.device, config.precision)
     started = time.perf_counter()
-    with PeakMemory(runtime.device) as memory:
-        package = load_package(inputs.model)
+    with PeakMemory(runtime.device) as memory, timings.phase("engine"):
+        with timings.phase("load package"):
+            package = load_package(inputs.model)
         card = package.card
         class_indices = tuple(card.class_index(f.class_name) for f in inputs.forget)
         reader = ImageReader(inputs.read_limits, config.skip_bad_images, should_cancel)
-        forget_sets = [read_forget_set(f, card.input, reader) for f in inputs.forget]
+        with timings.phase("read forget sets"):
+            forget_sets = [read_forget_set(f, card.input, reader) for f in inputs.forget]
         skipped = {f"forget:{f.class_name}": list(s.skipped) for f, s in zip(inputs.forget, forget_sets) if s.skipped}
-        eval_data = _labelled(inputs.eval_source, "eval", card, reader, runtime, skipped) if inputs.eval_source else None
+        with timings.phase("read evaluation set"):
+            eval_data = (_labelled(inputs.eval_source, "eval", card, reader, runtime, skipped)
+                         if inputs.eval_source else None)
         # With halves, the checkpoint is selected on one half and judged on the other (halves.py).
         selection_data = eval_data
         if eval_data is not None and config.eval_halves:
@@ -157,36 +168,43 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         if retain_data is not None and torch.isin(retain_data.labels, torch.tensor(class_indices)).any():
             raise ImageSourceError(f"{inputs.retain_source}: the retain source holds images of a class being forgotten")
 
-        model = build_model(card, package.state_dict).to(runtime.device)
+        with timings.phase("build model"):
+            model = build_model(card, package.state_dict).to(runtime.device)
         forget = ForgetData(
             class_names=tuple(f.class_name for f in inputs.forget),
             class_indices=class_indices,
             images=tuple(normalise(s.pixels.to(runtime.device), card.input) for s in forget_sets),
             members=tuple(s.members for s in forget_sets),
         )
-        eval_before = _predict_labelled(model, eval_data, card, config, runtime)
-        forget_before = forget_set_accuracy(model, forget, runtime, config.eval_batch_size)
-        training = Training(config, card.input, runtime, retain_data, anchor, should_cancel)
-        holdout = (holdout_check(training, lambda: build_model(card, package.state_dict).to(runtime.device), forget,
-                                 on_progress) if config.holdout_folds else None)
+        with timings.phase("measure before"):
+            eval_before = _predict_labelled(model, eval_data, card, config, runtime)
+            forget_before = forget_set_accuracy(model, forget, runtime, config.eval_batch_size)
+        training = Training(config, card.input, runtime, retain_data, anchor, should_cancel, timings)
+        with timings.phase("generalisation check"):
+            holdout = (holdout_check(training, lambda: build_model(card, package.state_dict).to(runtime.device),
+                                     forget, on_progress) if config.holdout_folds else None)
 
         unlearning_started = time.perf_counter()
-        trained, loop, outcome = training.run(model, forget, forget_before, selection_data, on_progress)
+        with timings.phase("unlearn"):
+            trained, loop, outcome = training.run(model, forget, forget_before, selection_data, on_progress)
         # The stop rule's own measure (its views and probability bound) on the trained weights. It is
         # reported apart from the target: a run can forget its images (the target) without reaching
         # the margin it was asked to train for within max_steps (measured: 2 of 7 CIFAR-10 runs of 20
         # images); whether that forgetting generalises is the generalisation check's to say.
         stop_rule_met = loop.meets_target(loop.forget_accuracy())
         trainable_parameters = sum(p.numel() for p in loop.trainable)
-        merged = merge_lora(trained) if config.method_spec.adapters else trained
+        with timings.phase("merge adapters"):
+            merged = merge_lora(trained) if config.method_spec.adapters else trained
         merged.eval()
         seconds = time.perf_counter() - unlearning_started
 
         state_dict = _in_input_dtypes(merged, package.state_dict)
-        forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
-        eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
-        residual = (_residual_knowledge(lambda: build_model(card, package.state_dict).to(runtime.device), merged,
-                                        forget, eval_data, card, config) if config.evidence else None)
+        with timings.phase("measure after"):
+            forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
+            eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
+        with timings.phase("residual knowledge"):
+            residual = (_residual_knowledge(lambda: build_model(card, package.state_dict).to(runtime.device), merged,
+                                            forget, eval_data, card, config) if config.evidence else None)
 
     report = UnlearnReport(
         method=config.method,
@@ -220,6 +238,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
                     "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
                    if config.select_on_eval else None),
         history=outcome.history,
+        timings=timings.to_dict(),
     )
     lineage = {
         "parent_sha256": package.weights_sha256,
@@ -308,6 +327,7 @@ class Training:
     retain_data: LabelledData | None
     anchor: torch.Tensor | None
     should_cancel: Callable[[], bool] | None
+    timings: Timings = field(default_factory=Timings)
 
     def run(self, model: torch.nn.Module, forget: ForgetData, forget_before: list[float],
             eval_data: LabelledData | None = None, on_progress: Callable[[Progress], None] | None = None,
@@ -319,8 +339,9 @@ class Training:
         with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator; leave the caller's alone
             torch.manual_seed(config.seed)
             trained = _prepare_trainable(model, config)
-        loop = UnlearningLoop(trained, config, forget, self.spec, self.runtime, generator, eval_data,
-                              self.retain_data, self.anchor)
+        with self.timings.phase("set-up"):
+            loop = UnlearningLoop(trained, config, forget, self.spec, self.runtime, generator, eval_data,
+                                  self.retain_data, self.anchor, timings=self.timings)
         # Nothing left to forget, by the stop rule's own measure (its views and probability bound).
         if loop.meets_target(forget_before) and (loop.confirm_views is None and config.max_forget_prob >= 1.0
                                                  or loop.meets_target(loop.forget_accuracy())):

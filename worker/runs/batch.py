@@ -48,6 +48,8 @@ class RunContext:
     workdir: Path
     sources: LocalSources  # s3:// sets are downloaded under the run's folder
     heartbeat: Heartbeat
+    # Where the run's seconds go (worker.engine.timings.Timings; the engine times its own phases in it)
+    timings: Any
     # Forget-set facts read once per run: (package, class, sets) -> ForgetSetFacts (see prepare.facts)
     facts: dict[tuple, Any] = field(default_factory=dict)
 

@@ -41,25 +41,29 @@ def process_model(settings: Settings, model_id: str, worker_id: str) -> str | No
 
 def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
     from worker.engine import EngineError, UnlearningCancelled
+    from worker.engine.timings import Timings
 
     remove_stale_run_folders_safely()
     workdir, workdir_lock = make_run_folder()
     heartbeat = Heartbeat(settings, batch, worker_id)
     heartbeat.start()
+    timings = Timings()
     ctx = RunContext(settings, batch, worker_id, workdir, LocalSources(settings.allowed_data_roots, workdir / "sources"),
-                     heartbeat)
+                     heartbeat, timings)
     fields, started, outcome = run_fields(batch, worker_id), time.monotonic(), "finished"
     log.info("run started: model %s version %d, %d request(s)", batch.model_name, batch.version,
              len(batch.requests), extra=fields)
     try:
-        current = materialise_version(ctx, workdir / "current")
+        with timings.phase("fetch version"):
+            current = materialise_version(ctx, workdir / "current")
         heartbeat.check()
-        rejected = check_sources(ctx, current)
+        with timings.phase("check forget sets"):
+            rejected = check_sources(ctx, current)
         heartbeat.check()
         runnable = {rid: spec for rid, spec in batch.requests.items() if rid not in rejected}
         result = unlearn_batch(ctx, runnable, current) if runnable else None
         heartbeat.check()
-        finish(settings, batch, worker_id, rejected, runnable, result)
+        finish(settings, batch, worker_id, rejected, runnable, result, timings)
     except UnlearningCancelled:
         if heartbeat.timed_out and not (heartbeat.canceled or heartbeat.lost):
             outcome = "timed out"
@@ -83,5 +87,6 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         os.close(workdir_lock)
         seconds = round(time.monotonic() - started, 3)
+        # Each phase's seconds and count (benchmarks/request_latency.py reads them from this line).
         log.info("run %s: model %s in %.1f s", outcome, batch.model_name, seconds,
-                 extra={**fields, "outcome": outcome, "seconds": seconds})
+                 extra={**fields, "outcome": outcome, "seconds": seconds, "timings": timings.to_dict()})

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 
 from service.config import Settings
@@ -20,20 +21,25 @@ from worker.runs.batch import Batch
 from worker.runs.leases import back_to_queue, settling
 from worker.runs.train import BatchResult
 
+if TYPE_CHECKING:
+    from worker.engine.timings import Timings
+
 log = logging.getLogger("lethe.worker")
 
 
 def finish(settings: Settings, batch: Batch, worker_id: str, rejected: dict[str, str],
-           runnable: dict[str, tuple[str, str, int]], result: BatchResult | None) -> None:
+           runnable: dict[str, tuple[str, str, int]], result: BatchResult | None, timings: Timings | None = None) -> None:
     actor = f"worker:{worker_id}"
+    phase = timings.phase if timings is not None else (lambda name: nullcontext())
     sha256 = size = card = None
     if result is not None and result.package is not None and result.gate.passed:
-        store = artifact_store(settings)
-        incoming = store.new_incoming()
-        shutil.move(result.package / "model.safetensors", incoming)
-        sha256, size = store.put(incoming)
-        card = json.loads((result.package / "model.json").read_text())
-    with settling(settings, batch, worker_id, publishing=sha256 is not None) as held:
+        with phase("store candidate"):
+            store = artifact_store(settings)
+            incoming = store.new_incoming()
+            shutil.move(result.package / "model.safetensors", incoming)
+            sha256, size = store.put(incoming)
+            card = json.loads((result.package / "model.json").read_text())
+    with phase("settle"), settling(settings, batch, worker_id, publishing=sha256 is not None) as held:
         if held is not None:
             session, rows = held
             for request_id, reason in rejected.items():
@@ -146,7 +152,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
             "forget_acc_after", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
             "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
-            "anchor_images", "forget_duplicates", "forget_set_sha256", "gate_thresholds", "residual_knowledge")
+            "anchor_images", "forget_duplicates", "forget_set_sha256", "gate_thresholds", "residual_knowledge",
+            "timings")
     summary = {k: report[k] for k in keep if k in report}
     selection = report.get("selection")
     if selection:  # which half chose the checkpoint, not every evaluation along the way

@@ -52,16 +52,20 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     # counted once), not earlier classes forgotten again.
     smallest = min(distinct_images(ctx, current, to_forget).values())
     report, candidate = run_engine(ctx, current, to_forget, seed, smallest, ctx.workdir / "candidate")
-    rechecks = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
+    with ctx.timings.phase("re-check earlier classes"):
+        rechecks = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
     regressed = {c: [r["uri"]] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
     if regressed:  # forget those again, in the same run, from the same starting version
         report, candidate = run_engine(ctx, current, {**to_forget, **regressed}, seed, smallest,
                                        ctx.workdir / "candidate-2")
-        for cls, check in recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target).items():
+        with ctx.timings.phase("re-check earlier classes"):
+            again = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
+        for cls, check in again.items():
             rechecks[cls] = {**check, "forgotten_again": cls in regressed}
     report["rechecks"] = {c: {k: v for k, v in r.items() if k != "uri"} for c, r in rechecks.items()}
     trained = {r: spec for r, spec in runnable.items() if spec[0] in to_forget}
-    after = {r: f.accuracy for r, f in own_forget_facts(ctx, candidate, trained).items()}
+    with ctx.timings.phase("measure own sets on candidate"):
+        after = {r: f.accuracy for r, f in own_forget_facts(ctx, candidate, trained).items()}
     verdict = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
     for request_id, acc in after.items():
         if acc > target:  # this request's own photos, apart from the class's union
@@ -78,25 +82,34 @@ CHECK_SEED = 0
 
 def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], seed: int, smallest: int,
                out: Path) -> tuple[dict[str, Any], Path]:
-    from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn
+    from worker.engine import ForgetSpec, UnlearnInputs, unlearn
 
     settings, batch, sources = ctx.settings, ctx.batch, ctx.sources
-    config = UnlearnConfig(seed=seed, select_on_eval=batch.eval_set_uri is not None,
-                           eval_halves=batch.eval_set_uri is not None, evidence=batch.eval_set_uri is not None,
-                           holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
-                           check_seed=CHECK_SEED,
-                           **get_unlearn_settings().engine_settings(smallest))
+    config = run_config(settings, seed, smallest, with_eval_set=batch.eval_set_uri is not None)
     paths = {c: [str(sources.path(u)) for u in uris] for c, uris in classes.items()}
     inputs = UnlearnInputs(model=str(current),
                            forget=tuple(ForgetSpec(c, first, tuple(more)) for c, (first, *more) in paths.items()),
                            eval_source=str(sources.path(batch.eval_set_uri)) if batch.eval_set_uri else None,
                            anchor_source=str(sources.path(batch.anchor_set_uri)) if batch.anchor_set_uri else None,
                            read_limits=ctx.reader.limits)
-    result = unlearn(inputs, config, on_progress=ctx.heartbeat.on_progress, should_cancel=ctx.heartbeat.should_cancel)
-    result.save(str(out))
+    result = unlearn(inputs, config, on_progress=ctx.heartbeat.on_progress, should_cancel=ctx.heartbeat.should_cancel,
+                     timings=ctx.timings)
+    with ctx.timings.phase("write candidate"):
+        result.save(str(out))
     report = result.report.to_dict()
     report.pop("history", None)
     return report, out
+
+
+def run_config(settings, seed: int, smallest: int, with_eval_set: bool):
+    """The engine's config for a run: the method's setting for the forget sets' size (the smallest
+    set's different photos), the generalisation check, and with an evaluation set, selection on one
+    half, the gate and the evidence on the other."""
+    from worker.engine import UnlearnConfig
+
+    return UnlearnConfig(seed=seed, select_on_eval=with_eval_set, eval_halves=with_eval_set, evidence=with_eval_set,
+                         holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
+                         check_seed=CHECK_SEED, **get_unlearn_settings().engine_settings(smallest))
 
 
 def recheck_earlier(ctx: RunContext, candidate: Path, exclude: set[str], target: float) -> dict[str, dict[str, Any]]:

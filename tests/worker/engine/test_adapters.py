@@ -4,7 +4,8 @@ import pytest
 import timm
 import torch
 
-from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, lora_b_matrices, merge_lora
+from worker.engine.adapters import (attach_lora, find_target_layers, in_later_half, lora_b_matrices, merge_lora,
+                                    merged_view)
 from worker.engine.errors import UnsupportedModelError
 
 
@@ -98,3 +99,27 @@ def test_a_model_without_a_vit_s_numbered_blocks_keeps_every_layer():
     model = tiny_swin()  # numbers its blocks per stage: there is no "later half" of them
     layers = find_target_layers(model, ("qkv",))
     assert in_later_half(model, layers) == layers
+
+
+def test_the_merged_view_computes_what_merging_writes_and_leaves_the_adapters_exactly_as_they_were():
+    torch.manual_seed(1)
+    model = attach_lora(tiny_vit(), ["blocks.0.attn.qkv", "blocks.1.mlp.fc1"], rank=2)
+    with torch.no_grad():
+        for b in lora_b_matrices(model):
+            b.normal_(std=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad(), merged_view(model):
+        inside = model(x)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # bit for bit, base weights included
+    with torch.no_grad():
+        written = merge_lora(model)(x)
+    assert torch.equal(inside, written)
+
+
+def test_the_merged_view_of_a_model_without_adapters_is_the_model():
+    model = tiny_vit()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), merged_view(model):
+        assert torch.equal(model(x), tiny_vit()(x))
