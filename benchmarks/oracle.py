@@ -54,6 +54,7 @@ from worker.engine.runtime import pick_runtime  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("original", "oracle", "service", "paper")
 ALL_LINEAR = ("qkv", "proj", "fc1", "fc2")
+FEATURE = {"feature_weight": 10.0, "feature_tol": 0.05, "lr": 1e-2, "max_steps": 300, "targets": ALL_LINEAR}
 # Candidates for closing the gap (--variants): the service's setting for the set's size, changed as named.
 VARIANTS = {
     "every-block": {"adapter_blocks": "all"},
@@ -62,6 +63,13 @@ VARIANTS = {
     "margin-0.01": {"max_forget_prob": 0.01},
     "every-block-margin-0.01": {"adapter_blocks": "all", "max_forget_prob": 0.01},
     "every-block-linear-margin-0.01": {"adapter_blocks": "all", "targets": ALL_LINEAR, "max_forget_prob": 0.01},
+    # The retain-free feature term (UnlearnConfig.feature_weight): forget features pulled toward the
+    # prototype of the class the original ranks next, with the stop rule waiting for it (feature_tol),
+    # all four linears of the later half, lr 1e-2, up to 300 steps; "-off" is the same budget without it.
+    "feature": FEATURE,
+    "feature-off": FEATURE | {"feature_weight": 1e-9},
+    "feature-w3": FEATURE | {"feature_weight": 3.0},
+    "feature-w30": FEATURE | {"feature_weight": 30.0},
 }
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 

@@ -364,6 +364,12 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
                    help="stop only when N fixed random views of each forget image are forgotten too (default: %(default)s)")
     p.add_argument("--max-forget-prob", type=float, default=defaults.max_forget_prob, metavar="P",
                    help="stop only when the class also has at most probability P on each forget image (default: %(default)s)")
+    p.add_argument("--feature-weight", type=float, default=defaults.feature_weight, metavar="W",
+                   help="pull each forget image's features toward the next class's prototype, synthesised from the "
+                        "model alone (lora-kl/lora-adv; 0: off; benchmarks/README.md, the oracle table; default: %(default)s)")
+    p.add_argument("--feature-tol", type=float, default=defaults.feature_tol, metavar="T",
+                   help="with --feature-weight: stop only when that term is at most T of where it started "
+                        "(default: %(default)s)")
     p.add_argument("--holdout-folds", type=int, default=defaults.holdout_folds, metavar="K",
                    help="generalisation check: hold back each of K folds of the forget set in turn, forget the rest, "
                         "report how many held-back images are still recognised (0: off; default: %(default)s)")
@@ -408,7 +414,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             patience=args.patience,
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
-            max_forget_prob=args.max_forget_prob,
+            max_forget_prob=args.max_forget_prob, feature_weight=args.feature_weight, feature_tol=args.feature_tol,
             holdout_folds=args.holdout_folds,
             **({"holdout_images": args.holdout_images} if args.holdout_images is not None else {}),
         )
@@ -496,7 +502,8 @@ def _pct(value: float | None) -> str:
 
 
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "confirm_views", "max_forget_prob", "anchor_weight", "holdout_folds", "holdout_images", "max_steps",
+    "confirm_views", "max_forget_prob", "anchor_weight", "feature_weight", "feature_tol", "holdout_folds",
+    "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
     "precision", "select_on_eval", "eval_halves", "evidence")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
 

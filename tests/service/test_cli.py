@@ -80,6 +80,10 @@ def test_the_generalisation_check_on_one_photo_is_refused_before_training(digits
     (["--anchor-weight", "0"], "--anchor-weight must be in (0, 1000]"),
     (["--anchor-weight", "1e308"], "--anchor-weight must be in (0, 1000]"),
     (["--anchor", "/nowhere/anchor"], "/nowhere/anchor: no such file or directory"),
+    (["--feature-weight", "-1"], "--feature-weight must be zero or positive"),
+    (["--feature-weight", "nan"], "--feature-weight must be zero or positive"),
+    (["--feature-weight", "1", "--method", "lora-bounded"], "needs an adapter method with a teacher-based forget term"),
+    (["--feature-tol", "0"], "--feature-tol must be in (0, 1]"),
     (["--holdout-images", "10"], "--holdout-images needs --holdout-folds"),
     (["--holdout-folds", "3", "--holdout-images", "0"], "--holdout-images must be at least 1"),
 ])

@@ -83,6 +83,15 @@ class UnlearnConfig:
     confirm_views: int = 0  # stop rule: this many fixed random views of each forget image must be forgotten too
     max_forget_prob: float = 1.0  # stop rule: an image is forgotten when not predicted and its class's probability is at most this
     anchor_weight: float = 1.0  # weight of the KL to the original on the anchor images (inputs.anchor_source)
+    # A retain-free feature term (0: off; benchmarks/README.md, the oracle table): each forget
+    # image's pre-logit feature pulled toward the class the original ranks first after the forgotten
+    # ones, that class's prototype being the original's mean feature of inputs synthesised from the
+    # original alone (model inversion). It aims at what a logit-level loss leaves in the features:
+    # a linear probe still finds the class, and fine-tuning gives it back.
+    feature_weight: float = 0.0
+    # Stop rule with the feature term: the forget sets' feature loss (relative to the original's, 1)
+    # must also be at most this. 1: the forget target alone decides.
+    feature_tol: float = 1.0
     # The generalisation check: hold back a fold of each forget set, train on the rest, score the
     # held-back images; folds run until every class has had ``holdout_images`` held back (or all
     # ran). Then the run trains on every image. 0: no check.
@@ -121,6 +130,11 @@ class UnlearnConfig:
             (0.0 < self.max_forget_prob <= 1.0, "max_forget_prob is a probability in (0, 1]"),
             (math.isfinite(self.anchor_weight) and 0 < self.anchor_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_weight must be in (0, {MAX_ANCHOR_WEIGHT:g}]"),
+            (math.isfinite(self.feature_weight) and self.feature_weight >= 0, "feature_weight must be zero or positive"),
+            (math.isfinite(self.feature_tol) and 0 < self.feature_tol <= 1, "feature_tol must be in (0, 1]"),
+            (self.feature_weight == 0 or (self.method_spec.adapters and self.method_spec.forget is not None
+                                           and self.method_spec.forget.needs_teacher),
+             "feature_weight needs an adapter method with a teacher-based forget term (lora-kl, lora-adv)"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,
              "holdout_folds must be 0 (no generalisation check) or at least 2"),
             (self.holdout_images >= 1, "holdout_images must be at least 1"),

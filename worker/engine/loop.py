@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -14,7 +15,8 @@ from worker.engine.augment import DEFAULT_AUGMENTATION
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
 from worker.engine.images import normalise
-from worker.engine.losses import adversarial_neighbours, masked_kl_loss, masked_teacher
+from worker.engine.losses import (adversarial_neighbours, feature_match_loss, invert_classes, masked_kl_loss,
+                                  masked_teacher)
 from worker.engine.metrics import eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.prefix import split_frozen_prefix
@@ -143,6 +145,11 @@ class UnlearningLoop:
         self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
                            if self.method.neighbours else [])
         self.neighbour_teachers = [self._teacher(n) for n in self.neighbours]
+        # feature term: per forget image, the original's pre-logit feature of the class it ranks
+        # first after the forgotten ones (a prototype, by model inversion), and the original's own
+        # distance to it; computed once.
+        self.feature_targets, self.feature_scales = self._feature_targets() if config.feature_weight > 0 else ([], [])
+        self._feature_value: float | None = None  # the last step's worst relative feature loss
         # The stop rule's fixed random views, drawn once: a run stops when they are forgotten too.
         # They come from a generator of their own, so that asking for them leaves the training's
         # draws (batches, random views) as they are: the same run, only a stricter stop rule.
@@ -188,6 +195,37 @@ class UnlearningLoop:
                      for start in range(0, images.shape[0], self.config.eval_batch_size)]
         return torch.cat(moved)
 
+    @torch.no_grad()
+    def _parent_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The original's pre-logit features (adapters still at zero): (N, C, H, W) -> (N, D) fp32."""
+        vit, size = _base_vit(self.model), self.config.eval_batch_size
+        self.model.eval()
+        with self.runtime.autocast():
+            return torch.cat([vit.forward_head(vit.forward_features(images[s:s + size]), pre_logits=True).float()
+                              for s in range(0, images.shape[0], size)])
+
+    def _feature_targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per forget set: (N, D) target features, and the original's mean squared distance to them."""
+        prototypes = self._prototypes()
+        targets, scales = [], []
+        for images, teacher in zip(self.forget.images, self.teachers):
+            target = prototypes[teacher.argmax(1)]  # the teacher gives the forgotten classes 0
+            targets.append(target)
+            scales.append((self._parent_features(images) - target).pow(2).sum(1).mean().clamp_min(1e-8))
+        return targets, scales
+
+    def _prototypes(self, per_class: int = 16) -> torch.Tensor:
+        """(K, D): each class's mean original feature over ``per_class`` inputs synthesised from the
+        original alone (losses.invert_classes): no image of any other class is used."""
+        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
+        shape = tuple(self.forget.images[0].shape[1:])
+        classes = torch.arange(self.teachers[0].shape[1], device=self.runtime.device).repeat_interleave(per_class)
+        generator = torch.Generator().manual_seed(self.config.seed)  # the run's own draws stay as they were
+        self.model.eval()
+        inputs = invert_classes(self.model, classes, shape, (0 - mean) / std, (1 - mean) / std, generator)
+        found = self._parent_features(inputs)
+        return found.view(-1, per_class, found.shape[1]).mean(1)
+
     # --- one training step -------------------------------------------------------------------
 
     def train_step(self, stop_when_forgotten: bool) -> StepResult:
@@ -203,14 +241,15 @@ class UnlearningLoop:
         """
         self.model.eval()
         inputs, targets, sizes = self._sample_batch()
-        with self.runtime.autocast():
+        with self.runtime.autocast(), head_inputs(self.model, capture=bool(self.feature_targets)) as features:
             logits = self.network(inputs)
         chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, anchor, retain
         forgets, neighbours = len(self.forget.images), len(self.neighbours)
         anchors = forgets + neighbours + (self.anchor_inputs is not None)
         forget_chunks, neighbour_chunks = chunks[:forgets], chunks[forgets:forgets + neighbours]
         anchor_chunk, retain_chunk = chunks[forgets + neighbours:anchors], chunks[anchors:]
-        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk)
+        feature_chunks = features[0].split(sizes)[:forgets] if features else ()
+        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk, feature_chunks)
         estimate = [recognised(c.detach(), i, self.config.max_forget_prob) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
         if not torch.isfinite(loss):
@@ -218,7 +257,8 @@ class UnlearningLoop:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # frees the graph's activations before a confirmation pass needs the memory
         forget_acc = None
-        if stop_when_forgotten and self.meets_target(estimate):
+        features_met = self._feature_value is None or self._feature_value <= self.config.feature_tol
+        if stop_when_forgotten and features_met and self.meets_target(estimate):
             with self.timings.phase("stop-rule check"):
                 forget_acc = self.forget_accuracy()
             if self.meets_target(forget_acc):
@@ -255,7 +295,7 @@ class UnlearningLoop:
 
     def _loss(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor],
               retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = (),
-              anchor_chunk: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+              anchor_chunk: tuple[torch.Tensor, ...] = (), feature_chunks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         loss = torch.zeros((), device=self.runtime.device)
         forget = self.method.forget
         if forget is not None:
@@ -270,6 +310,11 @@ class UnlearningLoop:
             loss = loss + torch.stack(terms).mean()
         if anchor_chunk:
             loss = loss + self.config.anchor_weight * masked_kl_loss(anchor_chunk[0], self.anchor_teacher[self._anchor_index])
+        if feature_chunks:
+            terms = torch.stack([feature_match_loss(f, t[i], scale) for f, t, scale, i in
+                                 zip(feature_chunks, self.feature_targets, self.feature_scales, self._batch_indices)])
+            self._feature_value = terms.max().item()
+            loss = loss + self.config.feature_weight * terms.mean()
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
         if self.penalty is not None:
@@ -370,7 +415,8 @@ class UnlearningLoop:
         progress = Progress(step=step, max_steps=self.config.max_steps, loss=result.loss,
                             forget_acc=dict(zip(self.forget.class_names, shown)), confirmed=confirmed)
         outcome.history.append({"step": step, "loss": result.loss, "forget_acc": progress.forget_acc,
-                                "confirmed": confirmed, "updated": result.updated})
+                                "confirmed": confirmed, "updated": result.updated,
+                                **({"feature_loss": self._feature_value} if self.feature_targets else {})})
         if on_progress is not None:
             on_progress(progress)
 
@@ -381,6 +427,25 @@ class UnlearningLoop:
         with torch.no_grad():
             for p, saved in zip(self.trainable, state):
                 p.copy_(saved)
+
+
+def _base_vit(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the ViT
+
+
+@contextmanager
+def head_inputs(model: torch.nn.Module, capture: bool) -> Iterator[list[torch.Tensor]]:
+    """With ``capture``, the list gets the classifier head's input (the pre-logit features) on each
+    forward inside the block; the hook is gone after it (the model is merged and served later)."""
+    found: list[torch.Tensor] = []
+    if not capture:
+        yield found
+        return
+    handle = _base_vit(model).head.register_forward_hook(lambda module, args, out: found.append(args[0]))
+    try:
+        yield found
+    finally:
+        handle.remove()
 
 
 def forget_set_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Runtime, batch_size: int,

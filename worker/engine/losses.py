@@ -103,3 +103,36 @@ def l1_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 def l1_distance(params: Iterable[torch.Tensor], initial: Iterable[torch.Tensor]) -> torch.Tensor:
     """||theta - theta0||_1 over matching tensors."""
     return torch.stack([(p - p0).abs().sum() for p, p0 in zip(params, initial, strict=True)]).sum()
+
+
+def feature_match_loss(features: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of each image's pre-logit feature to its target feature, over ``scale``
+    (the same distance for the original model: the term starts at 1 whatever the features' size).
+
+    features, targets: (N, D) float; scale: a positive scalar. Returns a scalar.
+    """
+    return (features.float() - targets).pow(2).sum(1).mean() / scale
+
+
+def invert_classes(model: torch.nn.Module, classes: torch.Tensor, shape: tuple[int, ...], low: torch.Tensor,
+                   high: torch.Tensor, generator: torch.Generator, *, steps: int = 200, lr: float = 0.05,
+                   tv_weight: float = 0.05, l2_weight: float = 1e-3) -> torch.Tensor:
+    """Model inversion: one synthetic input per entry of ``classes`` (its class), from uniform noise,
+    optimised by Adam to minimise the model's CE toward its class plus a total-variation and an L2
+    prior, kept within the valid input range [low, high] (normalised units, (C,) each).
+
+    shape: (C, H, W). Returns (len(classes), C, H, W) normalised inputs. The caller puts ``model`` in
+    eval mode and wants no gradients on its weights.
+    """
+    low, high = low.view(1, -1, 1, 1).to(classes.device), high.view(1, -1, 1, 1).to(classes.device)
+    x = (low + (high - low) * torch.rand((len(classes), *shape), generator=generator).to(classes.device))
+    x.requires_grad_(True)
+    optimiser = torch.optim.Adam([x], lr=lr)
+    for _ in range(steps):
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        loss = F.cross_entropy(model(x).float(), classes) + tv_weight * tv + l2_weight * x.pow(2).mean()
+        (x.grad,) = torch.autograd.grad(loss, x)  # on the inputs only: the model's weights get no gradient
+        optimiser.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, high), low))
+    return x.detach()

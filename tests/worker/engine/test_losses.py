@@ -64,3 +64,37 @@ def test_adversarial_neighbours_stay_within_eps_in_pixels_and_move_toward_the_ta
     after = torch.log_softmax(model(moved), 1)[:, 2]
     assert (after > before).all()
     assert not any(p.grad is not None for p in model.parameters())  # the model's weights are left alone
+
+
+def test_feature_match_loss_is_one_at_the_start_and_zero_on_target():
+    from worker.engine.losses import feature_match_loss
+
+    start, target = torch.randn(5, 8), torch.randn(5, 8)
+    scale = (start - target).pow(2).sum(1).mean()
+    assert torch.isclose(feature_match_loss(start, target, scale), torch.tensor(1.0))
+    assert feature_match_loss(target, target, scale).item() == 0.0
+
+
+def test_invert_classes_stays_in_range_and_leaves_weights_without_gradients():
+    from worker.engine.losses import invert_classes
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = invert_classes(model, torch.tensor([0, 1, 2]), (1, 4, 4), torch.tensor([-1.0]), torch.tensor([2.0]),
+                       torch.Generator().manual_seed(0), steps=20)
+    assert x.shape == (3, 1, 4, 4) and x.min() >= -1.0 and x.max() <= 2.0
+    assert all(p.grad is None for p in model.parameters())
+    assert (model(x).argmax(1) == torch.tensor([0, 1, 2])).all()
+
+
+def test_feature_weight_needs_a_teacher_method():
+    import pytest
+
+    from worker.engine.config import UnlearnConfig
+    from worker.engine.errors import ConfigError
+
+    assert UnlearnConfig().feature_weight == 0.0  # off by default
+    UnlearnConfig(method="lora-kl", feature_weight=1.0)
+    with pytest.raises(ConfigError):
+        UnlearnConfig(method="lora-bounded", feature_weight=1.0)
+    with pytest.raises(ConfigError):
+        UnlearnConfig(method="lora-kl", feature_weight=1.0, feature_tol=0.0)

@@ -421,3 +421,18 @@ def test_a_class_from_several_sources_is_as_recognised_as_its_worst_source():
     assert worst_source(still, members) == pytest.approx(100 / 3)  # the first request's set: 1 of 3
     two_views = torch.cat([still, torch.zeros(6, dtype=torch.bool)])  # view after view
     assert worst_source(two_views, members) == pytest.approx(100 / 6)
+
+
+def test_the_feature_term_moves_the_forget_features_toward_the_next_class_s_prototype(digits_model, digits):
+    # The same 40 steps (the feature stop rule is never met), with the term and with it all but off:
+    # the term, not the training budget, is what brings the forget features toward their targets
+    # (the original's own distance to them is 1).
+    spec = (ForgetSpec(FORGET, str(digits.train_class(FORGET))),)
+    common = dict(method="lora-kl", targets=("qkv", "proj", "fc1", "fc2"), adapter_blocks="later-half", lr=1e-2,
+                  feature_tol=1e-6, max_steps=40, seed=0)
+    on, off = (unlearn(UnlearnInputs(model=str(digits_model), forget=spec), UnlearnConfig(feature_weight=w, **common))
+               for w in (10.0, 1e-9))
+    final = [r.report.history[-1]["feature_loss"] for r in (on, off)]
+    assert on.report.steps == off.report.steps == 40
+    assert final[0] < final[1] and final[1] > 0.5, final
+    assert on.report.forget_acc_after[FORGET] <= 1.0
