@@ -41,6 +41,8 @@ def process_model(settings: Settings, model_id: str, worker_id: str) -> str | No
 
 def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
     from worker.engine import EngineError, UnlearningCancelled
+    import torch
+
     from worker.engine.timings import Timings
 
     remove_stale_run_folders_safely()
@@ -89,4 +91,5 @@ def run_batch(settings: Settings, batch: Batch, worker_id: str) -> None:
         seconds = round(time.monotonic() - started, 3)
         # Each phase's seconds and count (benchmarks/request_latency.py reads them from this line).
         log.info("run %s: model %s in %.1f s", outcome, batch.model_name, seconds,
-                 extra={**fields, "outcome": outcome, "seconds": seconds, "timings": timings.to_dict()})
+                 extra={**fields, "outcome": outcome, "seconds": seconds, "timings": timings.to_dict(),
+                        "torch_threads": torch.get_num_threads()})

@@ -97,6 +97,22 @@ def test_select_on_eval_keeps_the_best_scoring_checkpoint_that_meets_the_target(
         assert all(acc <= 1.0 for acc in selection["best"]["forget_acc"].values())
 
 
+def test_selection_skips_only_what_it_could_not_select(digits_model, digits, monkeypatch):
+    # A checkpoint whose first forget images already miss the target records that lower bound and is
+    # not evaluated further; measuring every checkpoint whole (a bound over every image) selects the
+    # same step and writes the same weights.
+    from worker.engine import loop
+
+    quick = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True)
+    monkeypatch.setattr(loop, "EARLY_CHECK_IMAGES", 10**9)
+    whole = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True)
+    skipped = [e for e in quick.report.selection["evaluations"] if "forget_acc_at_least" in e]
+    assert skipped and all(e["acc_r"] is None and not e["meets_target"] for e in skipped)
+    assert all(b > 1.0 for e in skipped for b in e["forget_acc_at_least"].values())
+    assert quick.report.selection["best"] == whole.report.selection["best"]
+    assert all(torch.equal(quick.state_dict[k], v) for k, v in whole.state_dict.items())
+
+
 def test_select_on_eval_forgets_and_keeps_the_others_on_the_test_split(selected_runs, base_accuracy, digits):
     held_out = [held_out_accuracy(r.card, r.state_dict, digits) for r in selected_runs]
     assert mean(acc_f for acc_f, _ in held_out) <= 5.0
