@@ -1,0 +1,395 @@
+"""The database at a data protection office's size: tens of models, thousands of erasures a month.
+
+    .venv/bin/python benchmarks/scale.py                                   # 100 models, 200,000 requests
+    .venv/bin/python benchmarks/scale.py --models 5 --requests 2000 --samples 10 --out /tmp/scale.json
+
+A new database on the Postgres server (``--postgres``), migrated with ``lethe db upgrade``, is seeded
+directly (generated, not run: COPY) with ``--models`` models, ``--versions`` versions spread over them,
+``--requests`` deletion requests in a realistic mix of statuses and deadlines (most finished and
+propagated, some failed, rejected or canceled, a few queued, running, at risk or overdue) and each
+request's audit events. The app then runs in this process (``create_app`` on that database, through
+FastAPI's TestClient: the figures are the service's own, handler + database, without a network
+hop) and each call is timed ``--samples`` times:
+
+- ``POST /deletion-requests`` (new requests, a model drawn at random);
+- ``GET /deletion-requests`` unfiltered, by each status, by model, and cursor paging 10 pages deep;
+- the dashboard's requests page (counts + a page), a filtered one, and its CSV export of every
+  request (seconds, rows, and the growth of this process's peak memory while it streams);
+- ``/metrics``;
+- one sweep (``worker.runs.sweep.sweep``), three times.
+
+Every SQL statement a call issues is captured, and the slowest SELECT of each call is run again
+under ``EXPLAIN (ANALYZE, BUFFERS)``: the plan (sequential scans, sorts) is in the output. Figures go to
+``results/scale.json``. Targets (issue 17): every API and dashboard p99 <= 200 ms, the sweep <= 2 s,
+the CSV export of 200,000 rows <= 30 s with flat memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.api_load import Database, LoadError, _percentile  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+# The mix of a mature deployment: most requests long done, a small live tail.
+STATUS_MIX = {"propagated": 0.80, "completed": 0.05, "failed": 0.04, "rejected": 0.03, "canceled": 0.02,
+              "queued": 0.04, "running": 0.005, "received": 0.015}
+EVENTS = {  # the audit events a request in each status has, in order
+    "propagated": ["received", "queued", "training_started", "completed", "propagated"],
+    "completed": ["received", "queued", "training_started", "completed"],
+    "failed": ["received", "queued", "training_started", "failed"],
+    "rejected": ["received", "queued", "rejected"],
+    "canceled": ["received", "queued", "canceled"],
+    "queued": ["received", "queued"],
+    "running": ["received", "queued", "running"],
+    "received": ["received"],
+}
+FINISHED = {"propagated", "completed", "failed", "rejected", "canceled"}
+CLASSES = [f"class-{k}" for k in range(100)]  # a face model's people, say
+
+
+# --- seeding -----------------------------------------------------------------------------------
+
+def copy_rows(connection, table, rows: Iterator[dict[str, Any]]) -> int:
+    """COPY ``rows`` (dicts by column name) into ``table`` (a SQLAlchemy Table); every column the
+    rows leave out must be nullable, so that a schema change shows here as an error, not as rows
+    the service would never write."""
+    columns = [c.name for c in table.columns if not (c.primary_key and c.autoincrement is True and
+                                                     str(c.type) == "INTEGER")]
+    required = {c.name for c in table.columns if not c.nullable and c.name in columns}
+    count = 0
+    with connection.cursor() as cursor:
+        with cursor.copy(f'COPY {table.name} ({", ".join(columns)}) FROM STDIN') as copy:
+            for row in rows:
+                missing = required - row.keys()
+                if missing:
+                    raise LoadError(f"{table.name}: the seed gives no value for {', '.join(sorted(missing))}")
+                copy.write_row([_pg(row.get(name)) for name in columns])
+                count += 1
+    return count
+
+
+def _pg(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def seed(url: str, models: int, versions: int, requests: int, rng: random.Random) -> dict[str, int]:
+    import psycopg
+
+    from service.db import Base
+    import service.registry.models  # noqa: F401  (registers the tables)
+    import service.deletion_requests.models  # noqa: F401
+
+    tables = Base.metadata.tables
+    now = datetime.now(timezone.utc)
+    model_ids = [str(uuid.uuid4()) for _ in range(models)]
+    per_model = [versions // models + (1 if i < versions % models else 0) for i in range(models)]
+    version_ids = {m: [str(uuid.uuid4()) for _ in range(max(n, 1))] for m, n in zip(model_ids, per_model)}
+    counts: dict[str, int] = {}
+    with psycopg.connect(url.replace("+psycopg", "")) as connection:
+        counts["registered_models"] = copy_rows(connection, tables["registered_models"], (
+            {"id": m, "name": f"model-{i:03d}", "created_at": now - timedelta(days=400), "run_lease_token": 0}
+            for i, m in enumerate(model_ids)))
+        counts["model_versions"] = copy_rows(connection, tables["model_versions"], (
+            {"id": v, "model_id": m, "version": j + 1, "sha256": hashlib.sha256(v.encode()).hexdigest(),
+             "size": 22_000_000, "card": {"architecture": "vit_tiny_patch16_224", "classes": CLASSES},
+             "classes_forgotten": [f"class-{k}" for k in range(j)], "created_at": now - timedelta(days=400 - j),
+             "superseded_at": None if j == len(vs) - 1 else now - timedelta(days=399 - j),
+             "disposed_at": None if j >= len(vs) - 2 else now - timedelta(days=390 - j)}
+            for m, vs in version_ids.items() for j, v in enumerate(vs)))
+        with connection.cursor() as cursor:
+            cursor.executemany("UPDATE registered_models SET current_version_id = %s WHERE id = %s",
+                               [(vs[-1], m) for m, vs in version_ids.items()])
+        plan = _request_plan(requests, model_ids, version_ids, now, rng)
+        counts["deletion_requests"] = copy_rows(connection, tables["deletion_requests"], (r for r, _ in plan))
+        counts["audit_events"] = copy_rows(connection, tables["audit_events"], (
+            {"request_id": r["id"], "at": at, "actor": "seed", "event": event, "from_status": None,
+             "to_status": event if event in EVENTS else None, "detail": {}}
+            for r, events in plan for event, at in events))
+        connection.commit()
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
+    return counts
+
+
+def _request_plan(n: int, model_ids: list[str], version_ids: dict[str, list[str]], now: datetime,
+                  rng: random.Random) -> list[tuple[dict[str, Any], list[tuple[str, datetime]]]]:
+    statuses = list(STATUS_MIX)
+    weights = list(STATUS_MIX.values())
+    plan = []
+    for i in range(n):
+        status = rng.choices(statuses, weights)[0]
+        model = rng.choice(model_ids)
+        live = status not in FINISHED
+        # Finished requests over the last 400 days; live ones received in the last 40 (some overdue).
+        received = now - timedelta(days=rng.uniform(0, 40) if live else rng.uniform(2, 400))
+        due = received + timedelta(days=30)
+        finished = received + timedelta(hours=rng.uniform(0.1, 48)) if status in FINISHED else None
+        row = {"id": str(uuid.uuid4()), "external_id": f"subject-{i}", "model_id": model,
+               "forget_class": rng.choice(CLASSES), "forget_uri": f"s3://forget-sets/{i}/",
+               "status": status, "received_at": received, "due_at": due, "at_risk_from": due - timedelta(days=7.5),
+               "created_at": received, "updated_at": finished or received,
+               "queued_at": received if status != "received" else None,
+               "started_at": received + timedelta(minutes=5) if status in ("running", "completed", "propagated",
+                                                                          "failed") else None,
+               "finished_at": finished, "propagated_at": finished if status == "propagated" else None,
+               "extended_days": 0, "body_sha256": hashlib.sha256(str(i).encode()).hexdigest(), "seed": 0,
+               "attempts": 1 if status not in ("received", "queued") else 0, "cancel_requested": False,
+               "run_alone": False, "row_version": 1, "created_by": "key:compliance",
+               "fulfilled_version_id": rng.choice(version_ids[model]) if status in ("completed", "propagated") else None,
+               "metrics": {"steps": 18, "forget_acc_after": {"x": 0.0}} if status in ("completed", "propagated") else None,
+               "error": "forget set unreadable" if status in ("failed", "rejected") else None}
+        events = [(e, received + timedelta(minutes=k)) for k, e in enumerate(EVENTS[status])]
+        plan.append((row, events))
+    return plan
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+class StatementLog:
+    """Every SQL statement the engine runs while ``capture`` is open, with its seconds."""
+
+    def __init__(self, engine) -> None:
+        from sqlalchemy import event
+
+        self.statements: list[tuple[float, str, Any]] = []
+        self.active = False
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany):
+        conn.info.setdefault("started", []).append(time.perf_counter())
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany):
+        started = conn.info["started"].pop()
+        if self.active and not executemany:
+            self.statements.append((time.perf_counter() - started, statement, parameters))
+
+    @contextmanager
+    def capture(self) -> Iterator[list[tuple[float, str, Any]]]:
+        self.statements, self.active = [], True
+        try:
+            yield self.statements
+        finally:
+            self.active = False
+
+
+def timed(call: Callable[[], Any], samples: int) -> dict[str, Any]:
+    seconds = []
+    status = None
+    for _ in range(samples):
+        started = time.perf_counter()
+        response = call()
+        seconds.append(time.perf_counter() - started)
+        status = getattr(response, "status_code", None)
+    ordered = sorted(s * 1000 for s in seconds)
+    return {"samples": samples, "p50_ms": round(_percentile(ordered, 50), 1), "p99_ms": round(_percentile(ordered, 99), 1),
+            "max_ms": round(ordered[-1], 1), "status": status}
+
+
+def explain(engine, statement: str, parameters: Any) -> list[str]:
+    """The statement's plan, executed (EXPLAIN ANALYZE), in a transaction rolled back afterwards."""
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
+            plan = [row[0] for row in cursor.fetchall()]
+        raw.rollback()
+        return plan
+    finally:
+        raw.close()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(url: str, home: Path, samples: int, rng: random.Random, models: int) -> dict[str, Any]:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth.service import create_key
+    from service.config import Settings
+    from service.db import engine_for, session_scope
+    from worker.runs.sweep import sweep
+
+    import logging
+
+    logging.getLogger("lethe").setLevel(logging.ERROR)  # the sweep's line per overdue request is not the figure
+    settings = Settings(database_url=url, home=home, data_roots=str(home))
+    with session_scope(settings.database) as session:
+        _row, key = create_key(session=session, name="scale", scopes=["admin"])
+    auth = {"Authorization": f"Bearer {key}"}
+    enqueued: list[str] = []
+    log = StatementLog(engine_for(settings.database))
+    figures: dict[str, Any] = {}
+    with TestClient(create_app(settings, enqueue=enqueued.append)) as client:
+        _log_in(client, key)
+        posted = iter(range(10**9))
+
+        def post():
+            n = next(posted)
+            return client.post("/deletion-requests", headers=auth, json={
+                "external_id": f"scale-{n}", "model": f"model-{rng.randrange(models):03d}",
+                "forget_class": "class-1", "forget_set": {"uri": f"file://{home}/forget/{n}/"}})
+
+        def paged(depth: int = 10):
+            cursor = None
+            for _ in range(depth):
+                response = client.get("/deletion-requests", headers=auth,
+                                      params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+                cursor = response.json().get("next_cursor")
+                if not cursor:
+                    break
+            return response
+
+        calls: dict[str, Callable[[], Any]] = {
+            "POST /deletion-requests": post,
+            "GET /deletion-requests": lambda: client.get("/deletion-requests", headers=auth),
+            **{f"GET /deletion-requests?status={s}": (lambda s=s: client.get("/deletion-requests", headers=auth,
+                                                                              params={"status": s}))
+               for s in STATUS_MIX},
+            "GET /deletion-requests?model=": lambda: client.get("/deletion-requests", headers=auth,
+                                                                params={"model": "model-007"}),
+            "GET /deletion-requests, 10 pages by cursor": paged,
+            "dashboard requests page": lambda: client.get("/dashboard/requests"),
+            "dashboard requests page, overdue": lambda: client.get("/dashboard/requests", params={"overdue": "1"}),
+            "dashboard requests page 50": lambda: client.get("/dashboard/requests", params={"page": 50}),
+            "GET /metrics": lambda: client.get("/metrics"),
+        }
+        for name, call in calls.items():
+            figures[name] = timed(call, samples)
+            with log.capture() as statements:
+                call()
+            figures[name]["statements"] = len(statements)
+            reads = [s for s in statements if s[1].lstrip().upper().startswith("SELECT")]  # EXPLAIN ANALYZE runs it
+            if reads:
+                slowest = max(reads, key=lambda s: s[0])
+                figures[name]["slowest_statement_ms"] = round(slowest[0] * 1000, 1)
+                figures[name]["plan"] = explain(log_engine(settings), slowest[1], slowest[2])
+            print(_line(name, figures[name]), flush=True)
+        before = peak_rss_mib()
+        started = time.perf_counter()
+        rows = 0
+        with client.stream("GET", "/dashboard/requests.csv") as response:
+            for _ in csv.reader(io.TextIOWrapper(_Chunks(response.iter_bytes()), encoding="utf-8", newline="")):
+                rows += 1
+        figures["dashboard CSV export"] = {"seconds": round(time.perf_counter() - started, 2), "rows": rows - 1,
+                                           "status": response.status_code,
+                                           "peak_rss_growth_mib": round(peak_rss_mib() - before, 1)}
+        print(f"dashboard CSV export: {figures['dashboard CSV export']}", flush=True)
+    sweeps = []
+    for _ in range(3):
+        started = time.perf_counter()
+        counts = sweep(settings, enqueued.append)
+        sweeps.append(round(time.perf_counter() - started, 2))
+    figures["sweep"] = {"seconds": sweeps, "counts": counts}
+    print(f"sweep: {sweeps} s, {counts}", flush=True)
+    return figures
+
+
+def log_engine(settings):
+    from service.db import engine_for
+
+    return engine_for(settings.database)
+
+
+class _Chunks(io.RawIOBase):
+    """A byte iterator as a readable stream (for csv over a streamed response)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks, self.left = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.left:
+            try:
+                self.left = next(self.chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self.left))
+        buffer[:n], self.left = self.left[:n], self.left[n:]
+        return n
+
+
+def _log_in(client, key: str) -> None:
+    import re
+
+    page = client.get("/dashboard/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    if not token:
+        raise LoadError("the dashboard's login page has no CSRF token")
+    done = client.post("/dashboard/login", data={"api_key": key, "csrf_token": token.group(1), "next": ""},
+                       follow_redirects=False)
+    if done.status_code != 303:
+        raise LoadError(f"dashboard login: {done.status_code}")
+
+
+def _line(name: str, r: dict[str, Any]) -> str:
+    return (f"{name}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms, status {r['status']}, "
+            f"{r['statements']} statements, slowest {r.get('slowest_statement_ms')} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=int, default=100)
+    parser.add_argument("--versions", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--samples", type=int, default=50, help="timed calls of each endpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    args = parser.parse_args(argv)
+    if args.models < 1 or args.versions < args.models or args.requests < 1:
+        parser.error("give at least one model, a version per model and one request")
+    rng = random.Random(args.seed)
+    try:
+        with Database(args.postgres) as database, tempfile.TemporaryDirectory(prefix="lethe-scale-") as home:
+            env = {**os.environ, "LETHE_DATABASE_URL": database.url, "LETHE_HOME": home}
+            done = subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, cwd=REPO,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise LoadError(f"lethe db upgrade: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+            started = time.perf_counter()
+            counts = seed(database.url, args.models, args.versions, args.requests, rng)
+            seeding = round(time.perf_counter() - started, 1)
+            print(f"seeded {counts} in {seeding} s", flush=True)
+            figures = measure(database.url, Path(home), args.samples, rng, args.models)
+    except LoadError as exc:
+        print(f"scale: {exc}", file=sys.stderr)
+        return 2
+    out = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "sizes": counts, "seeding_seconds": seeding, "figures": figures,
+           "targets": {"p99_ms": 200, "sweep_seconds": 2, "csv_seconds": 30}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
