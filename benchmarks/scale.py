@@ -35,7 +35,6 @@ import os
 import platform
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,8 +98,8 @@ def seed(url: str, models: int, versions: int, requests: int, rng: random.Random
     import psycopg
 
     from service.db import Base
-    import service.registry.models  # noqa: F401  (registers the tables)
-    import service.deletion_requests.models  # noqa: F401
+    import service.registry.models  # noqa: F401
+    import service.deletion_requests.models  # noqa: F401  (registers the tables)
 
     tables = Base.metadata.tables
     now = datetime.now(timezone.utc)
