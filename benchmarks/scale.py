@@ -236,7 +236,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(url: str, home: Path, samples: int, rng: random.Random, models: int) -> dict[str, Any]:
+def measure(url: str, home: Path, samples: int, rng: random.Random, models: int, quick: bool = False) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -300,6 +300,8 @@ def measure(url: str, home: Path, samples: int, rng: random.Random, models: int)
                 figures[name]["slowest_statement_ms"] = round(slowest[0] * 1000, 1)
                 figures[name]["plan"] = explain(log_engine(settings), slowest[1], slowest[2])
             print(_line(name, figures[name]), flush=True)
+        if quick:
+            return figures
         before = highest = rss_mib()
         started = time.perf_counter()
         rows = 0
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--samples", type=int, default=50, help="timed calls of each endpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="the calls only: no CSV export, no sweeps")
     parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = seed(database.url, args.models, args.versions, args.requests, rng)
             seeding = round(time.perf_counter() - started, 1)
             print(f"seeded {counts} in {seeding} s", flush=True)
-            figures = measure(database.url, Path(home), args.samples, rng, args.models)
+            figures = measure(database.url, Path(home), args.samples, rng, args.models, args.quick)
     except LoadError as exc:
         print(f"scale: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.db import Base, UTCDateTime, utcnow
@@ -42,6 +42,12 @@ class DeletionRequest(Base):
         # Stripe's rule: an Idempotency-Key is the sender's (created_by names the API key), so two
         # clients that happen to pick the same key never see each other's requests.
         UniqueConstraint("created_by", "idempotency_key", name="uq_deletion_requests_idempotency_scope"),
+        # GET /deletion-requests pages oldest first by (created_at, id), alone or by status or model:
+        # without these, each page sorted every matching row (200,000 rows: 180-240 ms a page,
+        # benchmarks/scale.py); with them it reads one page's rows off the index.
+        Index("ix_deletion_requests_created_at_id", "created_at", "id"),
+        Index("ix_deletion_requests_status_created_at_id", "status", "created_at", "id"),
+        Index("ix_deletion_requests_model_created_at_id", "model_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

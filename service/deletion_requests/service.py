@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -149,8 +149,9 @@ def list_requests(*, session: Session, filters: RequestFilter, limit: int, curso
     query = filtered(filters)
     if cursor:
         created_at, last_id = decode_cursor(cursor)
-        query = query.where(or_(DeletionRequest.created_at > created_at,
-                                and_(DeletionRequest.created_at == created_at, DeletionRequest.id > last_id)))
+        # A row-value comparison, which both databases answer by a range scan of the (created_at, id)
+        # index; the equivalent OR of two conditions made Postgres read the index from its start.
+        query = query.where(tuple_(DeletionRequest.created_at, DeletionRequest.id) > tuple_(created_at, last_id))
     rows = session.scalars(query.order_by(DeletionRequest.created_at, DeletionRequest.id).limit(limit + 1)).all()
     page, more = rows[:limit], len(rows) > limit
     return page, (encode_cursor(page[-1]) if more else None)
