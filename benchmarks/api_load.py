@@ -457,17 +457,24 @@ def lethe_stack(stack: ExitStack, args: argparse.Namespace, backend: str) -> dic
         stack.callback(flush_redis, redis_url)
         env |= {"LETHE_DATABASE_URL": database, "LETHE_BROKER_URL": redis_url}
     lethe = [sys.executable, "-m", "service.cli"]
-    for step in (["db", "upgrade"], ["keys", "create", "--name", "load", "--scope", "admin"]):
-        done = subprocess.run(lethe + step, env=env, capture_output=True, text=True, cwd=repo)
-        if done.returncode != 0:
-            raise LoadError(f"lethe {' '.join(step)}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-    auth = {"Authorization": f"Bearer {done.stdout.strip().splitlines()[-1]}"}
+    auth = migrated_with_admin_key(env, repo, "load")
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     stack.callback(stop, start(lethe + ["serve", "--port", str(port), "--workers", str(args.workers)], env,
                                home / "api.log", f"{api}/healthz", cwd=repo))
     register(api, auth, weights_package(home / "package", args.weights_mb))
     return {"api": api, "auth": auth, "database": database, "forget_uri": (data_root / "forget").as_uri()}
+
+
+def migrated_with_admin_key(env: dict[str, str], repo: Path, name: str) -> dict[str, str]:
+    """``lethe db upgrade`` and ``lethe keys create --scope admin`` on ``env``'s database (run in the
+    checkout ``repo``); the new key's Authorization header."""
+    lethe = [sys.executable, "-m", "service.cli"]
+    for step in (["db", "upgrade"], ["keys", "create", "--name", name, "--scope", "admin"]):
+        done = subprocess.run(lethe + step, env=env, capture_output=True, text=True, cwd=repo)
+        if done.returncode != 0:
+            raise LoadError(f"lethe {' '.join(step)}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return {"Authorization": f"Bearer {done.stdout.strip().splitlines()[-1]}"}
 
 
 def run_ramp(args: argparse.Namespace) -> dict[str, Any]:

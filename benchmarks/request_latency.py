@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.api_load import Database, LoadError, flush_redis, free_port, start, stop  # noqa: E402
+from benchmarks.api_load import (Database, LoadError, flush_redis, free_port, migrated_with_admin_key,  # noqa: E402
+                                 start, stop)
 from benchmarks.cifar import Cifar10, DataError, write_manifest  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -114,11 +115,7 @@ def service_part(args: argparse.Namespace, inputs: dict[str, Any], backend: str,
             stack.callback(flush_redis, redis_url)
             env |= {"LETHE_DATABASE_URL": database.url, "LETHE_BROKER_URL": redis_url}
         lethe = [sys.executable, "-m", "service.cli"]
-        for step in (["db", "upgrade"], ["keys", "create", "--name", "latency", "--scope", "admin"]):
-            done = subprocess.run(lethe + step, env=env, capture_output=True, text=True, cwd=REPO)
-            if done.returncode != 0:
-                raise LoadError(f"lethe {' '.join(step)}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-        auth = {"Authorization": f"Bearer {done.stdout.strip().splitlines()[-1]}"}
+        auth = migrated_with_admin_key(env, REPO, "latency")
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         stack.callback(stop, start(lethe + ["serve", "--port", str(port)], env, home / "api.log", f"{api}/healthz"))
