@@ -253,7 +253,8 @@ def measure(url: str, home: Path, samples: int, rng: random.Random, models: int,
         _row, key = create_key(session=session, name="scale", scopes=["admin"])
     auth = {"Authorization": f"Bearer {key}"}
     enqueued: list[str] = []
-    log = StatementLog(engine_for(settings.database))
+    engine = engine_for(settings.database)
+    log = StatementLog(engine)
     figures: dict[str, Any] = {}
     with TestClient(create_app(settings, enqueue=enqueued.append)) as client:
         _log_in(client, key)
@@ -298,7 +299,7 @@ def measure(url: str, home: Path, samples: int, rng: random.Random, models: int,
             if reads:
                 slowest = max(reads, key=lambda s: s[0])
                 figures[name]["slowest_statement_ms"] = round(slowest[0] * 1000, 1)
-                figures[name]["plan"] = explain(log_engine(settings), slowest[1], slowest[2])
+                figures[name]["plan"] = explain(engine, slowest[1], slowest[2])
             print(_line(name, figures[name]), flush=True)
         if quick:
             return figures
@@ -322,12 +323,6 @@ def measure(url: str, home: Path, samples: int, rng: random.Random, models: int,
     figures["sweep"] = {"seconds": sweeps, "counts": counts}
     print(f"sweep: {sweeps} s, {counts}", flush=True)
     return figures
-
-
-def log_engine(settings):
-    from service.db import engine_for
-
-    return engine_for(settings.database)
 
 
 class _Chunks(io.RawIOBase):
