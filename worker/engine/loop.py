@@ -19,7 +19,7 @@ from worker.engine.losses import (adversarial_neighbours, feature_match_loss, in
                                   masked_teacher)
 from worker.engine.metrics import eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
-from worker.engine.prefix import split_frozen_prefix
+from worker.engine.prefix import base_network, split_frozen_prefix
 from worker.engine.runtime import Runtime
 from worker.engine.timings import Timings
 
@@ -178,6 +178,7 @@ class UnlearningLoop:
         self._batch_teachers: list[torch.Tensor] = []
         self._anchor_index: torch.Tensor | None = None
         self._eval_tokens: torch.Tensor | None = None  # the selection set through the frozen front, once needed
+        self._eval_tokens_decided = False  # whether they fit was judged (once: the set does not change)
 
     def _front(self, images: torch.Tensor) -> torch.Tensor:
         """What ``self.network`` takes: the images themselves, or the frozen front's tokens for them."""
@@ -201,7 +202,7 @@ class UnlearningLoop:
     @torch.no_grad()
     def _parent_features(self, images: torch.Tensor) -> torch.Tensor:
         """The original's pre-logit features (adapters still at zero): (N, C, H, W) -> (N, D) fp32."""
-        vit, size = _base_vit(self.model), self.config.eval_batch_size
+        vit, size = base_network(self.model), self.config.eval_batch_size
         self.model.eval()
         with self.runtime.autocast():
             return torch.cat([vit.forward_head(vit.forward_features(images[s:s + size]), pre_logits=True).float()
@@ -361,7 +362,8 @@ class UnlearningLoop:
         tokens computed at the first evaluation, when the run has a frozen front (prefix.py) and
         they fit in MAX_CACHED_EVAL_TOKEN_BYTES; otherwise through the whole model."""
         size = self.config.eval_batch_size
-        if self._eval_tokens is None and self.prefix is not None:
+        if not self._eval_tokens_decided and self.prefix is not None:
+            self._eval_tokens_decided = True
             pixels = self.eval_data.pixels
             one = self._front(normalise(pixels[:1].to(self.runtime.device), self.spec))
             if one.numel() * one.element_size() * pixels.shape[0] <= MAX_CACHED_EVAL_TOKEN_BYTES:
@@ -454,10 +456,6 @@ class UnlearningLoop:
                 p.copy_(saved)
 
 
-def _base_vit(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the ViT
-
-
 @contextmanager
 def head_inputs(model: torch.nn.Module, capture: bool) -> Iterator[list[torch.Tensor]]:
     """With ``capture``, the list gets the classifier head's input (the pre-logit features) on each
@@ -466,7 +464,7 @@ def head_inputs(model: torch.nn.Module, capture: bool) -> Iterator[list[torch.Te
     if not capture:
         yield found
         return
-    handle = _base_vit(model).head.register_forward_hook(lambda module, args, out: found.append(args[0]))
+    handle = base_network(model).head.register_forward_hook(lambda module, args, out: found.append(args[0]))
     try:
         yield found
     finally:

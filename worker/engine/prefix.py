@@ -21,6 +21,11 @@ import torch
 POST_BLOCK_MODULES = ("norm.", "fc_norm.", "head.", "attn_pool.", "head_drop.")
 
 
+def base_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The timm network itself, inside PEFT's wrapper when adapters are attached."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class _ViTPart(torch.nn.Module):
     """A part of ``vit`` on either side of block ``first``; it shares the ViT's modules, copies nothing."""
 
@@ -71,7 +76,7 @@ def split_frozen_prefix(model: torch.nn.Module) -> FrozenPrefix | None:
     (not a plain timm ViT, something trainable before the blocks, a front that is random in training)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    vit = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the ViT
+    vit = base_network(model)
     if type(vit) is not VisionTransformer:
         return None
     trainable = [name for name, p in vit.named_parameters() if p.requires_grad]
