@@ -20,7 +20,6 @@ from service.deletion_requests.schemas import (
     ForgetSetRef,
 )
 from service.deps import RequestsReader, RequestsWriter, SessionDep, SettingsDep
-from service.registry.models import ModelVersion
 from service.registry.service import NAME_PATTERN
 
 router = APIRouter(prefix="/deletion-requests", tags=["deletion requests"])
@@ -30,9 +29,9 @@ def enqueue_of(request: Request):
     return request.app.state.enqueue
 
 
-def to_public(session, row: DeletionRequest, with_events: bool = True) -> DeletionRequestPublic:
+def to_public(row: DeletionRequest, with_events: bool = True) -> DeletionRequestPublic:
     days_left, at_risk, overdue = service.deadline_state(row)
-    version = session.get(ModelVersion, row.fulfilled_version_id) if row.fulfilled_version_id else None
+    version = row.fulfilled_version
     return DeletionRequestPublic(
         id=row.id, external_id=row.external_id, model=row.model.name, forget_class=row.forget_class,
         forget_set=ForgetSetRef(uri=row.forget_uri), status=row.status, received_at=row.received_at,
@@ -65,12 +64,12 @@ def list_requests(session: SessionDep, _key: RequestsReader,
                   cursor: Annotated[str | None, Query(max_length=500)] = None) -> DeletionRequestPage:
     filters = service.RequestFilter(status=status, model=model, at_risk=at_risk, overdue=overdue, due_before=due_before)
     rows, next_cursor = service.list_requests(session=session, filters=filters, limit=limit, cursor=cursor)
-    return DeletionRequestPage(items=[to_public(session, r, with_events=False) for r in rows], next_cursor=next_cursor)
+    return DeletionRequestPage(items=[to_public(r, with_events=False) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{request_id}", response_model=DeletionRequestPublic, summary="One request with its audit trail")
 def get_request(request_id: str, session: SessionDep, _key: RequestsReader) -> DeletionRequestPublic:
-    return to_public(session, service.get_request(session=session, request_id=request_id))
+    return to_public(service.get_request(session=session, request_id=request_id))
 
 
 @router.post("/{request_id}/cancel", response_model=DeletionRequestPublic,
@@ -79,7 +78,7 @@ def cancel(request_id: str, session: SessionDep, key: RequestsWriter,
            body: Annotated[CancelBody | None, Body()] = None) -> DeletionRequestPublic:
     row = service.get_request(session=session, request_id=request_id, for_update=True)
     service.cancel(session=session, request=row, actor=f"api-key:{key.name}", reason=body.reason if body else None)
-    return to_public(session, row)
+    return to_public(row)
 
 
 @router.post("/{request_id}/retry", response_model=DeletionRequestPublic, summary="Run a failed request again (new seed)")
@@ -88,7 +87,7 @@ def retry(request_id: str, request: Request, session: SessionDep, settings: Sett
     row = service.get_request(session=session, request_id=request_id, for_update=True)
     service.retry(session=session, settings=settings, request=row, actor=f"api-key:{key.name}",
                   enqueue=enqueue_of(request))
-    return to_public(session, row)
+    return to_public(row)
 
 
 @router.post("/{request_id}/extend", response_model=DeletionRequestPublic,
@@ -97,4 +96,4 @@ def extend(request_id: str, body: ExtendBody, session: SessionDep, settings: Set
            key: RequestsWriter) -> DeletionRequestPublic:
     row = service.get_request(session=session, request_id=request_id, for_update=True)
     service.extend(session=session, settings=settings, request=row, body=body, actor=f"api-key:{key.name}")
-    return to_public(session, row)
+    return to_public(row)
