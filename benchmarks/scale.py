@@ -7,9 +7,11 @@ A new database on the Postgres server (``--postgres``), migrated with ``lethe db
 directly (generated, not run: COPY) with ``--models`` models, ``--versions`` versions spread over them,
 ``--requests`` deletion requests in a realistic mix of statuses and deadlines (most finished and
 propagated, some failed, rejected or canceled, a few queued, running, at risk or overdue) and each
-request's audit events; requests finished more than 90 days ago are seeded as the sweep leaves them,
-redacted (``LETHE_REDACT_AFTER_DAYS``), so the sweeps measured are a mature deployment's, not the
-one-off redaction of a backlog. The app then runs in this process (``create_app`` on that database, through
+request's audit events, an inference service per model one version behind (so completed requests
+wait for it) and the run-duration counters the runs would have added. What a running deployment's
+sweep has done already is seeded done: deadline flags written, and requests finished more than 91
+days ago redacted (``LETHE_REDACT_AFTER_DAYS`` 90: the first sweep finds one day's backlog). The
+tables are vacuumed and analysed, as autovacuum leaves them. The app then runs in this process (``create_app`` on that database, through
 FastAPI's TestClient: the figures are the service's own, handler + database, without a network
 hop) and each call is timed ``--samples`` times:
 
@@ -18,7 +20,8 @@ hop) and each call is timed ``--samples`` times:
 - the dashboard's requests page (counts + a page), a filtered one, and its CSV export of every
   request (seconds, rows, and the growth of this process's peak memory while it streams);
 - ``/metrics``;
-- one sweep (``worker.runs.sweep.sweep``), three times.
+- one sweep (``worker.runs.sweep.sweep``), three times: the first redacts the backlog, the others
+  are the steady state.
 
 Every SQL statement a call issues is captured, and the slowest SELECT of each call is run again
 under ``EXPLAIN (ANALYZE, BUFFERS)``: the plan (sequential scans, sorts) is in the output. Figures go to
@@ -69,7 +72,9 @@ EVENTS = {  # the audit events a request in each status has, in order
 FINISHED = {"propagated", "completed", "failed", "rejected", "canceled"}
 CLASSES = [f"class-{k}" for k in range(100)]  # a face model's people, say
 REDACTED = "redacted"  # service.deletion_requests.personal_data.REDACTED
-REDACT_AFTER_DAYS = 90  # LETHE_REDACT_AFTER_DAYS's default: older finished requests are seeded redacted
+REDACT_AFTER_DAYS = 90  # LETHE_REDACT_AFTER_DAYS's default: older finished requests are seeded redacted,
+BACKLOG_DAYS = 1  # but for the last day's worth: what the first sweep after a day's outage finds to redact
+DEADLINE_OPEN = {"received", "queued", "running", "completed"}
 
 
 # --- seeding -----------------------------------------------------------------------------------
@@ -102,6 +107,7 @@ def seed(url: str, models: int, versions: int, requests: int, rng: random.Random
 
     from service.db import Base
     import service.registry.models  # noqa: F401
+    import service.consumers.models  # noqa: F401
     import service.deletion_requests.models  # noqa: F401  (registers the tables)
 
     tables = Base.metadata.tables
@@ -130,10 +136,34 @@ def seed(url: str, models: int, versions: int, requests: int, rng: random.Random
             {"request_id": r["id"], "at": at, "actor": "seed", "event": event, "from_status": None,
              "to_status": event if event in EVENTS else None, "detail": {}}
             for r, events in plan for event, at in events))
+        # Each model's inference service, one version behind: its completed requests wait for it.
+        consumers = {m: str(uuid.uuid4()) for m in model_ids}
+        counts["model_consumers"] = copy_rows(connection, tables["model_consumers"], (
+            {"id": c, "model_id": m, "name": "inference", "api_key_name": "inference",
+             "created_at": now - timedelta(days=400)} for m, c in consumers.items()))
+        counts["consumer_acknowledgements"] = copy_rows(connection, tables["consumer_acknowledgements"], (
+            {"consumer_id": consumers[m], "version_id": vs[max(0, len(vs) - 2)], "version": max(1, len(vs) - 1),
+             "sha256": "0" * 64, "at": now - timedelta(days=1), "by": "inference"} for m, vs in version_ids.items()))
+        with connection.cursor() as cursor:  # the migration made every counter, at zero
+            cursor.executemany("UPDATE run_duration_counters SET value = value + %s WHERE name = %s",
+                               [(value, name) for name, value in sorted(_run_counters(r for r, _ in plan).items())])
         connection.commit()
-        with connection.cursor() as cursor:
-            cursor.execute("ANALYZE")
+    # What autovacuum does to a table this size: statistics, and the visibility map index-only scans use.
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as connection:
+        connection.execute("VACUUM ANALYZE")
     return counts
+
+
+def _run_counters(rows: Iterator[dict[str, Any]]) -> dict[str, float]:
+    """The run-duration counters the seeded runs would have added (service.deletion_requests.run_durations)."""
+    from service.deletion_requests.run_durations import increments
+
+    totals: dict[str, float] = {}
+    for r in rows:
+        if r["status"] in ("completed", "propagated", "failed") and r["started_at"] and r["finished_at"]:
+            for name, value in increments((r["finished_at"] - r["started_at"]).total_seconds()).items():
+                totals[name] = totals.get(name, 0.0) + value
+    return totals
 
 
 def _request_plan(n: int, model_ids: list[str], version_ids: dict[str, list[str]], now: datetime,
@@ -160,11 +190,15 @@ def _request_plan(n: int, model_ids: list[str], version_ids: dict[str, list[str]
                "extended_days": 0, "body_sha256": hashlib.sha256(str(i).encode()).hexdigest(), "seed": 0,
                "attempts": 1 if status not in ("received", "queued") else 0, "cancel_requested": False,
                "run_alone": False, "row_version": 1, "created_by": "key:compliance",
-               "fulfilled_version_id": rng.choice(version_ids[model]) if status in ("completed", "propagated") else None,
+               # Completed ones by the newest version, which the model's consumer does not serve yet.
+               "fulfilled_version_id": version_ids[model][-1] if status == "completed" else
+               rng.choice(version_ids[model]) if status == "propagated" else None,
                "metrics": {"steps": 18, "forget_acc_after": {"x": 0.0}} if status in ("completed", "propagated") else None,
                "error": "forget set unreadable" if status in ("failed", "rejected") else None}
         events = [(e, received + timedelta(minutes=k)) for k, e in enumerate(EVENTS[status])]
-        if finished is not None and finished <= now - timedelta(days=REDACT_AFTER_DAYS):
+        if status in DEADLINE_OPEN:  # the flags the sweep wrote when they came due
+            events += [(flag, at) for flag, at in (("at_risk", row["at_risk_from"]), ("overdue", due)) if at <= now]
+        if finished is not None and finished <= now - timedelta(days=REDACT_AFTER_DAYS + BACKLOG_DAYS):
             # What the sweep has done by now to a request finished this long ago (service/redaction.py).
             row |= {"forget_class": REDACTED, "forget_uri": REDACTED, "redacted_at": finished + timedelta(days=90),
                     "subject_commitment": hashlib.sha256(row["id"].encode()).hexdigest()}
@@ -315,10 +349,10 @@ def measure(url: str, home: Path, samples: int, rng: random.Random, models: int,
                                            "status": response.status_code,
                                            "rss_growth_mib": round(max(highest, rss_mib()) - before, 1)}
         print(f"dashboard CSV export: {figures['dashboard CSV export']}", flush=True)
-    sweeps = []
+    sweeps, counts = [], []
     for _ in range(3):
         started = time.perf_counter()
-        counts = sweep(settings, enqueued.append)
+        counts.append({k: v for k, v in sweep(settings, enqueued.append).items() if v})
         sweeps.append(round(time.perf_counter() - started, 2))
     figures["sweep"] = {"seconds": sweeps, "counts": counts}
     print(f"sweep: {sweeps} s, {counts}", flush=True)

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import session_scope, utcnow
+from service.deletion_requests import run_durations
 from service.deletion_requests.models import DeletionRequest, RequestStatus as S
 from service.registry.models import ModelVersion, RegisteredModel
 
-# A run takes seconds on a small model, hours on a large one or a slow machine.
-RUN_SECONDS_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "(unmatched)"  # 404s and requests refused before routing, e.g. too large
 
@@ -94,33 +93,15 @@ def queue_metrics(session: Session) -> Iterator[Metric]:
                             value=(utcnow() - oldest).total_seconds() if oldest else 0)
 
 
-def run_seconds(session: Session):
-    """SQL for a request's last run, started_at -> finished_at, in seconds, on either backend."""
-    started, finished = DeletionRequest.started_at, DeletionRequest.finished_at
-    if session.get_bind().dialect.name == "sqlite":
-        return (func.julianday(finished) - func.julianday(started)) * 86400.0
-    return func.extract("epoch", finished - started)
-
-
-def run_duration_histogram(session: Session, buckets: Sequence[float] = RUN_SECONDS_BUCKETS) -> HistogramMetricFamily:
-    """Run durations of the requests that runs finished (completed or failed), from their timestamps.
-
-    Each request of a batch is one observation (they share the run); a retried request counts its
-    last run. Counted in the database, so a scrape reads one row however many runs there were.
-    """
-    seconds = run_seconds(session)
-    finished_by_a_run = and_(DeletionRequest.status.in_([S.COMPLETED, S.PROPAGATED, S.FAILED]),
-                             DeletionRequest.started_at.is_not(None), DeletionRequest.finished_at.is_not(None))
-    row = session.execute(select(
-        func.count(), func.coalesce(func.sum(seconds), 0.0),
-        *(func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0) for bound in buckets),
-    ).where(finished_by_a_run)).one()
-    count, total, cumulative = row[0], float(row[1]), row[2:]
-    family = HistogramMetricFamily(
-        "lethe_run_duration_seconds", "Wall time of the unlearning runs that finished requests "
-        "(running -> completed or failed), one observation per request",
-        buckets=[*((format_bound(b), c) for b, c in zip(buckets, cumulative)), ("+Inf", count)], sum_value=total)
-    return family
+def run_duration_histogram(session: Session) -> HistogramMetricFamily:
+    """Wall time of the runs that ended (running -> completed or failed), from the counters each run's
+    end adds to (``run_durations``): every run, a retried request's earlier runs included."""
+    durations = run_durations.read(session)
+    return HistogramMetricFamily(
+        "lethe_run_duration_seconds", "Wall time of the unlearning runs that ended (running -> completed or "
+        "failed), one observation per run and request",
+        buckets=[*((format_bound(b), c) for b, c in durations.cumulative), ("+Inf", durations.count)],
+        sum_value=durations.total_seconds)
 
 
 def format_bound(bound: float) -> str:

@@ -26,11 +26,13 @@ from service.deletion_requests.personal_data import REDACTED, commitment, rekey,
 from service.deletion_requests.transitions import record
 
 
-def redact_due(session: Session, now: datetime, after_days: float) -> int:
-    """Redact every request finished at least ``after_days`` ago and not redacted yet; returns how many."""
+def redact_due(session: Session, now: datetime, after_days: float, limit: int | None = None) -> int:
+    """Redact the requests finished at least ``after_days`` ago and not redacted yet, the longest
+    finished first, at most ``limit`` of them; returns how many."""
     due = session.scalars(select(DeletionRequest).where(
         DeletionRequest.status.in_(list(FINISHED)), DeletionRequest.finished_at <= now - timedelta(days=after_days),
-        DeletionRequest.redacted_at.is_(None)).with_for_update(skip_locked=True)).all()
+        DeletionRequest.redacted_at.is_(None)).order_by(DeletionRequest.finished_at, DeletionRequest.id)
+        .limit(limit).with_for_update(skip_locked=True)).all()
     for row in due:
         redact(session, row, now, after_days)
     return len(due)

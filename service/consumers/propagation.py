@@ -50,7 +50,7 @@ def confirmations(session: Session, request: DeletionRequest) -> list[Confirmati
     if request.fulfilled_version_id is None:
         return []
     consumers = live_consumers(session, request.model_id)
-    return _confirm(consumers, _served(session, consumers), _needed(session, request))
+    return _confirm(consumers, _served(session, consumers), _needed(request))
 
 
 def propagate(*, session: Session, model_id: str, actor: str) -> list[DeletionRequest]:
@@ -58,22 +58,29 @@ def propagate(*, session: Session, model_id: str, actor: str) -> list[DeletionRe
     ``propagated``, in the caller's transaction. The model's row is locked first: two consumers
     acknowledging at once must not each miss the other's acknowledgement and leave it completed."""
     lock_model(session=session, model_id=model_id)
-    completed = list(session.scalars(
-        select(DeletionRequest).where(DeletionRequest.model_id == model_id, DeletionRequest.status == S.COMPLETED)
-        .order_by(DeletionRequest.finished_at, DeletionRequest.id)))
+    # Ids and the versions needed, not whole rows: a model's backlog of completed requests is read
+    # at every sweep, and most of it waits on the same consumer (10,000 rows took 2.4 s a sweep).
+    completed = session.execute(
+        select(DeletionRequest.id, ModelVersion.version)
+        .join(ModelVersion, ModelVersion.id == DeletionRequest.fulfilled_version_id)
+        .where(DeletionRequest.model_id == model_id, DeletionRequest.status == S.COMPLETED)
+        .order_by(DeletionRequest.finished_at, DeletionRequest.id)).all()
     if not completed:
         return []
     consumers = live_consumers(session, model_id)
     served = _served(session, consumers)
+    by_version: dict[int, list[Confirmation]] = {}
     moved = []
-    for request in completed:
-        needed = _needed(session, request)
-        confirmed = _confirm(consumers, served, needed)
+    for request_id, needed in completed:
+        if needed not in by_version:
+            by_version[needed] = _confirm(consumers, served, needed)
+        confirmed = by_version[needed]
         if not all(c.confirmed for c in confirmed):
             continue
         detail = {"version": needed, "consumers": [c.to_dict() for c in confirmed]}
         if not consumers:
             detail["note"] = NO_CONSUMERS
+        request = session.get(DeletionRequest, request_id)
         transition(session=session, request=request, to=S.PROPAGATED, actor=actor, detail=detail)
         moved.append(request)
     return moved
@@ -96,8 +103,8 @@ def served_again(*, session: Session, model_id: str, consumer: str, version: int
     return [r.id for r in back]
 
 
-def _needed(session: Session, request: DeletionRequest) -> int:
-    return session.get(ModelVersion, request.fulfilled_version_id).version
+def _needed(request: DeletionRequest) -> int:
+    return request.fulfilled_version.version
 
 
 def _served(session: Session, consumers: list[Consumer]) -> dict[str, list[tuple[int, datetime]]]:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, joinedload
 from service.config import Settings
 from service.db import on_commit, utcnow
 from service.deadlines import at_risk_from
-from service.deletion_requests.models import DEADLINE_OPEN, FINISHED, DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import DEADLINE_OPEN, DeletionRequest, RequestStatus as S
 from service.deletion_requests.schemas import DeletionRequestCreate, ExtendBody, in_utc
 from service.deletion_requests.transitions import record, transition
 from service.errors import AttemptsExhausted, Conflict, IdempotencyMismatch, InvalidInput, InvalidTransition, NotFound

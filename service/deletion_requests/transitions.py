@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
+from service.deletion_requests import run_durations
 from service.deletion_requests.audit_chain import link
 from service.deletion_requests.personal_data import scrub_detail
 from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
@@ -34,6 +35,8 @@ def transition(*, session: Session, request: DeletionRequest, to: S, actor: str,
     if to not in ALLOWED[current]:
         raise InvalidTransition(f"a {current} request cannot become {to}", current_status=current)
     now = utcnow()
+    if current == S.RUNNING and to in (S.COMPLETED, S.FAILED) and request.started_at is not None:
+        run_durations.observe(session, (now - request.started_at).total_seconds())
     request.status = to
     request.updated_at = now
     setattr(request, TIMESTAMPS[to], now)

@@ -33,21 +33,14 @@ def fail_after_a_run(settings: Settings, request_id: str, seconds: float) -> Non
     with session_scope(settings.database) as session:
         row = session.get(DeletionRequest, request_id)
         transition(session=session, request=row, to=RequestStatus.RUNNING, actor="worker:test")
+        row.started_at -= timedelta(seconds=seconds)
         transition(session=session, request=row, to=RequestStatus.FAILED, actor="worker:test")
-        row.started_at = row.finished_at - timedelta(seconds=seconds)
-
-
-def set_run_seconds(settings: Settings, request_id: str, seconds: float) -> None:
-    with session_scope(settings.database) as session:
-        row = session.get(DeletionRequest, request_id)
-        row.started_at = row.finished_at - timedelta(seconds=seconds)
 
 
 @pytest.fixture
 def seeded_states(client, admin, digits, digits_model, backend):
     """Queued: due in 3 days (at risk) and overdue; completed after a 90 s run; failed after a run of almost 2 h."""
-    seeded = seed(client, admin, digits, digits_model, backend.settings)
-    set_run_seconds(backend.settings, seeded.ids["done"], 90)
+    seeded = seed(client, admin, digits, digits_model, backend.settings, run_seconds=90)
     fail_after_a_run(backend.settings, seeded.ids["due-in-20"], 7000)
     return seeded
 
@@ -69,12 +62,35 @@ def test_at_risk_overdue_and_pending_work_follow_the_dashboards_rule(client, see
     assert samples["lethe_database_up"][()] == 1
 
 
-def test_run_durations_come_from_the_finished_requests_timestamps(client, seeded_states):
+def run_buckets(samples) -> dict[str, float]:
+    return {dict(labels)["le"]: value for labels, value in samples["lethe_run_duration_seconds_bucket"].items()}
+
+
+def test_each_run_that_ends_is_observed_with_its_wall_time(client, seeded_states):
     samples = scrape(client)
-    buckets = {dict(labels)["le"]: value for labels, value in samples["lethe_run_duration_seconds_bucket"].items()}
+    buckets = run_buckets(samples)
     assert samples["lethe_run_duration_seconds_count"][()] == 2
     assert samples["lethe_run_duration_seconds_sum"][()] == pytest.approx(7090, abs=1)
     assert (buckets["60.0"], buckets["120.0"], buckets["3600.0"], buckets["7200.0"], buckets["+Inf"]) == (0, 1, 1, 2, 2)
+
+
+def test_a_retried_request_counts_every_run_and_a_counter_never_goes_down(client, admin, seeded_states, backend):
+    retried = seeded_states.ids["due-in-20"]  # failed after 7000 s
+    assert client.post(f"/deletion-requests/{retried}/retry", headers=admin).status_code == 200
+    fail_after_a_run(backend.settings, retried, 20)
+    samples = scrape(client)
+    assert samples["lethe_run_duration_seconds_count"][()] == 3
+    assert samples["lethe_run_duration_seconds_sum"][()] == pytest.approx(7110, abs=1)
+    assert run_buckets(samples)["30.0"] == 1
+
+
+def test_runs_that_end_otherwise_are_not_observed(client, admin, seeded_states, backend):
+    """A run canceled or re-queued (its lease lost) has no outcome: it is not a run duration."""
+    with session_scope(backend.settings.database) as session:
+        row = session.get(DeletionRequest, seeded_states.ids["due-in-3"])
+        transition(session=session, request=row, to=RequestStatus.RUNNING, actor="worker:test")
+        transition(session=session, request=row, to=RequestStatus.QUEUED, actor="sweep")
+    assert scrape(client)["lethe_run_duration_seconds_count"][()] == 2
 
 
 def test_each_model_reports_its_current_version(client, seeded_states):

@@ -53,7 +53,8 @@ def completed_run_metrics() -> dict:
                             "seed": 0}}}}
 
 
-def seed(client: TestClient, admin: dict[str, str], digits, package, settings: Settings) -> Seeded:
+def seed(client: TestClient, admin: dict[str, str], digits, package, settings: Settings,
+         run_seconds: float | None = None) -> Seeded:
     assert register_digits(client, admin, package, eval_set=f"file://{digits.val}").status_code == 201
     now = datetime.now(timezone.utc)
     ids = {}
@@ -62,17 +63,19 @@ def seed(client: TestClient, admin: dict[str, str], digits, package, settings: S
         response = client.post("/deletion-requests", headers=admin, json=body)
         assert response.status_code == 202, response.text
         ids[external_id] = response.json()["id"]
-    complete(settings, ids["done"])
+    complete(settings, ids["done"], run_seconds)
     return Seeded(ids)
 
 
-def complete(settings: Settings, request_id: str) -> None:
+def complete(settings: Settings, request_id: str, run_seconds: float | None = None) -> None:
     """Record a finished run for a request as the worker does: version n+1 published, request
-    completed, and propagated (the model has no consumers)."""
+    completed, and propagated (the model has no consumers); the run started ``run_seconds`` ago."""
     metrics = completed_run_metrics()
     with session_scope(settings.database) as session:
         row = session.get(DeletionRequest, request_id)
         transition(session=session, request=row, to=RequestStatus.RUNNING, actor="worker:seed")
+        if run_seconds is not None:
+            row.started_at -= timedelta(seconds=run_seconds)
         first = row.model.versions[0]
         first.metrics = {"per_class_accuracy": PER_CLASS_BEFORE}
         version = publish_version(session=session, model_id=row.model_id, sha256="ab" * 32, size=123_456,

@@ -14,7 +14,7 @@ from service.deletion_requests.transitions import transition
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import publish_version
 from tests.service_fixtures import register_digits, request_body
-from worker.runs.sweep import sweep
+from worker.runs.sweep import redact_in_batches, sweep
 
 
 def submit(client, admin, digits, **changes) -> str:
@@ -68,6 +68,32 @@ def test_deadlines_are_flagged_once_each(backend, client, admin, digits, digits_
               for i in (at_risk, overdue, fresh)}
     assert "at_risk" in events[at_risk] and "overdue" in events[overdue]
     assert not {"at_risk", "overdue"} & set(events[fresh])
+
+
+def test_an_at_risk_request_that_becomes_overdue_is_flagged_overdue_once(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    request_id = submit(client, admin, digits, received_at=(utcnow() - timedelta(days=25)).isoformat())
+    assert sweep(backend.settings, lambda _: None)["at_risk"] == 1
+    with session_scope(backend.settings.database) as session:  # five days later
+        row = session.get(DeletionRequest, request_id)
+        row.due_at, row.at_risk_from = utcnow() - timedelta(hours=1), utcnow() - timedelta(days=8)
+    counts = [sweep(backend.settings, lambda _: None) for _ in range(2)]
+    assert [(c["at_risk"], c["overdue"]) for c in counts] == [(0, 1), (0, 0)]
+    events = [e["event"] for e in client.get(f"/deletion-requests/{request_id}", headers=admin).json()["events"]]
+    assert (events.count("at_risk"), events.count("overdue")) == (1, 1)
+
+
+def test_a_redaction_backlog_is_worked_off_in_batches_over_sweeps(backend, client, admin, digits, digits_model):
+    register_digits(client, admin, digits_model)
+    ids = [submit(client, admin, digits, external_id=f"s{k}", forget_class=str(k)) for k in range(5)]
+    for request_id in ids:
+        assert client.post(f"/deletion-requests/{request_id}/cancel", headers=admin).status_code == 200
+    settings, now = backend.settings, utcnow() + timedelta(days=1)
+    assert redact_in_batches(settings, now, after_days=0, batch=2, budget_seconds=0) == 2  # one batch, then stop
+    assert redact_in_batches(settings, now, after_days=0, batch=2) == 3  # the rest, in two more
+    assert redact_in_batches(settings, now, after_days=0, batch=2) == 0
+    with session_scope(settings.database) as session:
+        assert {r.forget_class for r in session.scalars(select(DeletionRequest))} == {"redacted"}
 
 
 def test_superseded_weights_are_deleted_after_the_retention_period_and_answer_410(
