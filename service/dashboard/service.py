@@ -17,7 +17,7 @@ from service.consumers.service import Serving, serving
 from service.dashboard.models import DashboardSession
 from service.db import utcnow
 from service.deletion_requests.models import DeletionRequest, RequestStatus
-from service.deletion_requests.service import RequestFilter, deadline_state, filtered
+from service.deletion_requests.service import WITH_NAMES, RequestFilter, deadline_state, filtered
 from service.errors import Forbidden, InvalidInput, LoginRequired
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import incorporated_requests
@@ -142,11 +142,8 @@ def badge(request: DeletionRequest, now: datetime | None = None) -> Badge | None
     return Badge(text, "amber" if at_risk else "ok")
 
 
-def request_rows(session: Session, requests: list[DeletionRequest], now: datetime) -> list[Row]:
-    version_ids = {r.fulfilled_version_id for r in requests if r.fulfilled_version_id}
-    versions = dict(session.execute(select(ModelVersion.id, ModelVersion.version)
-                                    .where(ModelVersion.id.in_(version_ids))).all()) if version_ids else {}
-    return [Row(r, badge(r, now), versions.get(r.fulfilled_version_id)) for r in requests]
+def request_rows(requests: list[DeletionRequest], now: datetime) -> list[Row]:
+    return [Row(r, badge(r, now), r.fulfilled_version.version if r.fulfilled_version else None) for r in requests]
 
 
 def request_page(*, session: Session, query: TableQuery) -> Page:
@@ -155,10 +152,10 @@ def request_page(*, session: Session, query: TableQuery) -> Page:
     total = session.scalar(select(func.count()).select_from(selection.subquery()))
     pages = max(1, -(-total // PAGE_SIZE))
     page = min(query.page, pages)
-    requests = session.scalars(selection.order_by(*SORTS[query.sort][1])
+    requests = session.scalars(selection.options(*WITH_NAMES).order_by(*SORTS[query.sort][1])
                                .offset((page - 1) * PAGE_SIZE).limit(PAGE_SIZE)).all()
     first = (page - 1) * PAGE_SIZE + 1 if requests else 0
-    return Page(request_rows(session, list(requests), now), total, page, pages, first, first + len(requests) - 1)
+    return Page(request_rows(list(requests), now), total, page, pages, first, first + len(requests) - 1)
 
 
 @dataclass(frozen=True)

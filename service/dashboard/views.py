@@ -228,7 +228,7 @@ def _chunks(spool, size: int = 256 * 1024) -> Iterator[bytes]:
 def request_detail(request: Request, request_id: str, session: SessionDep, user: DashboardLogin,
                    done: Annotated[str | None, Query(max_length=20)] = None) -> HTMLResponse:
     row = requests_service.get_request(session=session, request_id=request_id)
-    [table_row] = service.request_rows(session, [row], utcnow())
+    [table_row] = service.request_rows([row], utcnow())
     writer = service.can_write(user.api_key)
     return render(request, "request_detail.html", user=user, section="requests", row=table_row, r=row, metrics=row.metrics or {},
                   done=done, confirmations=confirmations(session, row),
