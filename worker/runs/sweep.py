@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import and_, exists, select, update
 
 from service.config import Settings
 from service.db import db_now, session_scope
@@ -121,20 +121,26 @@ def flag_deadlines(session, now, counts: dict[str, int]) -> None:
 
     Only the requests still missing their flag are read (NOT EXISTS over the trail's partial index
     of flags), so a pass costs what it writes: reading every request at risk with its whole trail
-    took 4.8 s a pass at 200,000 requests (benchmarks/scale.py)."""
+    took 4.8 s a pass at 200,000 requests (benchmarks/scale.py). The candidates are locked, skipping
+    those another transaction holds (another sweep flagging them, a worker settling them: this sweep
+    never waits for either), and each is asked again once locked, so two sweeps that overlap write
+    each flag once."""
     active = DeletionRequest.status.in_(DEADLINE_OPEN)
 
     def unflagged(event: str):
         return ~exists().where(AuditEvent.request_id == DeletionRequest.id, AuditEvent.event == event)
 
-    overdue = select(DeletionRequest).where(active, DeletionRequest.due_at < now, unflagged("overdue"))
-    for row in session.scalars(overdue.order_by(DeletionRequest.due_at, DeletionRequest.id)).all():
-        record(session=session, request=row, event="overdue", actor="sweep", detail={"due_at": row.due_at.isoformat()})
-        log.warning("deletion request %s (%s) is overdue since %s", row.id, row.external_id, row.due_at)
-        counts["overdue"] += 1
-    at_risk = select(DeletionRequest).where(active, DeletionRequest.at_risk_from <= now, DeletionRequest.due_at >= now,
-                                            unflagged("at_risk"))
-    for row in session.scalars(at_risk.order_by(DeletionRequest.due_at, DeletionRequest.id)).all():
-        record(session=session, request=row, event="at_risk", actor="sweep", detail={"due_at": row.due_at.isoformat()})
-        log.warning("deletion request %s (%s) is at risk: due %s", row.id, row.external_id, row.due_at)
-        counts["at_risk"] += 1
+    def flag(event: str, due, line: str) -> None:
+        candidates = (select(DeletionRequest).where(active, due, unflagged(event))
+                      .order_by(DeletionRequest.due_at, DeletionRequest.id).with_for_update(skip_locked=True))
+        for row in session.scalars(candidates).all():
+            # Locked now; a statement of its own sees what a sweep that held the row committed.
+            if session.scalar(select(exists().where(AuditEvent.request_id == row.id, AuditEvent.event == event))):
+                continue
+            record(session=session, request=row, event=event, actor="sweep", detail={"due_at": row.due_at.isoformat()})
+            log.warning(line, row.id, row.external_id, row.due_at)
+            counts[event] += 1
+
+    flag("overdue", DeletionRequest.due_at < now, "deletion request %s (%s) is overdue since %s")
+    flag("at_risk", and_(DeletionRequest.at_risk_from <= now, DeletionRequest.due_at >= now),
+         "deletion request %s (%s) is at risk: due %s")

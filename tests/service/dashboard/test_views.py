@@ -254,6 +254,18 @@ def test_a_csv_read_in_batches_and_spooled_to_disk_is_the_tables_order(client, r
     assert [r["id"] for r in read_csv(response)] == table and len(table) == 4
 
 
+def test_the_csv_exports_file_is_closed_once_sent_or_abandoned(client, reader, seeded, monkeypatch):
+    spools = []
+    real = dashboard_views.tempfile.SpooledTemporaryFile
+    monkeypatch.setattr(dashboard_views.tempfile, "SpooledTemporaryFile",
+                        lambda *a, **k: spools.append(real(*a, **k)) or spools[-1])
+    monkeypatch.setattr(dashboard_views, "CSV_SPOOL_BYTES", 64)  # a file on disk
+    assert len(read_csv(client.get("/dashboard/requests.csv"))) == 4
+    with client.stream("GET", "/dashboard/requests.csv") as response:
+        next(response.iter_raw(16))  # a client that reads a little and goes
+    assert len(spools) == 2 and all(spool.closed for spool in spools)
+
+
 def test_csv_cells_never_start_a_spreadsheet_formula(client, reader, seeded, admin, digits):
     body = request_body(digits, "=HYPERLINK(\"http://x\")", "5")
     assert client.post("/deletion-requests", headers=admin, json=body).status_code == 202

@@ -4,17 +4,20 @@ after a grace period."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
-from service.db import session_scope, utcnow
+from service.db import db_now, session_factory, session_scope, utcnow
+from service.deletion_requests import run_durations
 from service.deletion_requests.models import DeletionRequest
 from service.deletion_requests.transitions import transition
 from service.registry.models import ModelVersion, RegisteredModel
 from service.registry.service import publish_version
 from tests.service_fixtures import register_digits, request_body
-from worker.runs.sweep import redact_in_batches, sweep
+from worker.runs.sweep import flag_deadlines, redact_in_batches, sweep
 
 
 def submit(client, admin, digits, **changes) -> str:
@@ -168,3 +171,63 @@ def test_a_request_whose_runs_keep_dying_fails_instead_of_blocking_its_model(bac
     assert (counts["failed"], counts["requeued"]) == (1, 0)
     body = client.get(f"/deletion-requests/{request_id}", headers=admin).json()
     assert body["status"] == "failed" and "ended 5 times without an outcome" in body["error"]
+
+
+# --- sweeps beside other transactions (Postgres: row locks; SQLite takes turns at BEGIN IMMEDIATE) -----
+
+def only_on_postgres(backend) -> None:
+    if backend.name != "postgres":
+        pytest.skip("SQLite serialises writers from their first statement (BEGIN IMMEDIATE): no interleaving")
+
+
+def sweep_within(settings, seconds: float = 30) -> dict:
+    """A sweep in a thread of its own, which must end within ``seconds`` (it waits for no one)."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(sweep(settings, lambda _: None)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the sweep waited for another transaction's locks"
+    return result
+
+
+def test_overlapping_sweeps_write_each_deadline_flag_once(backend, client, admin, digits, digits_model):
+    only_on_postgres(backend)
+    register_digits(client, admin, digits_model)
+    late = submit(client, admin, digits, received_at=(utcnow() - timedelta(days=31)).isoformat())
+    first = session_factory(backend.settings.database)()
+    try:
+        counts = {"overdue": 0, "at_risk": 0}
+        flag_deadlines(first, db_now(first), counts)  # a sweep in flight: flagged, not committed yet
+        assert counts["overdue"] == 1
+        assert sweep_within(backend.settings)["overdue"] == 0  # the one it holds is skipped, not waited for
+        first.commit()
+    finally:
+        first.close()
+    assert sweep(backend.settings, lambda _: None)["overdue"] == 0
+    events = [e["event"] for e in client.get(f"/deletion-requests/{late}", headers=admin).json()["events"]]
+    assert events.count("overdue") == 1
+
+
+def test_a_sweep_failing_a_dead_run_and_a_worker_settling_its_own_both_commit(backend, client, admin, digits,
+                                                                            digits_model):
+    """Both runs end (the counters of the run-duration histogram), and the sweep would flag the
+    settling worker's request: found by an outside test as a deadlock, one of the two rolled back."""
+    only_on_postgres(backend)
+    register_digits(client, admin, digits_model)
+    dead = submit(client, admin, digits, external_id="dead", forget_class="4")
+    dead_worker_holds(backend, [dead], attempts=backend.settings.max_attempts)
+    live = submit(client, admin, digits, received_at=(utcnow() - timedelta(days=25)).isoformat())  # at risk
+    worker = session_factory(backend.settings.database)()
+    try:
+        row = worker.get(DeletionRequest, live, with_for_update=True)  # the worker settling its run
+        transition(session=worker, request=row, to="running", actor="worker:live")
+        transition(session=worker, request=row, to="completed", actor="worker:live")
+        counts = sweep_within(backend.settings)
+        worker.commit()
+    finally:
+        worker.close()
+    assert (counts["failed"], counts["at_risk"]) == (1, 0)  # the worker's request waits for the next sweep
+    with session_scope(backend.settings.database) as session:
+        assert session.get(DeletionRequest, live).status == "completed"
+        assert run_durations.read(session).count == 2
+    assert sweep(backend.settings, lambda _: None)["at_risk"] == 1
