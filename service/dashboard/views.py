@@ -97,13 +97,14 @@ def see_other(url: str) -> RedirectResponse:
 
 def table_query(status: str | None, model: str | None, overdue: str | None, sort: str | None,
                 page: int) -> service.TableQuery:
-    return service.TableQuery(status=status or None, model=model or None, overdue=overdue in ("1", "true", "on"),
+    return service.TableQuery(status=status or None, model=model or None, overdue=overdue in FLAG_ON,
                               sort=sort or "due", page=page)
 
 
 StatusParam = Annotated[str | None, Query(max_length=16)]
 ModelParam = Annotated[str | None, Query(max_length=64, pattern=f"^$|{NAME_PATTERN.pattern}")]
-FlagParam = Annotated[str | None, Query(max_length=5)]
+FLAG_ON, FLAG_OFF = ("1", "true", "on"), ("", "0", "false", "off")  # a checkbox sends "1" or nothing
+FlagParam = Annotated[str | None, Query(pattern=f"^({'|'.join(FLAG_ON + FLAG_OFF)})$")]
 SortParam = Annotated[str | None, Query(max_length=16)]
 PageParam = Annotated[int, Query(ge=1, le=1_000_000)]
 

@@ -193,7 +193,8 @@ def test_sorts_by_due_date_either_way(client, reader, seeded):
     assert shown_ids(client.get("/dashboard/requests", params={"sort": "-due"}).text) == soonest[::-1]
 
 
-@pytest.mark.parametrize("params", [{"status": "lost"}, {"sort": "name"}, {"page": "0"}, {"model": "../x"}])
+@pytest.mark.parametrize("params", [{"status": "lost"}, {"sort": "name"}, {"page": "0"}, {"model": "../x"},
+                                    {"overdue": "yes"}])
 def test_bad_filters_are_a_readable_4xx_page_not_json(client, reader, params):
     response = client.get("/dashboard/requests", params=params)
     assert response.status_code == 422
