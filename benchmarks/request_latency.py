@@ -144,15 +144,15 @@ def service_part(args: argparse.Namespace, inputs: dict[str, Any], backend: str,
                 "phases": run.get("timings", {})}
 
 
-def register(api: str, auth: dict[str, str], package: Path, eval_set: Path | None) -> None:
+def register(api: str, auth: dict[str, str], package: Path, eval_set: Path | None, name: str = MODEL) -> None:
     import httpx
 
-    data = {"name": MODEL, **({"eval_set": eval_set.resolve().as_uri()} if eval_set else {})}
+    data = {"name": name, **({"eval_set": eval_set.resolve().as_uri()} if eval_set else {})}
     with open(package / "model.json", "rb") as card, open(package / "model.safetensors", "rb") as weights:
         response = httpx.post(f"{api}/models", headers=auth, data=data, timeout=300.0,
                               files={"card": ("model.json", card), "weights": ("model.safetensors", weights)})
     if response.status_code != 201:
-        raise LoadError(f"registering the model: {response.status_code} {response.text[:200]}")
+        raise LoadError(f"registering {name}: {response.status_code} {response.text[:200]}")
 
 
 def wait_settled(api: str, auth: dict[str, str], request_id: str, timeout: float, worker: subprocess.Popen,

@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.api_load import (POSTGRES_ADMIN, Database, LoadError, flush_redis, free_port,  # noqa: E402
                                  migrated_with_admin_key, start, stop)
+from benchmarks.request_latency import register  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OPEN = ("received", "queued", "running")
@@ -71,17 +72,6 @@ def plan_requests(models: int, requests: int, classes_per_model: int) -> list[di
         digit = (model + k % classes_per_model) % 10  # models forget different digits
         plan.append({"external_id": f"burst-{n}", "model": f"digits-{model:02d}", "forget_class": str(digit)})
     return plan
-
-
-def register(api: str, auth: dict[str, str], name: str, package: Path, eval_set: Path) -> None:
-    import httpx
-
-    with open(package / "model.json", "rb") as card, open(package / "model.safetensors", "rb") as weights:
-        response = httpx.post(f"{api}/models", headers=auth, data={"name": name, "eval_set": eval_set.as_uri()},
-                              files={"card": ("model.json", card), "weights": ("model.safetensors", weights)},
-                              timeout=120.0)
-    if response.status_code != 201:
-        raise LoadError(f"registering {name}: {response.status_code} {response.text[:200]}")
 
 
 def send_burst(api: str, auth: dict[str, str], plan: list[dict[str, Any]], train: Path, clients: int) -> float:
@@ -177,7 +167,7 @@ def measure(args: argparse.Namespace, workers: int, inputs: tuple[Path, Path, Pa
         api = f"http://127.0.0.1:{port}"
         stack.callback(stop, start(lethe + ["serve", "--port", str(port)], env, home / "api.log", f"{api}/healthz"))
         for m in range(args.models):
-            register(api, auth, f"digits-{m:02d}", package, held_out)
+            register(api, auth, package, held_out, name=f"digits-{m:02d}")
         logs, processes = [], []
         for w in range(workers):
             logs.append(home / f"worker-{w}.log")

@@ -7,12 +7,13 @@ import logging
 import time
 from collections import Counter
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import exists, select, update
 
 from service.config import Settings
 from service.db import db_now, session_scope
 from service.consumers.propagation import propagate
-from service.deletion_requests.models import DEADLINE_OPEN, AuditEvent, DeletionRequest, RequestStatus as S
+from service.deletion_requests.models import AuditEvent, DeletionRequest, RequestStatus as S
+from service.deletion_requests.service import RequestFilter, filtered
 from service.deletion_requests.transitions import record, transition
 from service.redaction import purge_old_pages, redact_due
 from service.registry.models import RegisteredModel
@@ -125,22 +126,21 @@ def flag_deadlines(session, now, counts: dict[str, int]) -> None:
     those another transaction holds (another sweep flagging them, a worker settling them: this sweep
     never waits for either), and each is asked again once locked, so two sweeps that overlap write
     each flag once."""
-    active = DeletionRequest.status.in_(DEADLINE_OPEN)
+    def flagged(request_id, event: str):
+        return exists().where(AuditEvent.request_id == request_id, AuditEvent.event == event)
 
-    def unflagged(event: str):
-        return ~exists().where(AuditEvent.request_id == DeletionRequest.id, AuditEvent.event == event)
-
-    def flag(event: str, due, line: str) -> None:
-        candidates = (select(DeletionRequest).where(active, due, unflagged(event))
+    def flag(event: str, line: str) -> None:
+        # The dashboard's rule for at risk and overdue (service.deletion_requests.service.filtered).
+        due = filtered(RequestFilter(**{event: True}), now)
+        candidates = (due.where(~flagged(DeletionRequest.id, event))
                       .order_by(DeletionRequest.due_at, DeletionRequest.id).with_for_update(skip_locked=True))
         for row in session.scalars(candidates).all():
             # Locked now; a statement of its own sees what a sweep that held the row committed.
-            if session.scalar(select(exists().where(AuditEvent.request_id == row.id, AuditEvent.event == event))):
+            if session.scalar(select(flagged(row.id, event))):
                 continue
             record(session=session, request=row, event=event, actor="sweep", detail={"due_at": row.due_at.isoformat()})
             log.warning(line, row.id, row.external_id, row.due_at)
             counts[event] += 1
 
-    flag("overdue", DeletionRequest.due_at < now, "deletion request %s (%s) is overdue since %s")
-    flag("at_risk", and_(DeletionRequest.at_risk_from <= now, DeletionRequest.due_at >= now),
-         "deletion request %s (%s) is at risk: due %s")
+    flag("overdue", "deletion request %s (%s) is overdue since %s")
+    flag("at_risk", "deletion request %s (%s) is at risk: due %s")
