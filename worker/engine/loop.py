@@ -139,15 +139,23 @@ class UnlearningLoop:
         self.forget_samplers = [CyclingSampler(x.shape[0], config.batch_size, generator) for x in forget.images]
         self.retain_sampler = (CyclingSampler(retain_data.labels.numel(), config.batch_size, generator)
                                if retain_data is not None else None)
+        # With adapters only in later blocks, the frozen front runs once here; the teachers below,
+        # training steps and forget-set checks run the rest of the network on its tokens (prefix.py).
+        # The front and back together give the whole model's logits bit for bit, so each image
+        # passes the front once instead of once for its tokens and once more for its teacher.
+        self.prefix = split_frozen_prefix(model) if config.cache_frozen_prefix else None
+        self.network = self.prefix.back if self.prefix else model
+        self.inputs = replace(forget, images=tuple(self._front(x) for x in forget.images))
         # masked-kl: the original model's targets, computed once (the adapters start at zero, so the
         # model is still the original here); rows follow the forget sets' order.
-        self.teachers = ([self._teacher(x) for x in forget.images]
+        self.teachers = ([self._teacher(x) for x in self.inputs.images]
                          if self.method.forget is not None and self.method.forget.needs_teacher else [])
         # neighbours: adversarial neighbours of every forget image on the original model, and the
         # original's masked softmax on them, computed once for the same reason.
         self.neighbours = ([self._neighbours(x, t) for x, t in zip(forget.images, self.teachers)]
                            if self.method.neighbours else [])
-        self.neighbour_teachers = [self._teacher(n) for n in self.neighbours]
+        self.neighbour_inputs = [self._front(x) for x in self.neighbours]
+        self.neighbour_teachers = [self._teacher(n) for n in self.neighbour_inputs]
         # feature term: per forget image, the original's pre-logit feature of the class it ranks
         # first after the forgotten ones (a prototype, by model inversion), and the original's own
         # distance to it; computed once.
@@ -159,21 +167,15 @@ class UnlearningLoop:
         views_generator = torch.Generator().manual_seed((config.seed + CONFIRM_VIEWS_SEED_OFFSET) % 2**63)
         views = [torch.cat([DEFAULT_AUGMENTATION.views(x, spec, views_generator) for _ in range(config.confirm_views)])
                  for x in forget.images] if config.confirm_views else []
+        self.confirm_views = replace(forget, images=tuple(self._front(v) for v in views)) if views else None
         # anchor: the original's masked softmax on images of no class of the model; what a model
         # that never saw the forgotten classes would say about them, held at every step.
-        self.anchor_teacher = self._teacher(anchor) if anchor is not None else None
+        self.anchor_inputs = self._front(anchor) if anchor is not None else None
+        self.anchor_teacher = self._teacher(self.anchor_inputs) if anchor is not None else None
         # As many anchor images per step as forget images: the anchor term weighs like the forget
         # term, and a 9-image face run does not forward 256 anchor images per step (~28x the work).
         forget_batch = sum(s.size for s in self.forget_samplers)
         self.anchor_sampler = CyclingSampler(anchor.shape[0], forget_batch, generator) if anchor is not None else None
-        # With adapters only in later blocks, the frozen front runs once here; training steps and
-        # forget-set checks run the rest of the network on its tokens (prefix.py).
-        self.prefix = split_frozen_prefix(model) if config.cache_frozen_prefix else None
-        self.network = self.prefix.back if self.prefix else model
-        self.inputs = replace(forget, images=tuple(self._front(x) for x in forget.images))
-        self.neighbour_inputs = [self._front(x) for x in self.neighbours]
-        self.anchor_inputs = self._front(anchor) if anchor is not None else None
-        self.confirm_views = replace(forget, images=tuple(self._front(v) for v in views)) if views else None
         self._batch_indices: list[torch.Tensor] = []
         self._batch_teachers: list[torch.Tensor] = []
         self._anchor_index: torch.Tensor | None = None
@@ -186,8 +188,9 @@ class UnlearningLoop:
             return images
         return eval_logits(self.prefix.front, images, self.runtime, self.config.eval_batch_size)
 
-    def _teacher(self, images: torch.Tensor) -> torch.Tensor:
-        logits = eval_logits(self.model, images, self.runtime, self.config.eval_batch_size)
+    def _teacher(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The original's masked softmax on what ``self.network`` takes (``_front``'s output)."""
+        logits = eval_logits(self.network, inputs, self.runtime, self.config.eval_batch_size)
         return masked_teacher(logits, torch.tensor(self.forget.class_indices))
 
     def _neighbours(self, images: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -279,7 +282,7 @@ class UnlearningLoop:
             views = [self.augmentation.views(x[i], self.spec, self.generator)
                      for x, i in zip(self.forget.images, self._batch_indices)]
             parts = [self._front(v) for v in views]
-            self._batch_teachers = [self._teacher_on_view(v) for v in views] if self.teachers else []
+            self._batch_teachers = [self._teacher_on_view(p) for p in parts] if self.teachers else []
         targets = [torch.full((p.shape[0],), i, device=self.runtime.device) for p, i in
                    zip(parts, self.forget.class_indices)]
         parts += [n[i] for n, i in zip(self.neighbour_inputs, self._batch_indices)]
@@ -292,10 +295,11 @@ class UnlearningLoop:
             targets.append(self.retain_data.labels[index].to(self.runtime.device))
         return torch.cat(parts), targets, [p.shape[0] for p in parts]
 
-    def _teacher_on_view(self, view: torch.Tensor) -> torch.Tensor:
-        """The original's masked softmax on a view drawn this step: the adapters switched off."""
+    def _teacher_on_view(self, view_inputs: torch.Tensor) -> torch.Tensor:
+        """The original's masked softmax on a view drawn this step: the adapters switched off (the
+        frozen front has none, so its tokens are the original's)."""
         with self.model.disable_adapter():
-            return self._teacher(view)
+            return self._teacher(view_inputs)
 
     def _loss(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor],
               retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = (),
