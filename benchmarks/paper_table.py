@@ -86,6 +86,8 @@ VARIANTS = {v.name: v for v in (
     Variant("lora-kl-late-3e-3", "lora-kl", fixed={"lr": 3e-3, "adapter_blocks": "later-half"}, all_seeds=True, tier=0,
             note="lora-kl-late at lora-kl's default lr (3e-3), which the sweep preferred on airplane (validation "
                  "half): the service's default"),
+    Variant("lora-kl-late-3e-3-b128", "lora-kl", fixed={"lr": 3e-3, "adapter_blocks": "later-half", "batch_size": 128},
+            all_seeds=True, tier=1, note="the service's default with 128 forget images a step instead of 256"),
     Variant("lora-adv", "lora-adv", grid={"lr": [1e-2, 3e-3]}, tier=1),
     Variant("lora-bounded-tuned", "lora-bounded", grid={"lr": [1e-2, 3e-3, 1e-3]}, tier=1,
             note="the paper's loss and adapters, lr from the grid"),

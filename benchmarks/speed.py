@@ -10,7 +10,7 @@ class) with the same verified stopping rule, at its setting there: its fixed set
 tuned variant, the point its grid chose, when the result files exist (``--tuned-from``). Each run happens in a fresh
 child process, so its peak resident set (VmHWM) is its own; on CUDA the peak is the allocator's.
 Options (``--precision``, ``--batch-size``, ``--threads``) apply to every method alike, so the ratios
-stay fair. Reported per method: seconds per step, steps to target, unlearning and total seconds,
+stay fair; a variant whose paper-table setting fixes its batch size keeps it (it is that variant). Reported per method: seconds per step, steps to target, unlearning and total seconds,
 peak memory, trainable parameters, gradient and optimizer-state bytes; and each against ``ng-l1``.
 """
 
@@ -38,7 +38,7 @@ from worker.engine import METHODS, EngineError, ForgetSpec, UnlearnConfig, Unlea
 
 BASELINE = "ng-l1"
 TUNABLE = ("lr", "l1_weight")  # what the paper table's grid may have chosen
-FIXED = ("lr", "l1_weight", "adapter_blocks", "targets", "rank")  # what a variant may fix (not selection)
+FIXED = ("lr", "l1_weight", "adapter_blocks", "targets", "rank", "batch_size")  # what a variant may fix (not selection)
 # The variants this script can run as the paper table does: retain-free, stopped by the forget-set rule.
 MEASURABLE = [name for name, v in VARIANTS.items()
               if not METHODS[v.method].uses_retain and not v.fixed.get("select_on_eval")]
@@ -63,8 +63,8 @@ def measure_one(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
     """One run in this process (the child's job)."""
     forget_set = Cifar10.open(args.data).forget(args.class_name, args.forget_images)
     config = UnlearnConfig(method=VARIANTS[args.one].method, seed=args.seed, max_steps=args.max_steps,
-                           precision=args.precision, device=args.device, batch_size=args.batch_size,
-                           cache_frozen_prefix=args.prefix_cache, **settings)
+                           precision=args.precision, device=args.device, cache_frozen_prefix=args.prefix_cache,
+                           **({"batch_size": args.batch_size} | settings))  # a variant's own batch size stays its own
     started = time.perf_counter()
     result = unlearn(UnlearnInputs(model=str(args.model), forget=(ForgetSpec(args.class_name, str(forget_set)),)),
                      config)
