@@ -13,6 +13,7 @@ session sees the same images.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 import shutil
@@ -33,6 +34,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("LETHE_BENCH_CACHE", Path.home() / ".cache" / "lethe" / "benchmarks"))
 
 
+def source_cache(name: str, *sources: Path) -> Path:
+    """The cache folder for a dataset read from ``sources``: another source (another ``--data``, an
+    archive replaced since) gets a folder of its own, never the images extracted from the first."""
+    stamps = []
+    for source in sources:
+        try:
+            stat = source.stat()
+        except OSError:
+            raise DataError(f"{source}: not found (pass --data)") from None
+        stamps.append(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return cache_root() / f"{name}-{hashlib.sha256(chr(10).join(stamps).encode()).hexdigest()[:12]}"
+
+
+def set_name(kind: str, count: int | None) -> str:
+    """A forget set's manifest name: the first ``count`` images, or all of them (None)."""
+    if count is not None and count < 1:
+        raise DataError(f"a forget set needs at least one image, not {count}")
+    return f"{kind}-{'all' if count is None else count}"
+
+
 @dataclass(frozen=True)
 class Cifar10:
     """The extracted dataset: ``root/<split>/<class>/<name>.jpg`` plus manifests in ``root``."""
@@ -43,7 +64,7 @@ class Cifar10:
     @classmethod
     def open(cls, data_dir: Path) -> Cifar10:
         """Extract ``data_dir/{train,test}.tar`` into the cache (once) and list the classes."""
-        root = cache_root() / "cifar10"
+        root = source_cache("cifar10", *(data_dir / f"{split}.tar" for split in SPLITS))
         for split in SPLITS:
             _extract(data_dir / f"{split}.tar", root, split)
         classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
@@ -60,8 +81,8 @@ class Cifar10:
 
     def forget(self, class_name: str, count: int | None) -> Path:
         """The forget set: the first ``count`` train images of the class (None: all 5,000)."""
-        paths = self.images("train", class_name)[:count]
-        return self._manifest(f"forget-{class_name}-{count or 'all'}", [(p, "") for p in paths])
+        name = set_name(f"forget-{class_name}", count)
+        return self._manifest(name, [(p, "") for p in self.images("train", class_name)[:count]])
 
     def retain(self, excluded: str, count: int = 5000) -> Path:
         """A fixed random sample of the train images of every class but ``excluded``, labelled."""

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cifar import DataError, cache_root, write_manifest  # noqa: E402
+from benchmarks.cifar import DataError, cache_root, set_name, source_cache, write_manifest  # noqa: E402
 from worker.engine.images import normalise, read_images  # noqa: E402
 from worker.engine.package import CARD_FILE, WEIGHTS_FILE, InputSpec, ModelCard, write_package  # noqa: E402
 
@@ -70,7 +70,7 @@ class YaleFaces:
         people = {split: _people(data_dir, split) for split in SPLITS}
         if people["train"] != people["test"]:
             raise DataError(f"{data_dir}: train/ and test/ name different people")
-        root = cache_root() / "yalefaces"
+        root = source_cache("yalefaces", data_dir)
         for split in SPLITS:
             _copy(data_dir / split, root / split)
         return cls(root=root, classes=tuple(people["train"]))
@@ -84,8 +84,8 @@ class YaleFaces:
 
     def forget(self, person: str, count: int | None = None) -> Path:
         """The forget set: the person's first ``count`` train images by file name (None: all)."""
-        paths = self.images("train", person)[:count]
-        return self._manifest(f"forget-{person}-{count or 'all'}", [(p, "") for p in paths])
+        name = set_name(f"forget-{person}", count)
+        return self._manifest(name, [(p, "") for p in self.images("train", person)[:count]])
 
     def held_back(self, person: str, keep: int = 7) -> Path:
         """The person's train images that ``forget(person, keep)`` leaves out, labelled."""

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.api_load import (Database, LoadError, flush_redis, free_port, migrated_with_admin_key,  # noqa: E402
                                  start, stop)
 from benchmarks.cifar import Cifar10, DataError, write_manifest  # noqa: E402
+from benchmarks.cli import count, database_url, entry_point, output_path, seconds, write_json  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MODEL = "latency"
@@ -103,7 +104,7 @@ def service_part(args: argparse.Namespace, inputs: dict[str, Any], backend: str,
 
     with ExitStack() as stack:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lethe-latency-{backend}-")))
-        roots = sorted({str(Path(inputs["forget"]).resolve().parent), str(Path(inputs["eval_set"]).resolve().parent)})
+        roots = sorted({str(Path(inputs[k]).resolve().parent) for k in ("forget", "eval_set") if inputs[k] is not None})
         env = {**os.environ, "LETHE_HOME": str(home / "lethe"), "LETHE_DATA_ROOTS": ",".join(roots),
                "LETHE_LOG_FORMAT": "json", "LETHE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
         if args.threads:
@@ -120,8 +121,9 @@ def service_part(args: argparse.Namespace, inputs: dict[str, Any], backend: str,
         api = f"http://127.0.0.1:{port}"
         stack.callback(stop, start(lethe + ["serve", "--port", str(port)], env, home / "api.log", f"{api}/healthz"))
         worker_log = home / "worker.log"
+        log = stack.enter_context(open(worker_log, "ab"))
         worker = subprocess.Popen(lethe + ["worker", "--loglevel", "INFO"], env=env, cwd=REPO, start_new_session=True,
-                                  stdout=open(worker_log, "ab"), stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT)
         stack.callback(stop, worker)
         register(api, auth, Path(inputs["model"]), Path(inputs["eval_set"]) if with_eval else None)
         body = {"external_id": f"latency-{backend}", "model": MODEL, "forget_class": inputs["forget_class"],
@@ -175,11 +177,23 @@ def wait_settled(api: str, auth: dict[str, str], request_id: str, timeout: float
 def run_finished(log: Path) -> dict[str, Any]:
     """The worker's last "run finished" line (JSON), which carries the run's phases (a checkout
     from before the runs timed themselves has none: its figure is the POST -> completed time alone)."""
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    runs = [line for line in lines if line.get("outcome") == "finished"]
+    runs = [line for line in json_lines(log) if line.get("outcome") == "finished"]
     if not runs:
         raise LoadError(f"{log}: no 'run finished' line")
     return runs[-1]
+
+
+def json_lines(log: Path) -> list[dict[str, Any]]:
+    """The log's JSON objects; any other line (a library's own print, a traceback) is passed over."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -196,33 +210,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval", choices=("both", "with", "without"), default="both",
                         help="with and/or without a registered evaluation set")
     parser.add_argument("--backends", default="embedded,postgres", help="service part: embedded, postgres or both")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    parser.add_argument("--threads", type=count(0), default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--data", type=Path, default=SHARED / "datasets" / "cifar10")
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "cifar10-vit-d6")
     parser.add_argument("--forget", type=Path, default=None, help="a forget set (folder or manifest); default: "
                                                                   "the first --forget-images CIFAR-10 images of the class")
     parser.add_argument("--forget-class", default="airplane")
-    parser.add_argument("--forget-images", type=int, default=500)
+    parser.add_argument("--forget-images", type=count(1), default=500)
     parser.add_argument("--eval-set", type=Path, default=None, help="a labelled manifest; default: --eval-per-class "
                                                                     "CIFAR-10 test images of each class")
-    parser.add_argument("--eval-per-class", type=int, default=100)
-    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--eval-per-class", type=count(1), default=100)
+    parser.add_argument("--postgres", type=database_url, default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
-    parser.add_argument("--redis-db", type=int, default=13)
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a request may take to settle")
-    parser.add_argument("--poll-seconds", type=float, default=1.0, help="how often the client asks (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "request_latency.json")
+    # Not 13-15: the test suite's dbs (tests/service_fixtures.py), flushed by both.
+    parser.add_argument("--redis-db", type=count(0), default=11, help="the Redis db to use and flush (default: 11)")
+    parser.add_argument("--timeout", type=seconds, default=1800.0, help="seconds a request may take to settle")
+    parser.add_argument("--poll-seconds", type=seconds, default=1.0, help="how often the client asks (default: %(default)s)")
+    parser.add_argument("--out", type=output_path, default=RESULTS / "request_latency.json")
     args = parser.parse_args(argv)
-    args.backends = [b for b in args.backends.split(",") if b]
-    if any(b not in ("embedded", "postgres") for b in args.backends):
-        parser.error("--backends takes embedded and/or postgres")
-    if (args.forget is None) != (args.eval_set is None):
-        parser.error("give --forget and --eval-set together (or neither, for CIFAR-10)")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or any(b not in ("embedded", "postgres") for b in backends):
+        parser.error("--backends takes embedded and/or postgres (comma-separated)")
+    args.backends = list(dict.fromkeys(backends))  # each once: a second run would overwrite the first's figures
+    if args.forget is None and args.eval_set is not None:
+        parser.error("--eval-set measures a package of your own: give its --forget too")
+    if args.forget is not None and args.eval_set is None and args.eval != "without":
+        parser.error("with --forget, give --eval-set too (or --eval without)")
     return args
 
 
+@entry_point("request_latency")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # first: a bad argument is refused in a second, before torch is imported
+    from worker.engine import EngineError
+
     if args.threads:
         import torch
 
@@ -250,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"engine, {label}: {found['seconds']} s ({found['steps']} steps of {found['steps_run']}, "
                       f"{found['precision']}, Acc_r {found['acc_r_before']} -> {found['acc_r_after']})", flush=True)
                 print("\n".join(phase_lines(found["phases"])), flush=True)
-    except LoadError as exc:
+    except (LoadError, EngineError) as exc:  # the engine part's bad inputs: a model, a forget set, a class
         print(f"request_latency: {exc}", file=sys.stderr)
         return 1
     import torch
@@ -260,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": args.threads or torch.get_num_threads(),
                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
            "inputs": {k: str(v) for k, v in inputs.items()}, "figures": figures}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     return 0
 
 

@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.api_load import Database, LoadError, _percentile  # noqa: E402
+from benchmarks.cli import count, database_url, entry_point, output_path, write_json  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # The mix of a mature deployment: most requests long done, a small live tail.
@@ -404,19 +405,20 @@ def _line(name: str, r: dict[str, Any]) -> str:
             f"{r['statements']} statements, slowest {r.get('slowest_statement_ms')} ms")
 
 
+@entry_point("scale")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=int, default=100)
-    parser.add_argument("--versions", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=200_000)
-    parser.add_argument("--samples", type=int, default=50, help="timed calls of each endpoint")
+    parser.add_argument("--models", type=count(1), default=100)
+    parser.add_argument("--versions", type=count(1), default=1000)
+    parser.add_argument("--requests", type=count(1), default=200_000)
+    parser.add_argument("--samples", type=count(1), default=50, help="timed calls of each endpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the calls only: no CSV export, no sweeps")
-    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--postgres", type=database_url, default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--out", type=output_path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
-    if args.models < 1 or args.versions < args.models or args.requests < 1:
-        parser.error("give at least one model, a version per model and one request")
+    if args.versions < args.models:
+        parser.error("give at least a version per model (--versions >= --models)")
     rng = random.Random(args.seed)
     try:
         with Database(args.postgres) as database, tempfile.TemporaryDirectory(prefix="lethe-scale-") as home:
@@ -437,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "sizes": counts, "seeding_seconds": seeding, "figures": figures,
            "targets": {"p99_ms": 200, "sweep_seconds": 2, "csv_seconds": 30}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    write_json(args.out, out, default=str)
     return 0
 
 

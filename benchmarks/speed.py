@@ -33,6 +33,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cifar import Cifar10, DataError  # noqa: E402
+from benchmarks.cli import count, entry_point, output_path, write_json  # noqa: E402
 from benchmarks.paper_table import VARIANTS  # noqa: E402
 from worker.engine import METHODS, EngineError, ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # noqa: E402
 
@@ -100,7 +101,8 @@ def run_child(args: argparse.Namespace, method: str, settings: dict[str, Any]) -
         + ([] if args.prefix_cache else ["--no-prefix-cache"])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise EngineError(f"{method}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        raise EngineError(f"{method}: {last.removeprefix('speed: error: ')}")
     return json.loads(done.stdout)
 
 
@@ -113,13 +115,14 @@ def with_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
             if r is base:
                 continue
             ratios[r["method"]] = {
-                key: round(r[key] / base[key], 4) if r[key] and base[key] else None
+                key: round(r[key] / base[key], 4) if r[key] is not None and base[key] else None
                 for key in ("unlearning_seconds", "seconds_per_step", "total_seconds", "process_peak_rss_mib",
                             "cuda_peak_mib", "gradient_and_optimizer_bytes", "trainable_parameters")
             }
     return {"baseline": BASELINE if base else None, "ratios": ratios}
 
 
+@entry_point("speed")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "cifar10-vit-d6")
@@ -127,25 +130,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with train.tar and test.tar")
     parser.add_argument("--class", dest="class_name", default="airplane",
                         help="default: airplane (cat, the grid class, is forgotten in 3 steps by anything)")
-    parser.add_argument("--forget-images", type=int, default=500)
+    parser.add_argument("--forget-images", type=count(1), default=500)
     parser.add_argument("--variants", nargs="+",
                         default=["lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3", BASELINE],
                         choices=MEASURABLE, metavar="VARIANT",
                         help="paper_table.py variants (default: %(default)s)")
     parser.add_argument("--tuned-from", type=Path, default=REPO / "benchmarks" / "results" / "paper_table-runs",
                         help="paper_table.py's result files, for each method's tuned lr and lambda")
-    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--max-steps", type=count(1), default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=UnlearnConfig.batch_size)
+    parser.add_argument("--batch-size", type=count(1), default=UnlearnConfig.batch_size)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=count(1), default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                         help="run a frozen front every step (to measure what caching it saves)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed.json")
+    parser.add_argument("--out", type=output_path, default=REPO / "benchmarks" / "results" / "speed.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: run this method, print JSON
     parser.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.tuned_from.is_dir():
+        parser.error(f"--tuned-from {args.tuned_from}: no such folder of paper_table.py result files")
+    args.variants = list(dict.fromkeys(args.variants))  # each once: the ratios are keyed by name
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.one:
             print(json.dumps(measure_one(args, json.loads(args.settings))))
             return 0
-        Cifar10.open(args.data)  # extract once, before any child is timed
+        Cifar10.open(args.data).images("train", args.class_name)  # extract once, before any child is timed
         results = []
         for name in args.variants:
             settings = tuned_settings(name, args.tuned_from)
@@ -172,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "prefix_cache": args.prefix_cache},
         "results": results,
     } | with_ratios(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.out, figures)
     print(json.dumps(figures["ratios"], indent=2))
     return 0
 

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.api_load import (POSTGRES_ADMIN, Database, LoadError, flush_redis, free_port,  # noqa: E402
                                  migrated_with_admin_key, start, stop)
-from benchmarks.request_latency import register  # noqa: E402
+from benchmarks.cli import count, database_url, entry_point, output_path, seconds, writable_folder, write_json  # noqa: E402
+from benchmarks.request_latency import json_lines, register  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OPEN = ("received", "queued", "running")
@@ -126,8 +126,8 @@ def run_lines(logs: list[Path]) -> list[dict[str, Any]]:
     """Every run's last line (finished, failed, canceled, timed out) from the workers' JSON logs."""
     runs = []
     for log in logs:
-        for line in log.read_text().splitlines():
-            if line.startswith("{") and (entry := json.loads(line)).get("outcome"):
+        for entry in json_lines(log):
+            if entry.get("outcome"):
                 ended = datetime.fromisoformat(entry["timestamp"])
                 runs.append({"model": entry["model"], "requests": len(entry["deletion_requests"]),
                              "outcome": entry["outcome"], "seconds": entry["seconds"],
@@ -172,9 +172,9 @@ def measure(args: argparse.Namespace, workers: int, inputs: tuple[Path, Path, Pa
         for w in range(workers):
             logs.append(home / f"worker-{w}.log")
             (home / f"tmp-{w}").mkdir()
+            log = stack.enter_context(open(logs[-1], "ab"))
             process = subprocess.Popen(lethe + ["worker", "--loglevel", "INFO"], env={**env, "TMPDIR": str(home / f"tmp-{w}")},
-                                       cwd=REPO, start_new_session=True, stdout=open(logs[-1], "ab"),
-                                       stderr=subprocess.STDOUT)
+                                       cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
             stack.callback(stop, process)
             processes.append(process)
         wait_ready(logs, processes)
@@ -184,6 +184,8 @@ def measure(args: argparse.Namespace, workers: int, inputs: tuple[Path, Path, Pa
         wait_drained(database.url, processes, args.timeout)
         rows = request_rows(database.url)
         runs = run_lines(logs)
+    if not any(r["finished_at"] for r in rows):
+        raise LoadError("no request settled")  # wait_drained returned without any: nothing to measure
     settled = max(r["finished_at"].timestamp() for r in rows if r["finished_at"]) - t0
     trained = [r for r in runs if r["outcome"] == "finished"]
     statuses: dict[str, int] = {}
@@ -195,7 +197,10 @@ def measure(args: argparse.Namespace, workers: int, inputs: tuple[Path, Path, Pa
         "workers": workers, "torch_threads_per_worker": threads, "requests": len(rows), "statuses": statuses,
         "burst_seconds": round(burst_seconds, 2), "drained_seconds": round(settled, 1),
         "requests_per_hour": round(len(rows) / settled * 3600), "runs": len(runs), "runs_finished": len(trained),
+        # A run's batch, retries included (a failed batch's requests run again one at a time) ...
         "requests_per_run": round(sum(r["requests"] for r in runs) / max(1, len(runs)), 2),
+        # ... and the coalescing the burst got: each request once.
+        "distinct_requests_per_run": round(len(rows) / max(1, len(runs)), 2),
         "run_seconds_mean": round(sum(r["seconds"] for r in trained) / max(1, len(trained)), 2),
         "run_seconds_total": round(sum(r["seconds"] for r in runs), 1),
         "longest_wait_seconds": round(max(waits, default=0.0), 1),
@@ -217,32 +222,40 @@ def wait_ready(logs: list[Path], processes: list[subprocess.Popen], timeout: flo
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts (default: 1 2 4)")
-    parser.add_argument("--models", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--workers", type=count(1), nargs="+", default=[1, 2, 4], help="worker counts (default: 1 2 4)")
+    parser.add_argument("--models", type=count(1), default=20)
+    parser.add_argument("--requests", type=count(1), default=400)
     parser.add_argument("--classes-per-model", type=int, default=1,
                         help="digits each model is asked to forget (default 1: see the docstring)")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent senders of the burst")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a burst may take to drain")
-    parser.add_argument("--postgres", default=POSTGRES_ADMIN)
+    parser.add_argument("--clients", type=count(1), default=16, help="concurrent senders of the burst")
+    parser.add_argument("--timeout", type=seconds, default=3600.0, help="seconds a burst may take to drain")
+    parser.add_argument("--postgres", type=database_url, default=POSTGRES_ADMIN)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
-    parser.add_argument("--redis-db", type=int, default=13, help="the Redis database to use and flush (default: 13)")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lethe-throughput-model",
+    # Not 13-15: the test suite's dbs (tests/service_fixtures.py); not request_latency's 11.
+    parser.add_argument("--redis-db", type=count(0), default=12, help="the Redis database to use and flush (default: 12)")
+    parser.add_argument("--cache", type=writable_folder, default=Path(tempfile.gettempdir()) / "lethe-throughput-model",
                         help="where the digits data and model are built once")
-    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    parser.add_argument("--out", type=output_path, default=RESULTS / "throughput.json")
     args = parser.parse_args(argv)
-    if min(args.workers) < 1 or args.models < 1 or args.requests < args.models or args.clients < 1:
-        parser.error("give at least one worker, one model, a request per model and one client")
+    if args.requests < args.models:
+        parser.error("give at least a request per model (--requests >= --models)")
     if not 1 <= args.classes_per_model <= 9:
         parser.error("--classes-per-model is 1 to 9: a digits model must keep a class to predict")
     return args
 
 
+def check_backends(args: argparse.Namespace) -> None:
+    """Postgres and Redis answer: found before the model is built (minutes on a busy machine)."""
+    with Database(args.postgres):
+        pass
+    flush_redis(f"{args.redis.rstrip('/')}/{args.redis_db}")
+
+
+@entry_point("throughput")  # a stopped benchmark still stops its servers and drops its databases
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A stopped benchmark still stops its servers and drops its database (the stacks unwind on exit).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        check_backends(args)
         inputs = build_model(args.cache)
         figures = []
         for workers in args.workers:
@@ -256,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
            "settings": {"models": args.models, "requests": args.requests, "classes_per_model": args.classes_per_model,
                         "clients": args.clients},
            "figures": figures}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    write_json(args.out, out, default=str)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -50,15 +51,26 @@ def test_the_halves_cut_every_class_of_the_test_split_into_two_disjoint_fixed_ha
     assert len(rows(data.half("test", per_class=1))) == 3
 
 
-def test_the_archives_are_extracted_once(data, tmp_path):
-    for archive in (tmp_path / "archives").iterdir():
-        archive.unlink()
+def test_the_archives_are_extracted_once(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted again"))
+    assert Cifar10.open(tmp_path / "archives") == data
+
+
+def test_other_archives_get_a_cache_of_their_own(data, tmp_path):
+    other = Cifar10.open(write_archives(tmp_path / "other", ("elk", "owl"), train=2, test=2))
+    assert other.classes == ("elk", "owl") and other.root != data.root
     assert Cifar10.open(tmp_path / "archives").classes == CLASSES
+
+
+def test_a_forget_set_of_no_images_is_refused_and_never_named_like_the_whole_class(data):
+    with pytest.raises(DataError, match="at least one image"):
+        data.forget("bee", 0)
+    assert data.forget("bee", None).name == "forget-bee-all.csv"
 
 
 def test_a_missing_archive_or_class_is_a_clear_error(tmp_path, monkeypatch, data):
     monkeypatch.setenv("LETHE_BENCH_CACHE", str(tmp_path / "elsewhere"))
-    with pytest.raises(DataError, match=r"train\.tar: CIFAR-10 archive not found"):
+    with pytest.raises(DataError, match=r"train\.tar: not found \(pass --data\)"):
         Cifar10.open(tmp_path / "nowhere")
     with pytest.raises(DataError, match="no class 'yak'"):
         data.forget("yak", 3)

@@ -32,7 +32,8 @@ def test_grid_points_come_first_then_the_rows_the_targets_are_judged_on():
     assert phases == sorted(phases, key=["grid", "main"].index)
     main = [t for t in tasks if t.phase == "main"]
     first_other = next(i for i, t in enumerate(main) if paper_table.VARIANTS[t.variant].tier > 0)
-    assert {t.variant for t in main[:first_other]} == {"lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3", "ng-l1"}
+    assert {t.variant for t in main[:first_other]} == {"lora-bounded", "lora-kl", "lora-kl-late", "lora-kl-late-3e-3",
+                                                            "lora-kl-late-3e-3-b128", "ng-l1"}
     assert {t.seed for t in main[:first_other]} == {0, 1, 2}
 
 

@@ -79,6 +79,15 @@ def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_settin
     assert {k: v for k, v in many.items() if k not in regime} == {k: v for k, v in few.items() if k not in regime}
 
 
+def test_service_runs_train_on_their_own_batch_size_whatever_the_forget_set_s_size(monkeypatch):
+    monkeypatch.setenv("LETHE_UNLEARN_BATCH_SIZE", "64")
+    knobs = UnlearnSettings()
+    assert knobs.engine_settings(5000)["batch_size"] == knobs.engine_settings(1)["batch_size"] == 64
+    monkeypatch.setenv("LETHE_UNLEARN_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="batch_size"):
+        UnlearnSettings()
+
+
 def test_without_a_few_image_threshold_every_size_gets_the_same_setting():
     knobs = UnlearnSettings(few_images_below=0)
     assert knobs.engine_settings(1) == knobs.engine_settings(5000)
