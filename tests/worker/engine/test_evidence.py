@@ -296,10 +296,15 @@ def test_the_relearning_result_reports_its_budget_and_what_it_scored(original, f
     assert result.accuracy_before == class_accuracy(original, pixels[labels == CLASS])
 
 
-def test_a_model_that_unlearned_the_class_gives_it_back_after_ten_images(unlearned, forget_images, audit):
+def test_a_model_that_unlearned_the_class_gives_it_back_after_ten_images(unlearned, never_saw_three, forget_images,
+                                                                          audit):
     result = relearn_accuracy(unlearned, forget_images, *audit, CLASS, seed=0)
+    oracle = relearn_accuracy(never_saw_three, forget_images, *audit, CLASS, seed=0)
     assert result.k == 10 and result.accuracy_before < 10.0
-    assert result.accuracy_after > 50.0  # most of the class's unseen images, from 10 of its forget images
+    # Against a model that never saw the class, with the same budget: what relearning measures is the
+    # gap (an absolute figure moves with the arithmetic: 46 % under two test processes on an AVX2 CPU, over
+    # 50 % in one process there and on the CPUs before).
+    assert result.accuracy_after > oracle.accuracy_after + 20.0
 
 
 def test_a_model_that_never_saw_the_class_is_not_taught_it_by_the_same_budget(never_saw_three, forget_images, audit):
