@@ -70,6 +70,12 @@ VARIANTS = {
     "feature-off": FEATURE | {"feature_weight": 1e-9},
     "feature-w3": FEATURE | {"feature_weight": 3.0},
     "feature-w30": FEATURE | {"feature_weight": 30.0},
+    # Less room to fit the 110 forget images one by one (the MIA's complaint): benchmarks/README.md.
+    "feature-rank2": FEATURE | {"rank": 2},
+    "feature-l1-0.1": FEATURE | {"l1_weight": 0.1},
+    "feature-qkv": FEATURE | {"targets": ("qkv",)},
+    "feature-tol-0.3": FEATURE | {"feature_tol": 0.3},
+    "feature-100-steps": FEATURE | {"max_steps": 100},
 }
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
