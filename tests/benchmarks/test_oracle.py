@@ -25,3 +25,29 @@ def test_a_variant_runs_models_join_the_first_runs_record():
     variant = {"domain": "digits", "class": "3", "seed": 0, "models": {"original": {"a": 9}, "every-block": {"a": 3}}}
     (merged,) = oracle.merged([first, variant])
     assert merged["models"] == {"original": {"a": 1}, "service": {"a": 2}, "every-block": {"a": 3}}
+
+
+def _model(probe: float, mia: float, interval: tuple[float, float]) -> dict:
+    return {"acc_f": 0.0, "acc_r": 95.0, "probe": probe, "mia": mia, "mia_interval": list(interval),
+            "relearn": 0.0, "mia_images_per_side": 36}
+
+
+def test_gaps_are_to_the_oracles_mean_and_the_mia_target_is_the_hull_of_their_intervals():
+    record = {"domain": "digits", "class": "3", "seed": 0, "models": {
+        "original": _model(95.0, 50.0, (40, 60)), "oracle": _model(70.0, 40.0, (30, 50)),
+        "oracle-s1": _model(80.0, 60.0, (50, 70)), "service": _model(80.0, 65.0, (55, 75)),
+        "paper": _model(75.0, 72.0, (60, 80))}}
+    rows = {r["model"]: r for r in oracle.summarise([record])}
+    assert rows["service"]["oracles"] == 2
+    assert rows["service"]["probe_gap"] == 5.0  # 80 against the mean of 70 and 80
+    assert rows["oracle"]["probe_gap"] == -5.0 and rows["oracle-s1"]["probe_gap"] == 5.0  # retrainings' own spread
+    # 65 is outside seed 0's interval but inside seed 1's: inside the band [30, 70]; 72 is outside it
+    assert rows["service"]["mia_within_oracle_interval"] == "1/1"
+    assert rows["paper"]["mia_within_oracle_interval"] == "0/1"
+
+
+def test_one_oracle_is_its_own_reference():
+    record = {"domain": "digits", "class": "3", "seed": 0, "models": {
+        "oracle": _model(70.0, 40.0, (30, 50)), "service": _model(80.0, 45.0, (35, 55))}}
+    found = oracle.reference(record)
+    assert (found["oracles"], found["probe"], found["mia"], found["mia_band"]) == (1, 70.0, 40.0, (30, 50))

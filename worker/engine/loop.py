@@ -31,6 +31,8 @@ MAX_CACHED_EVAL_TOKEN_BYTES = 1024**3
 # images than the target allows, the checkpoint misses it whatever the rest say (see forget_target_missed).
 EARLY_CHECK_IMAGES = 64
 CONFIRM_VIEWS_SEED_OFFSET = 0x5EED  # the stop rule's views: seed + this (any constant apart from the seed)
+SYNTHESISED_PER_CLASS = 16  # inputs synthesised per class: the feature term's prototypes, the synthetic anchor
+HELD_BACK_SEED_OFFSET = 0x4E1D  # the held-back rows (config.held_back): seed + this
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,12 @@ class UnlearningLoop:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.effective_lr)
         self.penalty = self.method.regulariser.bind(model, self.trainable) if self.method.regulariser else None
-        self.forget_samplers = [CyclingSampler(x.shape[0], config.batch_size, generator) for x in forget.images]
+        # held_back: per class, the rows trained on and the rows kept out as the unseen reference
+        # (drawn from a generator of their own, like the stop rule's views below).
+        self.trained_rows, self.held_rows = split_held_back(
+            [x.shape[0] for x in forget.images], config.held_back,
+            torch.Generator().manual_seed((config.seed + HELD_BACK_SEED_OFFSET) % 2**63))
+        self.forget_samplers = [CyclingSampler(len(rows), config.batch_size, generator) for rows in self.trained_rows]
         self.retain_sampler = (CyclingSampler(retain_data.labels.numel(), config.batch_size, generator)
                                if retain_data is not None else None)
         # With adapters only in later blocks, the frozen front runs once here; the teachers below,
@@ -159,7 +166,16 @@ class UnlearningLoop:
         # feature term: per forget image, the original's pre-logit feature of the class it ranks
         # first after the forgotten ones (a prototype, by model inversion), and the original's own
         # distance to it; computed once.
-        self.feature_targets, self.feature_scales = self._feature_targets() if config.feature_weight > 0 else ([], [])
+        synthetic = (self._synthesised() if config.feature_weight > 0 or (config.synthetic_anchor and anchor is None)
+                     else None)
+        self.feature_targets, self.feature_scales = (self._feature_targets(synthetic) if config.feature_weight > 0
+                                                     else ([], []))
+        if config.synthetic_anchor and anchor is None:
+            # No anchor source: the synthesised inputs of the classes kept stand in for one, made
+            # from the original alone (retain-free), and held where the original puts them.
+            inputs, classes = synthetic
+            kept = ~torch.isin(classes, torch.tensor(forget.class_indices, device=classes.device))
+            anchor = inputs[kept]
         self._feature_value: float | None = None  # the last step's worst relative feature loss
         # The stop rule's fixed random views, drawn once: a run stops when they are forgotten too.
         # They come from a generator of their own, so that asking for them leaves the training's
@@ -171,6 +187,9 @@ class UnlearningLoop:
         # anchor: the original's masked softmax on images of no class of the model; what a model
         # that never saw the forgotten classes would say about them, held at every step.
         self.anchor_inputs = self._front(anchor) if anchor is not None else None
+        self.anchor_features = (self._parent_features(anchor) if anchor is not None and config.anchor_feature_weight > 0
+                                and self.feature_targets else None)
+        self._anchor_feature_chunk: torch.Tensor | None = None
         self.anchor_teacher = self._teacher(self.anchor_inputs) if anchor is not None else None
         # As many anchor images per step as forget images: the anchor term weighs like the forget
         # term, and a 9-image face run does not forward 256 anchor images per step (~28x the work).
@@ -211,9 +230,9 @@ class UnlearningLoop:
             return torch.cat([vit.forward_head(vit.forward_features(images[s:s + size]), pre_logits=True).float()
                               for s in range(0, images.shape[0], size)])
 
-    def _feature_targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _feature_targets(self, synthetic: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per forget set: (N, D) target features, and the original's mean squared distance to them."""
-        prototypes = self._prototypes()
+        prototypes = self._prototypes(*synthetic)
         targets, scales = [], []
         for images, teacher in zip(self.forget.images, self.teachers):
             target = prototypes[teacher.argmax(1)]  # the teacher gives the forgotten classes 0
@@ -221,17 +240,21 @@ class UnlearningLoop:
             scales.append((self._parent_features(images) - target).pow(2).sum(1).mean().clamp_min(1e-8))
         return targets, scales
 
-    def _prototypes(self, per_class: int = 16) -> torch.Tensor:
-        """(K, D): each class's mean original feature over ``per_class`` inputs synthesised from the
-        original alone (losses.invert_classes): no image of any other class is used."""
+    def _synthesised(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, classes): ``SYNTHESISED_PER_CLASS`` inputs of each class of the model, synthesised
+        from the original alone (losses.invert_classes), class after class: no image of any class is used."""
         mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
         shape = tuple(self.forget.images[0].shape[1:])
-        classes = torch.arange(self.teachers[0].shape[1], device=self.runtime.device).repeat_interleave(per_class)
+        count = eval_logits(self.model, self.forget.images[0][:1], self.runtime, 1).shape[1]
+        classes = torch.arange(count, device=self.runtime.device).repeat_interleave(SYNTHESISED_PER_CLASS)
         generator = torch.Generator().manual_seed(self.config.seed)  # the run's own draws stay as they were
         self.model.eval()
-        inputs = invert_classes(self.model, classes, shape, (0 - mean) / std, (1 - mean) / std, generator)
+        return invert_classes(self.model, classes, shape, (0 - mean) / std, (1 - mean) / std, generator), classes
+
+    def _prototypes(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(K, D): each class's mean original feature over its synthesised inputs."""
         found = self._parent_features(inputs)
-        return found.view(-1, per_class, found.shape[1]).mean(1)
+        return found.view(-1, SYNTHESISED_PER_CLASS, found.shape[1]).mean(1)
 
     # --- one training step -------------------------------------------------------------------
 
@@ -256,6 +279,8 @@ class UnlearningLoop:
         forget_chunks, neighbour_chunks = chunks[:forgets], chunks[forgets:forgets + neighbours]
         anchor_chunk, retain_chunk = chunks[forgets + neighbours:anchors], chunks[anchors:]
         feature_chunks = features[0].split(sizes)[:forgets] if features else ()
+        self._anchor_feature_chunk = (features[0].split(sizes)[forgets + neighbours]
+                                      if features and self.anchor_features is not None else None)
         loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk, feature_chunks)
         estimate = [recognised(c.detach(), i, self.config.max_forget_prob) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
@@ -274,7 +299,8 @@ class UnlearningLoop:
         return StepResult(loss.item(), estimate, forget_acc, updated=True)
 
     def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        self._batch_indices = [s.next().to(x.device) for x, s in zip(self.inputs.images, self.forget_samplers)]
+        self._batch_indices = [rows[s.next()].to(x.device) for x, s, rows in
+                               zip(self.inputs.images, self.forget_samplers, self.trained_rows)]
         if self.augmentation is None:
             parts = [x[i] for x, i in zip(self.inputs.images, self._batch_indices)]
             self._batch_teachers = [t[i] for t, i in zip(self.teachers, self._batch_indices)]
@@ -306,11 +332,19 @@ class UnlearningLoop:
               anchor_chunk: tuple[torch.Tensor, ...] = (), feature_chunks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         loss = torch.zeros((), device=self.runtime.device)
         forget = self.method.forget
+        if feature_chunks:  # the stop rule's figure: the whole batch's, before any image is left out
+            with torch.no_grad():
+                self._feature_value = max(feature_match_loss(f, t[i], scale).item() for f, t, scale, i in
+                                          zip(feature_chunks, self.feature_targets, self.feature_scales,
+                                              self._batch_indices))
+        keep = self._not_ahead(forget_chunks, targets)
         if forget is not None:
             # The mean over classes of each class's loss, so a large forget set does not drown a small one.
-            terms = [forget.loss(logits, labels, self._batch_teachers[c] if forget.needs_teacher else None,
-                                 self.generator)
-                     for c, (logits, labels) in enumerate(zip(forget_chunks, targets))]
+            # An image left out (held_back) weighs zero: the class's mean is over the whole batch.
+            terms = [_kept_mean(lambda rows: forget.loss(logits[rows], labels[rows],
+                                                         self._batch_teachers[c][rows] if forget.needs_teacher else None,
+                                                         self.generator), k)
+                     for c, (logits, labels, k) in enumerate(zip(forget_chunks, targets, keep))]
             loss = loss + torch.stack(terms).mean()
         if neighbour_chunks:
             terms = [masked_kl_loss(logits, teacher[i]) for logits, teacher, i in
@@ -318,16 +352,38 @@ class UnlearningLoop:
             loss = loss + torch.stack(terms).mean()
         if anchor_chunk:
             loss = loss + self.config.anchor_weight * masked_kl_loss(anchor_chunk[0], self.anchor_teacher[self._anchor_index])
+        if self._anchor_feature_chunk is not None:
+            held = self.anchor_features[self._anchor_index]
+            loss = loss + self.config.anchor_feature_weight * feature_match_loss(
+                self._anchor_feature_chunk, held, held.pow(2).sum(1).mean().clamp_min(1e-8))
         if feature_chunks:
-            terms = torch.stack([feature_match_loss(f, t[i], scale) for f, t, scale, i in
-                                 zip(feature_chunks, self.feature_targets, self.feature_scales, self._batch_indices)])
-            self._feature_value = terms.max().item()
+            terms = torch.stack([_kept_mean(lambda rows: feature_match_loss(f[rows], t[i[rows]], scale), k)
+                                 for f, t, scale, i, k in zip(feature_chunks, self.feature_targets,
+                                                              self.feature_scales, self._batch_indices, keep)])
             loss = loss + self.config.feature_weight * terms.mean()
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
         if self.penalty is not None:
             loss = loss + self.config.l1_weight * self.penalty()
         return loss
+
+    def _not_ahead(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per class, bool (B,): the batch's images whose loss on the class is at most the held-back
+        images' loss at the same quantile (None: nothing held back, every image counts). An image
+        ranked at quantile q of its batch is ahead of the unseen reference when its loss exceeds the
+        reference's q-quantile; it waits there until the reference catches up."""
+        keep: list[torch.Tensor | None] = []
+        for logits, labels, x, held in zip(forget_chunks, targets, self.inputs.images, self.held_rows):
+            if held.numel() == 0:
+                keep.append(None)
+                continue
+            with torch.no_grad(), self.runtime.autocast():
+                reference = self.network(x[held.to(x.device)]).float()
+            reference_loss = F.cross_entropy(reference, labels[:1].expand(held.numel()), reduction="none")
+            loss = F.cross_entropy(logits.detach(), labels, reduction="none")
+            quantile = (loss.argsort().argsort().float() + 0.5) / loss.numel()
+            keep.append(loss <= torch.quantile(reference_loss, quantile))
+        return keep
 
     # --- measurements ------------------------------------------------------------------------
 
@@ -458,6 +514,29 @@ class UnlearningLoop:
         with torch.no_grad():
             for p, saved in zip(self.trainable, state):
                 p.copy_(saved)
+
+
+def split_held_back(sizes: list[int], share: float, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per forget set of each size: (rows trained on, rows held back), long tensors. ``share`` of a
+    set is held back, at least 2 images (a reference needs a spread) and never all but one; a set of
+    fewer than 3 is trained on whole. share 0: every row trained on, in order."""
+    trained, held = [], []
+    for n in sizes:
+        count = min(n - 1, max(2, round(n * share))) if share > 0 and n >= 3 else 0
+        order = torch.randperm(n, generator=generator) if count else torch.arange(n)
+        trained.append(order[count:].sort().values)
+        held.append(order[:count].sort().values)
+    return trained, held
+
+
+def _kept_mean(loss_of: Callable[[torch.Tensor | slice], torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
+    """A mean-reduced loss over the batch's rows where ``keep`` holds, weighted as if the rest
+    weighed zero in a mean over the whole batch (``keep`` None: over every row)."""
+    if keep is None:
+        return loss_of(slice(None))
+    if not keep.any():  # zero, still on the graph: a step where every image waits has nothing else to train
+        return loss_of(slice(0, 1)) * 0.0
+    return loss_of(keep) * keep.float().mean()
 
 
 @contextmanager
