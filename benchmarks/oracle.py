@@ -55,15 +55,21 @@ RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("original", "oracle", "service", "paper")
 MEASURES = ("acc_f", "acc_r", "probe", "mia", "relearn")
 ALL_LINEAR = ("qkv", "proj", "fc1", "fc2")
-FEATURE = {"feature_weight": 10.0, "feature_tol": 0.05, "lr": 1e-2, "max_steps": 300, "targets": ALL_LINEAR}
-# Candidates for closing the gap (--variants): the service's setting for the set's size, changed as named.
+# The service's default for large sets, spelt out: lora-kl on the later half's qkv at 3e-3, up to 100
+# steps, the forget target alone stopping the run.
+LOGIT_ONLY = {"lr": 3e-3, "targets": ("qkv",), "max_steps": 100, "feature_weight": 0.0, "feature_tol": 1.0,
+              "synthetic_anchor": False, "anchor_feature_weight": 0.0}
+FEATURE = LOGIT_ONLY | {"feature_weight": 10.0, "feature_tol": 0.05, "lr": 1e-2, "max_steps": 300, "targets": ALL_LINEAR}
+FEATURE_ANCHOR = FEATURE | {"synthetic_anchor": True}
+# Candidates for closing the gap (--variants), each spelt out in full over the service's setting for
+# the set's size, so that a row means the same whatever the default is.
 VARIANTS = {
-    "every-block": {"adapter_blocks": "all"},
-    "every-block-linear": {"adapter_blocks": "all", "targets": ALL_LINEAR},
-    "late-linear": {"targets": ALL_LINEAR, "lr": 1e-3},
-    "margin-0.01": {"max_forget_prob": 0.01},
-    "every-block-margin-0.01": {"adapter_blocks": "all", "max_forget_prob": 0.01},
-    "every-block-linear-margin-0.01": {"adapter_blocks": "all", "targets": ALL_LINEAR, "max_forget_prob": 0.01},
+    "every-block": LOGIT_ONLY | {"adapter_blocks": "all"},
+    "every-block-linear": LOGIT_ONLY | {"adapter_blocks": "all", "targets": ALL_LINEAR},
+    "late-linear": LOGIT_ONLY | {"targets": ALL_LINEAR, "lr": 1e-3},
+    "margin-0.01": LOGIT_ONLY | {"max_forget_prob": 0.01},
+    "every-block-margin-0.01": LOGIT_ONLY | {"adapter_blocks": "all", "max_forget_prob": 0.01},
+    "every-block-linear-margin-0.01": LOGIT_ONLY | {"adapter_blocks": "all", "targets": ALL_LINEAR, "max_forget_prob": 0.01},
     # The retain-free feature term (UnlearnConfig.feature_weight): forget features pulled toward the
     # prototype of the class the original ranks next, with the stop rule waiting for it (feature_tol),
     # all four linears of the later half, lr 1e-2, up to 300 steps; "-off" is the same budget without it.
@@ -77,6 +83,14 @@ VARIANTS = {
     "feature-qkv": FEATURE | {"targets": ("qkv",)},
     "feature-tol-0.3": FEATURE | {"feature_tol": 0.3},
     "feature-100-steps": FEATURE | {"max_steps": 100},
+    # The kept classes held by an anchor synthesised from the original (UnlearnConfig.synthetic_anchor),
+    # its outputs and (af) its features (anchor_feature_weight): the Acc_r the feature term cost.
+    "feature-anchor": FEATURE_ANCHOR,
+    "feature-anchor-w20": FEATURE_ANCHOR | {"feature_weight": 20.0},
+    "feature-anchor-w20-af3": FEATURE_ANCHOR | {"feature_weight": 20.0, "anchor_feature_weight": 3.0},
+    "feature-anchor-w20-af10": FEATURE_ANCHOR | {"feature_weight": 20.0, "anchor_feature_weight": 10.0},
+    "feature-anchor-w20-af100": FEATURE_ANCHOR | {"feature_weight": 20.0, "anchor_feature_weight": 100.0},
+    "feature-anchor-w30-af10": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0},
 }
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 

@@ -370,6 +370,12 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-tol", type=float, default=defaults.feature_tol, metavar="T",
                    help="with --feature-weight: stop only when that term is at most T of where it started "
                         "(default: %(default)s)")
+    p.add_argument("--synthetic-anchor", action="store_true",
+                   help="without --anchor: hold the original's outputs on inputs synthesised from the model alone for "
+                        "each class kept (no image of any class is used)")
+    p.add_argument("--anchor-feature-weight", type=float, default=defaults.anchor_feature_weight, metavar="W",
+                   help="also hold the anchor's pre-logit features where the original has them (0: outputs only; "
+                        "default: %(default)s)")
     p.add_argument("--holdout-folds", type=int, default=defaults.holdout_folds, metavar="K",
                    help="generalisation check: hold back each of K folds of the forget set in turn, forget the rest, "
                         "report how many held-back images are still recognised (0: off; default: %(default)s)")
@@ -415,6 +421,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
             max_forget_prob=args.max_forget_prob, feature_weight=args.feature_weight, feature_tol=args.feature_tol,
+            synthetic_anchor=args.synthetic_anchor, anchor_feature_weight=args.anchor_feature_weight,
             holdout_folds=args.holdout_folds,
             **({"holdout_images": args.holdout_images} if args.holdout_images is not None else {}),
         )
@@ -502,7 +509,8 @@ def _pct(value: float | None) -> str:
 
 
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "confirm_views", "max_forget_prob", "anchor_weight", "feature_weight", "feature_tol", "holdout_folds",
+    "confirm_views", "max_forget_prob", "anchor_weight", "anchor_feature_weight", "feature_weight", "feature_tol",
+    "holdout_folds",
     "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
     "precision", "select_on_eval", "eval_halves", "evidence")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}

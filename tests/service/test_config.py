@@ -79,6 +79,24 @@ def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_settin
     assert {k: v for k, v in many.items() if k not in regime} == {k: v for k, v in few.items() if k not in regime}
 
 
+def test_the_feature_setting_reaches_many_image_runs_only(monkeypatch):
+    for variable, value in {"FEATURE_WEIGHT": "30", "FEATURE_TOL": "0.05", "SYNTHETIC_ANCHOR": "true",
+                            "ANCHOR_FEATURE_WEIGHT": "10"}.items():
+        monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", value)
+    knobs = UnlearnSettings()
+    feature = ("feature_weight", "feature_tol", "synthetic_anchor", "anchor_feature_weight")
+    many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
+    assert tuple(many[k] for k in feature) == (30.0, 0.05, True, 10.0)
+    assert tuple(few[k] for k in feature) == (0.0, 1.0, False, 0.0)  # measured on many images only
+
+
+def test_a_feature_term_without_a_teacher_method_is_refused_at_start(monkeypatch):
+    monkeypatch.setenv("LETHE_UNLEARN_FEATURE_WEIGHT", "30")
+    monkeypatch.setenv("LETHE_UNLEARN_METHOD", "lora-bounded")
+    with pytest.raises(SettingsError, match="LETHE_UNLEARN_FEATURE_WEIGHT needs a method with a teacher"):
+        load_settings(UnlearnSettings)
+
+
 def test_service_runs_train_on_their_own_batch_size_whatever_the_forget_set_s_size(monkeypatch):
     monkeypatch.setenv("LETHE_UNLEARN_BATCH_SIZE", "64")
     knobs = UnlearnSettings()

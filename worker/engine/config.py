@@ -92,17 +92,13 @@ class UnlearnConfig:
     # Stop rule with the feature term: the forget sets' feature loss (relative to the original's, 1)
     # must also be at most this. 1: the forget target alone decides.
     feature_tol: float = 1.0
-    # Hold back this share of each forget set from training, as the reference for images of the class
-    # the run never trained on: a trained image whose loss on its class is above the held-back
-    # images' loss at its own rank (quantile for quantile) gets no gradient from the forget and
-    # feature terms that step. The trained images' losses then stay no further than unseen ones',
-    # which is what the loss-based membership attack tells apart (evidence.py). The held-back
-    # images still count in the stop rule: they must be forgotten too. 0: every image is trained on.
-    held_back: float = 0.0
-    # Without an anchor source: hold the original's (masked) outputs on inputs synthesised from the
-    # original alone for each class kept (model inversion, as for the feature term's prototypes), so
-    # that a run moves the kept classes' function as little as an anchor set would. Retain-free.
+    # Without an anchor source: the anchor is inputs synthesised from the original alone for each
+    # class kept (model inversion, as for the feature term's prototypes; no image of any class), so
+    # that a run moves the kept classes as little as it can without retain data.
     synthetic_anchor: bool = False
+    # Also hold the anchor's pre-logit features where the original has them (squared drift over their
+    # squared norm, times this): the kept classes' representation, which the feature term moves
+    # when it moves the forgotten class's. 0: only the outputs are held (anchor_weight).
     anchor_feature_weight: float = 0.0
     # The generalisation check: hold back a fold of each forget set, train on the rest, score the
     # held-back images; folds run until every class has had ``holdout_images`` held back (or all
@@ -147,7 +143,8 @@ class UnlearnConfig:
             (self.feature_weight == 0 or (self.method_spec.adapters and self.method_spec.forget is not None
                                            and self.method_spec.forget.needs_teacher),
              "feature_weight needs an adapter method with a teacher-based forget term (lora-kl, lora-adv)"),
-            (math.isfinite(self.held_back) and 0 <= self.held_back < 1, "held_back must be in [0, 1)"),
+            (math.isfinite(self.anchor_feature_weight) and 0 <= self.anchor_feature_weight <= MAX_ANCHOR_WEIGHT,
+             f"anchor_feature_weight must be in [0, {MAX_ANCHOR_WEIGHT:g}]"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,
              "holdout_folds must be 0 (no generalisation check) or at least 2"),
             (self.holdout_images >= 1, "holdout_images must be at least 1"),

@@ -32,7 +32,6 @@ MAX_CACHED_EVAL_TOKEN_BYTES = 1024**3
 EARLY_CHECK_IMAGES = 64
 CONFIRM_VIEWS_SEED_OFFSET = 0x5EED  # the stop rule's views: seed + this (any constant apart from the seed)
 SYNTHESISED_PER_CLASS = 16  # inputs synthesised per class: the feature term's prototypes, the synthetic anchor
-HELD_BACK_SEED_OFFSET = 0x4E1D  # the held-back rows (config.held_back): seed + this
 
 
 @dataclass(frozen=True)
@@ -138,12 +137,7 @@ class UnlearningLoop:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.effective_lr)
         self.penalty = self.method.regulariser.bind(model, self.trainable) if self.method.regulariser else None
-        # held_back: per class, the rows trained on and the rows kept out as the unseen reference
-        # (drawn from a generator of their own, like the stop rule's views below).
-        self.trained_rows, self.held_rows = split_held_back(
-            [x.shape[0] for x in forget.images], config.held_back,
-            torch.Generator().manual_seed((config.seed + HELD_BACK_SEED_OFFSET) % 2**63))
-        self.forget_samplers = [CyclingSampler(len(rows), config.batch_size, generator) for rows in self.trained_rows]
+        self.forget_samplers = [CyclingSampler(x.shape[0], config.batch_size, generator) for x in forget.images]
         self.retain_sampler = (CyclingSampler(retain_data.labels.numel(), config.batch_size, generator)
                                if retain_data is not None else None)
         # With adapters only in later blocks, the frozen front runs once here; the teachers below,
@@ -187,9 +181,10 @@ class UnlearningLoop:
         # anchor: the original's masked softmax on images of no class of the model; what a model
         # that never saw the forgotten classes would say about them, held at every step.
         self.anchor_inputs = self._front(anchor) if anchor is not None else None
+        # ... and, with anchor_feature_weight, the original's pre-logit features on them, which hold the
+        # kept classes' representation, not only the head's reading of it.
         self.anchor_features = (self._parent_features(anchor) if anchor is not None and config.anchor_feature_weight > 0
-                                and self.feature_targets else None)
-        self._anchor_feature_chunk: torch.Tensor | None = None
+                                else None)
         self.anchor_teacher = self._teacher(self.anchor_inputs) if anchor is not None else None
         # As many anchor images per step as forget images: the anchor term weighs like the forget
         # term, and a 9-image face run does not forward 256 anchor images per step (~28x the work).
@@ -271,17 +266,19 @@ class UnlearningLoop:
         """
         self.model.eval()
         inputs, targets, sizes = self._sample_batch()
-        with self.runtime.autocast(), head_inputs(self.model, capture=bool(self.feature_targets)) as features:
+        capture = bool(self.feature_targets) or self.anchor_features is not None
+        with self.runtime.autocast(), head_inputs(self.model, capture=capture) as features:
             logits = self.network(inputs)
         chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, anchor, retain
         forgets, neighbours = len(self.forget.images), len(self.neighbours)
         anchors = forgets + neighbours + (self.anchor_inputs is not None)
         forget_chunks, neighbour_chunks = chunks[:forgets], chunks[forgets:forgets + neighbours]
         anchor_chunk, retain_chunk = chunks[forgets + neighbours:anchors], chunks[anchors:]
-        feature_chunks = features[0].split(sizes)[:forgets] if features else ()
-        self._anchor_feature_chunk = (features[0].split(sizes)[forgets + neighbours]
-                                      if features and self.anchor_features is not None else None)
-        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk, feature_chunks)
+        feature_parts = features[0].split(sizes) if features else ()
+        feature_chunks = feature_parts[:forgets] if self.feature_targets else ()
+        anchor_features = feature_parts[forgets + neighbours:anchors] if self.anchor_features is not None else ()
+        loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk, feature_chunks,
+                          anchor_features)
         estimate = [recognised(c.detach(), i, self.config.max_forget_prob) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
         if not torch.isfinite(loss):
@@ -299,8 +296,7 @@ class UnlearningLoop:
         return StepResult(loss.item(), estimate, forget_acc, updated=True)
 
     def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        self._batch_indices = [rows[s.next()].to(x.device) for x, s, rows in
-                               zip(self.inputs.images, self.forget_samplers, self.trained_rows)]
+        self._batch_indices = [s.next().to(x.device) for x, s in zip(self.inputs.images, self.forget_samplers)]
         if self.augmentation is None:
             parts = [x[i] for x, i in zip(self.inputs.images, self._batch_indices)]
             self._batch_teachers = [t[i] for t, i in zip(self.teachers, self._batch_indices)]
@@ -329,22 +325,15 @@ class UnlearningLoop:
 
     def _loss(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor],
               retain_chunk: tuple[torch.Tensor, ...], neighbour_chunks: tuple[torch.Tensor, ...] = (),
-              anchor_chunk: tuple[torch.Tensor, ...] = (), feature_chunks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+              anchor_chunk: tuple[torch.Tensor, ...] = (), feature_chunks: tuple[torch.Tensor, ...] = (),
+              anchor_features: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         loss = torch.zeros((), device=self.runtime.device)
         forget = self.method.forget
-        if feature_chunks:  # the stop rule's figure: the whole batch's, before any image is left out
-            with torch.no_grad():
-                self._feature_value = max(feature_match_loss(f, t[i], scale).item() for f, t, scale, i in
-                                          zip(feature_chunks, self.feature_targets, self.feature_scales,
-                                              self._batch_indices))
-        keep = self._not_ahead(forget_chunks, targets)
         if forget is not None:
             # The mean over classes of each class's loss, so a large forget set does not drown a small one.
-            # An image left out (held_back) weighs zero: the class's mean is over the whole batch.
-            terms = [_kept_mean(lambda rows: forget.loss(logits[rows], labels[rows],
-                                                         self._batch_teachers[c][rows] if forget.needs_teacher else None,
-                                                         self.generator), k)
-                     for c, (logits, labels, k) in enumerate(zip(forget_chunks, targets, keep))]
+            terms = [forget.loss(logits, labels, self._batch_teachers[c] if forget.needs_teacher else None,
+                                 self.generator)
+                     for c, (logits, labels) in enumerate(zip(forget_chunks, targets))]
             loss = loss + torch.stack(terms).mean()
         if neighbour_chunks:
             terms = [masked_kl_loss(logits, teacher[i]) for logits, teacher, i in
@@ -352,38 +341,20 @@ class UnlearningLoop:
             loss = loss + torch.stack(terms).mean()
         if anchor_chunk:
             loss = loss + self.config.anchor_weight * masked_kl_loss(anchor_chunk[0], self.anchor_teacher[self._anchor_index])
-        if self._anchor_feature_chunk is not None:
+        if anchor_features:  # their squared drift from the original's, over the features' squared norm
             held = self.anchor_features[self._anchor_index]
             loss = loss + self.config.anchor_feature_weight * feature_match_loss(
-                self._anchor_feature_chunk, held, held.pow(2).sum(1).mean().clamp_min(1e-8))
+                anchor_features[0], held, held.pow(2).sum(1).mean().clamp_min(1e-8))
         if feature_chunks:
-            terms = torch.stack([_kept_mean(lambda rows: feature_match_loss(f[rows], t[i[rows]], scale), k)
-                                 for f, t, scale, i, k in zip(feature_chunks, self.feature_targets,
-                                                              self.feature_scales, self._batch_indices, keep)])
+            terms = torch.stack([feature_match_loss(f, t[i], scale) for f, t, scale, i in
+                                 zip(feature_chunks, self.feature_targets, self.feature_scales, self._batch_indices)])
+            self._feature_value = terms.max().item()
             loss = loss + self.config.feature_weight * terms.mean()
         if retain_chunk:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
         if self.penalty is not None:
             loss = loss + self.config.l1_weight * self.penalty()
         return loss
-
-    def _not_ahead(self, forget_chunks: tuple[torch.Tensor, ...], targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Per class, bool (B,): the batch's images whose loss on the class is at most the held-back
-        images' loss at the same quantile (None: nothing held back, every image counts). An image
-        ranked at quantile q of its batch is ahead of the unseen reference when its loss exceeds the
-        reference's q-quantile; it waits there until the reference catches up."""
-        keep: list[torch.Tensor | None] = []
-        for logits, labels, x, held in zip(forget_chunks, targets, self.inputs.images, self.held_rows):
-            if held.numel() == 0:
-                keep.append(None)
-                continue
-            with torch.no_grad(), self.runtime.autocast():
-                reference = self.network(x[held.to(x.device)]).float()
-            reference_loss = F.cross_entropy(reference, labels[:1].expand(held.numel()), reduction="none")
-            loss = F.cross_entropy(logits.detach(), labels, reduction="none")
-            quantile = (loss.argsort().argsort().float() + 0.5) / loss.numel()
-            keep.append(loss <= torch.quantile(reference_loss, quantile))
-        return keep
 
     # --- measurements ------------------------------------------------------------------------
 
@@ -514,29 +485,6 @@ class UnlearningLoop:
         with torch.no_grad():
             for p, saved in zip(self.trainable, state):
                 p.copy_(saved)
-
-
-def split_held_back(sizes: list[int], share: float, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per forget set of each size: (rows trained on, rows held back), long tensors. ``share`` of a
-    set is held back, at least 2 images (a reference needs a spread) and never all but one; a set of
-    fewer than 3 is trained on whole. share 0: every row trained on, in order."""
-    trained, held = [], []
-    for n in sizes:
-        count = min(n - 1, max(2, round(n * share))) if share > 0 and n >= 3 else 0
-        order = torch.randperm(n, generator=generator) if count else torch.arange(n)
-        trained.append(order[count:].sort().values)
-        held.append(order[:count].sort().values)
-    return trained, held
-
-
-def _kept_mean(loss_of: Callable[[torch.Tensor | slice], torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
-    """A mean-reduced loss over the batch's rows where ``keep`` holds, weighted as if the rest
-    weighed zero in a mean over the whole batch (``keep`` None: over every row)."""
-    if keep is None:
-        return loss_of(slice(None))
-    if not keep.any():  # zero, still on the graph: a step where every image waits has nothing else to train
-        return loss_of(slice(0, 1)) * 0.0
-    return loss_of(keep) * keep.float().mean()
 
 
 @contextmanager

@@ -98,3 +98,6 @@ def test_feature_weight_needs_a_teacher_method():
         UnlearnConfig(method="lora-bounded", feature_weight=1.0)
     with pytest.raises(ConfigError):
         UnlearnConfig(method="lora-kl", feature_weight=1.0, feature_tol=0.0)
+    for weight in (-1.0, float("inf"), 1e4):
+        with pytest.raises(ConfigError, match="anchor_feature_weight"):
+            UnlearnConfig(method="lora-kl", anchor_feature_weight=weight)

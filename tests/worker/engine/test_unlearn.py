@@ -28,9 +28,10 @@ from worker.engine import (
     UnlearnResult,
     unlearn,
 )
-from worker.engine.images import read_images
+from worker.engine.evidence import features
+from worker.engine.images import normalise, read_images
 from worker.engine.loop import worst_source
-from worker.engine.metrics import accuracy, eval_logits, forget_retain_accuracy, predict
+from worker.engine.metrics import accuracy, forget_retain_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package
 from worker.engine.unlearn import read_forget_set
 from worker.engine.runtime import pick_runtime
@@ -456,22 +457,30 @@ def test_the_feature_term_moves_the_forget_features_toward_the_next_class_s_prot
 
 def test_a_synthetic_anchor_holds_the_kept_classes_where_the_original_has_them(digits_model, digits):
     # A run that moves the kept classes (a heavy feature term at lr 1e-2 on every linear of the later
-    # half), with and without the anchor synthesised from the original alone: on the test split's
-    # images of the other digits, which no run sees, the anchored model stays nearer the original.
+    # half), without the anchor synthesised from the original alone, with it, and with its features
+    # held too: on the test split's images of the other digits, which no run sees, the anchored
+    # model's outputs stay nearer the original's, and holding the features keeps those nearer still.
     common = dict(method="lora-kl", targets=("qkv", "proj", "fc1", "fc2"), adapter_blocks="later-half", lr=1e-2,
                   feature_weight=30.0, feature_tol=1e-6, max_steps=60, seed=0)
-    runs = [run(digits_model, digits, synthetic_anchor=anchored, **common) for anchored in (False, True)]
+    runs = [run(digits_model, digits, **common, **extra) for extra in
+            ({}, {"synthetic_anchor": True}, {"synthetic_anchor": True, "anchor_feature_weight": 10.0})]
     loaded = load_package(digits_model)
     test = read_images(str(digits.test), loaded.card.input)
-    others = test.label_indices(loaded.card.classes) != loaded.card.class_index(FORGET)
-    runtime = pick_runtime("cpu")
+    others = normalise(test.pixels[test.label_indices(loaded.card.classes) != loaded.card.class_index(FORGET)],
+                       loaded.card.input)
 
-    def log_probs(state_dict: dict) -> torch.Tensor:
-        model = build_model(loaded.card, state_dict)
-        return eval_logits(model, test.pixels[others], runtime, 512, loaded.card.input).log_softmax(1)
+    @torch.no_grad()
+    def outputs(state_dict: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities, pre-logit features) on the other digits' test images."""
+        vit = build_model(loaded.card, state_dict)
+        found = features(vit, others, batch_size=512)
+        return vit.head(found).log_softmax(1), found
 
-    original = log_probs(loaded.state_dict)
-    drift = [torch.nn.functional.kl_div(log_probs(r.state_dict), original, log_target=True,
-                                        reduction="batchmean").item() for r in runs]
-    assert drift[1] < drift[0], drift
+    original_logp, original_features = outputs(loaded.state_dict)
+    moved = [outputs(r.state_dict) for r in runs]
+    output_drift = [torch.nn.functional.kl_div(logp, original_logp, log_target=True, reduction="batchmean").item()
+                    for logp, _ in moved]
+    feature_drift = [(f - original_features).pow(2).sum(1).mean().item() for _, f in moved]
+    assert output_drift[1] < output_drift[0], output_drift
+    assert feature_drift[2] < feature_drift[1], feature_drift
     assert all(r.report.forget_acc_after[FORGET] <= 1.0 for r in runs)
