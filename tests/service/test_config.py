@@ -97,6 +97,12 @@ def test_a_feature_term_without_a_teacher_method_is_refused_at_start(monkeypatch
         load_settings(UnlearnSettings)
 
 
+def test_held_anchor_features_without_the_synthetic_anchor_are_refused_at_start(monkeypatch):
+    monkeypatch.setenv("LETHE_UNLEARN_ANCHOR_FEATURE_WEIGHT", "10")
+    with pytest.raises(SettingsError, match="needs LETHE_UNLEARN_SYNTHETIC_ANCHOR=true"):
+        load_settings(UnlearnSettings)
+
+
 def test_service_runs_train_on_their_own_batch_size_whatever_the_forget_set_s_size(monkeypatch):
     monkeypatch.setenv("LETHE_UNLEARN_BATCH_SIZE", "64")
     knobs = UnlearnSettings()

@@ -169,6 +169,10 @@ class UnlearnConfig:
             raise ConfigError(f"method {self.method!r} uses no retain data; drop the retain source")
         if inputs.anchor_source and self.method_spec.uses_retain:
             raise ConfigError(f"method {self.method!r} trains on retain data; an anchor source is for retain-free methods")
+        if self.synthetic_anchor and self.method_spec.uses_retain:
+            raise ConfigError(f"method {self.method!r} trains on retain data; synthetic_anchor is for retain-free methods")
+        if self.anchor_feature_weight > 0 and not (inputs.anchor_source or self.synthetic_anchor):
+            raise ConfigError("anchor_feature_weight holds an anchor's features: give an anchor source or synthetic_anchor")
         if self.select_on_eval and not inputs.eval_source:
             raise ConfigError("select_on_eval needs a labelled evaluation source")
         if self.eval_halves and not inputs.eval_source:

@@ -93,6 +93,7 @@ class UnlearnReport:
     # measured on the evaluation set's audit half (or the whole set without halves); config.evidence
     residual_knowledge: dict[str, dict[str, Any]] | None
     anchor_images: int  # images in the anchor source (0: none)
+    synthetic_anchor_images: int  # inputs synthesised as the anchor (config.synthetic_anchor, no anchor source)
     selection: dict[str, Any] | None
     history: list[dict[str, Any]]
     # Where total_seconds went: {phase: {"seconds", "count"}}, each phase's seconds without those
@@ -234,6 +235,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         holdout=holdout,
         residual_knowledge=residual,
         anchor_images=0 if anchor is None else int(anchor.shape[0]),
+        synthetic_anchor_images=(0 if anchor is not None or loop.anchor_inputs is None
+                                 else int(loop.anchor_inputs.shape[0])),
         selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations,
                     "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
                    if config.select_on_eval else None),

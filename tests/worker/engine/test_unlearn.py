@@ -30,7 +30,7 @@ from worker.engine import (
 )
 from worker.engine.evidence import features
 from worker.engine.images import normalise, read_images
-from worker.engine.loop import worst_source
+from worker.engine.loop import SYNTHESISED_PER_CLASS, worst_source
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package
 from worker.engine.unlearn import read_forget_set
@@ -484,3 +484,13 @@ def test_a_synthetic_anchor_holds_the_kept_classes_where_the_original_has_them(d
     assert output_drift[1] < output_drift[0], output_drift
     assert feature_drift[2] < feature_drift[1], feature_drift
     assert all(r.report.forget_acc_after[FORGET] <= 1.0 for r in runs)
+    kept = len(loaded.card.classes) - 1  # the forgotten class gets no anchor inputs
+    assert [r.report.synthetic_anchor_images for r in runs] == [0, SYNTHESISED_PER_CLASS * kept, SYNTHESISED_PER_CLASS * kept]
+    assert runs[0].report.anchor_images == runs[1].report.anchor_images == 0  # no anchor source
+
+
+def test_anchor_settings_that_could_not_act_are_refused(digits_model, digits, retain_manifest):
+    with pytest.raises(ConfigError, match="anchor_feature_weight holds an anchor's features"):
+        run(digits_model, digits, method="lora-kl", anchor_feature_weight=10.0)
+    with pytest.raises(ConfigError, match="synthetic_anchor is for retain-free methods"):
+        run(digits_model, digits, retain=retain_manifest, method="ng-retain", synthetic_anchor=True)
