@@ -40,14 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.cifar import DataError, cache_root  # noqa: E402
+from benchmarks.cifar import Cifar10, DataError, cache_root  # noqa: E402
 from benchmarks.faces import YaleFaces, build_face_model  # noqa: E402
 from service.config import UnlearnSettings  # noqa: E402
 from service.demo_model import DigitsData, train_digits_vit, write_digits  # noqa: E402
 from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # noqa: E402
 from worker.engine.evidence import EvidenceConfig, residual_knowledge  # noqa: E402
 from worker.engine.images import normalise, read_images  # noqa: E402
-from worker.engine.metrics import forget_retain_accuracy, predict  # noqa: E402
+from worker.engine.metrics import accuracy, forget_retain_accuracy, predict  # noqa: E402
 from worker.engine.package import build_model, load_package  # noqa: E402
 from worker.engine.runtime import pick_runtime  # noqa: E402
 
@@ -92,6 +92,11 @@ VARIANTS = {
     "feature-anchor-w20-af10": FEATURE_ANCHOR | {"feature_weight": 20.0, "anchor_feature_weight": 10.0},
     "feature-anchor-w20-af100": FEATURE_ANCHOR | {"feature_weight": 20.0, "anchor_feature_weight": 100.0},
     "feature-anchor-w30-af10": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0},
+    # CIFAR-10's Acc_r cost of the last (benchmarks/README.md): smaller steps, less capacity.
+    "feature-anchor-w30-af10-lr3e-3": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0, "lr": 3e-3},
+    "feature-anchor-w30-af10-rank2": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0, "rank": 2},
+    "feature-anchor-w30-af10-aw10": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
+                                                      "anchor_weight": 10.0},
 }
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
@@ -156,6 +161,22 @@ class Faces(Case):
         return self.data.forget(cls)  # the person's 9 training photos
 
 
+class Cifar(Case):
+    """The reference CIFAR-10 package: the service's Acc_r and residual knowledge on natural images.
+    No oracle: the package arrives without its training recipe, and retraining a ViT on 45,000
+    images is out of a 2-core machine's reach, so its rows have figures but no gaps."""
+
+    def __init__(self, data_dir: Path, model: Path, forget_images: int) -> None:
+        self.data, self.forget_images = Cifar10.open(data_dir), forget_images
+        super().__init__("cifar", model, self.data.half("test"))  # 500 images a class, never trained on
+
+    def oracle(self, cls: str, seed: int = 0) -> Path:
+        raise DataError("no CIFAR-10 oracle: the reference model's recipe is not in its package")
+
+    def forget(self, cls: str) -> Path:
+        return self.data.forget(cls, self.forget_images)  # the class's first training images
+
+
 @dataclass(frozen=True)
 class _FacesWithout(YaleFaces):
     """The Yale faces with one person's training photos left out (the head keeps every person)."""
@@ -218,8 +239,11 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
         found = residual_knowledge(model, forget_images=forget_images, audit_pixels=audit_pixels,
                                    audit_labels=audit_labels, class_index=index, class_name=cls, seed=seed,
                                    config=EvidenceConfig())
-        acc_f, acc_r = forget_retain_accuracy(predict(model, audit_pixels, runtime, 512), audit_labels, [index])
-        record["models"][name] = {**run, "acc_f": acc_f, "acc_r": acc_r,
+        predicted = predict(model, audit_pixels, runtime, 512)
+        acc_f, acc_r = forget_retain_accuracy(predicted, audit_labels, [index])
+        by_class = {c: accuracy(predicted[audit_labels == i], audit_labels[audit_labels == i])
+                    for i, c in enumerate(card.classes)}  # where the Acc_r a run costs went
+        record["models"][name] = {**run, "acc_f": acc_f, "acc_r": acc_r, "acc_by_class": by_class,
                                   "probe": found.probe.accuracy, "probe_others": found.probe.others_accuracy,
                                   "mia": found.mia.accuracy, "mia_interval": found.mia.interval,
                                   "mia_images_per_side": found.mia.n,
@@ -278,7 +302,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "oracles": min((ref["oracles"] for ref in refs), default=0)}
             for key in MEASURES:
                 pairs = [(v[key], o[key]) for v, o in zip(values, refs) if v[key] is not None and o[key] is not None]
-                row[key] = _mean([v for v, _ in pairs])
+                row[key] = _mean([v[key] for v in values if v[key] is not None])  # with or without an oracle
                 row[f"{key}_gap"] = _mean([v - o for v, o in pairs])
                 row[f"{key}_worst_gap"] = max((v - o for v, o in pairs), default=None, key=abs) if pairs else None
             inside = [o["mia_band"][0] <= v["mia"] <= o["mia_band"][1] for v, o in zip(values, refs)
@@ -334,47 +358,56 @@ def _gap(row: dict[str, Any], key: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--domain", choices=("digits", "faces"), default="digits")
+    parser.add_argument("--domain", choices=("digits", "faces", "cifar"), default="digits")
     parser.add_argument("--classes", nargs="+", default=None, help="default: digits 3 5 8; faces subject01 subject05 subject10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=40, help="digits: the original's and oracles' training epochs "
                                                                "(40: the tests' recipe; fewer only to smoke-test this script)")
     parser.add_argument("--faces", type=Path, default=SHARED / "datasets" / "yalefaces")
+    parser.add_argument("--cifar", type=Path, default=SHARED / "datasets" / "cifar10")
+    parser.add_argument("--cifar-model", type=Path, default=SHARED / "models" / "cifar10-vit-d6")
+    parser.add_argument("--forget-images", type=int, default=500, help="cifar: the forget set's size (its first training images)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                         help="also measure these changes to the service's setting (results in files of their own)")
-    parser.add_argument("--oracle-seeds", type=int, default=1,
+    parser.add_argument("--oracle-seeds", type=int, default=None,
                         help="retrain each oracle from this many training seeds (0, 1, ...): the gaps are to their mean, "
-                             "the MIA target the hull of their intervals")
+                             "the MIA target the hull of their intervals (default 1; cifar has none: 0)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
-    if args.oracle_seeds < 1:
+    if args.oracle_seeds is None:
+        args.oracle_seeds = 0 if args.domain == "cifar" else 1
+    if args.domain == "cifar" and args.oracle_seeds:
+        parser.error("cifar has no oracle (its package carries no training recipe): leave --oracle-seeds out")
+    if args.domain != "cifar" and args.oracle_seeds < 1:
         parser.error("--oracle-seeds must be at least 1")
     torch.set_num_threads(args.threads)
     runs = args.results / "oracle-runs"
     runs.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         try:
-            case = Digits(args.epochs) if args.domain == "digits" else Faces(args.faces, args.threads)
+            case = {"digits": lambda: Digits(args.epochs), "faces": lambda: Faces(args.faces, args.threads),
+                    "cifar": lambda: Cifar(args.cifar, args.cifar_model, args.forget_images)}[args.domain]()
         except DataError as exc:
             print(f"oracle: {exc}", file=sys.stderr)
             return 2
-        classes = args.classes or (["3", "5", "8"] if args.domain == "digits" else ["subject01", "subject05", "subject10"])
+        classes = args.classes or {"digits": ["3", "5", "8"], "faces": ["subject01", "subject05", "subject10"],
+                                   "cifar": ["airplane"]}[args.domain]
         for cls in classes:
             suffix = ("-" + "+".join(args.variants) if args.variants else "") + (
                 f"-oracles{args.oracle_seeds}" if args.oracle_seeds > 1 else "")
-            path = runs / f"{args.domain}-{cls}-s{args.seed}{suffix}.json"
+            size = f"-n{args.forget_images}" if args.domain == "cifar" else ""
+            path = runs / f"{args.domain}-{cls}{size}-s{args.seed}{suffix}.json"
             if path.is_file():
                 continue
             started = time.perf_counter()
             record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds)
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             path.write_text(json.dumps(record, indent=2) + "\n")
-            service, oracle = record["models"]["service"], record["models"]["oracle"]
-            print(f"{args.domain}/{cls}: probe service {_f(service['probe'])} oracle {_f(oracle['probe'])}; "
-                  f"relearn {_f(service['relearn'])} vs {_f(oracle['relearn'])}; MIA {_f(service['mia'])} vs "
-                  f"{_f(oracle['mia'])} ({record['wall_seconds']} s)", flush=True)
+            print(f"{args.domain}/{cls}: " + "; ".join(
+                f"{name} Acc_r {_f(m['acc_r'])} probe {_f(m['probe'])} MIA {_f(m['mia'])} relearn {_f(m['relearn'])}"
+                for name, m in record["models"].items()) + f" ({record['wall_seconds']} s)", flush=True)
     records = merged([json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))])
     if not records:
         print("oracle: no runs yet", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import oracle
 
 
@@ -51,3 +53,19 @@ def test_one_oracle_is_its_own_reference():
         "oracle": _model(70.0, 40.0, (30, 50)), "service": _model(80.0, 45.0, (35, 55))}}
     found = oracle.reference(record)
     assert (found["oracles"], found["probe"], found["mia"], found["mia_band"]) == (1, 70.0, 40.0, (30, 50))
+
+
+def test_a_record_without_oracles_has_figures_but_no_gaps():
+    # CIFAR-10: the reference package carries no recipe to retrain, so there is nothing to be a gap to
+    record = {"domain": "cifar", "class": "airplane", "seed": 0, "models": {
+        "original": _model(90.0, 55.0, (50, 60)), "service": _model(85.0, 52.0, (47, 57))}}
+    rows = {r["model"]: r for r in oracle.summarise([record])}
+    assert rows["service"]["probe"] == 85.0 and rows["service"]["probe_gap"] is None
+    assert rows["service"]["oracles"] == 0 and rows["service"]["mia_within_oracle_interval"] == "0/0"
+    assert "| cifar | service | 1 | 0 | 0.0 | 95.0 | 85.0 (–) |" in oracle.render(list(rows.values()), [record])
+
+
+def test_cifar_refuses_oracle_seeds(capsys):
+    with pytest.raises(SystemExit) as exited:
+        oracle.main(["--domain", "cifar", "--oracle-seeds", "1"])
+    assert exited.value.code == 2 and "cifar has no oracle" in capsys.readouterr().err
