@@ -29,7 +29,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ ALL_LINEAR = ("qkv", "proj", "fc1", "fc2")
 # to 100 steps, the forget target alone stopping the run. The variants are for many-image sets (the
 # digits); on faces they would mix into the few-image setting (its augment and max_forget_prob stay).
 LOGIT_ONLY = {"lr": 3e-3, "targets": ("qkv",), "max_steps": 100, "feature_weight": 0.0, "feature_tol": 1.0,
-              "synthetic_anchor": False, "anchor_feature_weight": 0.0}
+              "synthetic_anchor": False, "anchor_feature_weight": 0.0, "boundary_anchor": False}
 FEATURE = LOGIT_ONLY | {"feature_weight": 10.0, "feature_tol": 0.05, "lr": 1e-2, "max_steps": 300, "targets": ALL_LINEAR}
 FEATURE_ANCHOR = FEATURE | {"synthetic_anchor": True}
 # Candidates for closing the gap (--variants), each spelt out in full over the service's setting for
@@ -97,7 +97,15 @@ VARIANTS = {
     "feature-anchor-w30-af10-rank2": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0, "rank": 2},
     "feature-anchor-w30-af10-aw10": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
                                                       "anchor_weight": 10.0},
+    # ... and the kept classes' boundaries with each other held too (UnlearnConfig.boundary_anchor).
+    "feature-anchor-w30-af10-boundary": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
+                                                          "boundary_anchor": True},
+    "feature-anchor-w30-af10-boundary-lr3e-3": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
+                                                                 "boundary_anchor": True, "lr": 3e-3},
+    # ... or a real anchor set instead (the case's anchor: photos of none of the model's classes).
+    "feature-real-anchor-w30-af10": FEATURE | {"feature_weight": 30.0, "anchor_feature_weight": 10.0},
 }
+REAL_ANCHOR = {"feature-real-anchor-w30-af10"}  # variants given the case's anchor set
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
 
@@ -114,6 +122,10 @@ class Case(ABC):
 
     @abstractmethod
     def forget(self, cls: str) -> Path: ...
+
+    def anchor(self) -> Path:
+        """Images of none of the model's classes, for the REAL_ANCHOR variants."""
+        raise DataError(f"{self.name} has no anchor set in this benchmark")
 
 
 class Digits(Case):
@@ -166,9 +178,12 @@ class Cifar(Case):
     No oracle: the package arrives without its training recipe, and retraining a ViT on 45,000
     images is out of a 2-core machine's reach, so its rows have figures but no gaps."""
 
-    def __init__(self, data_dir: Path, model: Path, forget_images: int) -> None:
-        self.data, self.forget_images = Cifar10.open(data_dir), forget_images
+    def __init__(self, data_dir: Path, model: Path, forget_images: int, faces: Path) -> None:
+        self.data, self.forget_images, self.faces = Cifar10.open(data_dir), forget_images, faces
         super().__init__("cifar", model, self.data.half("test"))  # 500 images a class, never trained on
+
+    def anchor(self) -> Path:
+        return self.faces / "train"  # 135 Yale photos: CIFAR-10 has no class of people
 
     def oracle(self, cls: str, seed: int = 0) -> Path:
         raise DataError("no CIFAR-10 oracle: the reference model's recipe is not in its package")
@@ -222,7 +237,7 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
     configs = [("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed))]
     configs += [(v, UnlearnConfig(seed=seed, **(service | VARIANTS[v]))) for v in variants]
     for name, config in configs:
-        result = unlearn(inputs, config)
+        result = unlearn(replace(inputs, anchor_source=str(case.anchor())) if name in REAL_ANCHOR else inputs, config)
         report = result.report
         models[name] = build_model(card, result.state_dict).to(runtime.device), {
             "method": config.method, "steps": report.steps, "seconds": report.seconds,
@@ -388,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         try:
             case = {"digits": lambda: Digits(args.epochs), "faces": lambda: Faces(args.faces, args.threads),
-                    "cifar": lambda: Cifar(args.cifar, args.cifar_model, args.forget_images)}[args.domain]()
+                    "cifar": lambda: Cifar(args.cifar, args.cifar_model, args.forget_images, args.faces)}[args.domain]()
         except DataError as exc:
             print(f"oracle: {exc}", file=sys.stderr)
             return 2

@@ -373,6 +373,9 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic-anchor", action="store_true",
                    help="without --anchor: hold the original's outputs on inputs synthesised from the model alone for "
                         "each class kept (no image of any class is used)")
+    p.add_argument("--boundary-anchor", action="store_true",
+                   help="with --synthetic-anchor: also hold inputs synthesised between each kept class and the kept "
+                        "class the model ranks next (the kept classes' boundaries, not only their centres)")
     p.add_argument("--anchor-feature-weight", type=float, default=defaults.anchor_feature_weight, metavar="W",
                    help="also hold the anchor's pre-logit features where the original has them (0: outputs only; "
                         "default: %(default)s)")
@@ -421,7 +424,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
             max_forget_prob=args.max_forget_prob, feature_weight=args.feature_weight, feature_tol=args.feature_tol,
-            synthetic_anchor=args.synthetic_anchor, anchor_feature_weight=args.anchor_feature_weight,
+            synthetic_anchor=args.synthetic_anchor, boundary_anchor=args.boundary_anchor,
+            anchor_feature_weight=args.anchor_feature_weight,
             holdout_folds=args.holdout_folds,
             **({"holdout_images": args.holdout_images} if args.holdout_images is not None else {}),
         )
@@ -510,7 +514,7 @@ def _pct(value: float | None) -> str:
 
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "confirm_views", "max_forget_prob", "anchor_weight", "anchor_feature_weight", "feature_weight", "feature_tol",
-    "holdout_folds",
+    "synthetic_anchor", "boundary_anchor", "holdout_folds",
     "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
     "precision", "select_on_eval", "eval_halves", "evidence")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}

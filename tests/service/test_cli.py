@@ -86,6 +86,7 @@ def test_the_generalisation_check_on_one_photo_is_refused_before_training(digits
     (["--feature-tol", "0"], "--feature-tol must be in (0, 1]"),
     (["--anchor-feature-weight", "-1"], "--anchor-feature-weight must be in [0, 1000]"),
     (["--anchor-feature-weight", "inf"], "--anchor-feature-weight must be in [0, 1000]"),
+    (["--boundary-anchor"], "--boundary-anchor extends --synthetic-anchor: set both"),
     (["--holdout-images", "10"], "--holdout-images needs --holdout-folds"),
     (["--holdout-folds", "3", "--holdout-images", "0"], "--holdout-images must be at least 1"),
 ])

@@ -81,13 +81,13 @@ def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_settin
 
 def test_the_feature_setting_reaches_many_image_runs_only(monkeypatch):
     for variable, value in {"FEATURE_WEIGHT": "30", "FEATURE_TOL": "0.05", "SYNTHETIC_ANCHOR": "true",
-                            "ANCHOR_FEATURE_WEIGHT": "10"}.items():
+                            "BOUNDARY_ANCHOR": "true", "ANCHOR_FEATURE_WEIGHT": "10"}.items():
         monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", value)
     knobs = UnlearnSettings()
-    feature = ("feature_weight", "feature_tol", "synthetic_anchor", "anchor_feature_weight")
+    feature = ("feature_weight", "feature_tol", "synthetic_anchor", "boundary_anchor", "anchor_feature_weight")
     many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
-    assert tuple(many[k] for k in feature) == (30.0, 0.05, True, 10.0)
-    assert tuple(few[k] for k in feature) == (0.0, 1.0, False, 0.0)  # measured on many images only
+    assert tuple(many[k] for k in feature) == (30.0, 0.05, True, True, 10.0)
+    assert tuple(few[k] for k in feature) == (0.0, 1.0, False, False, 0.0)  # measured on many images only
 
 
 def test_a_feature_term_without_a_teacher_method_is_refused_at_start(monkeypatch):
@@ -97,9 +97,10 @@ def test_a_feature_term_without_a_teacher_method_is_refused_at_start(monkeypatch
         load_settings(UnlearnSettings)
 
 
-def test_held_anchor_features_without_the_synthetic_anchor_are_refused_at_start(monkeypatch):
-    monkeypatch.setenv("LETHE_UNLEARN_ANCHOR_FEATURE_WEIGHT", "10")
-    with pytest.raises(SettingsError, match="needs LETHE_UNLEARN_SYNTHETIC_ANCHOR=true"):
+@pytest.mark.parametrize("variable", ["ANCHOR_FEATURE_WEIGHT", "BOUNDARY_ANCHOR"])
+def test_anchor_settings_without_the_synthetic_anchor_are_refused_at_start(monkeypatch, variable):
+    monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", "10" if variable.endswith("WEIGHT") else "true")
+    with pytest.raises(SettingsError, match=f"LETHE_UNLEARN_{variable}.*LETHE_UNLEARN_SYNTHETIC_ANCHOR=true"):
         load_settings(UnlearnSettings)
 
 

@@ -96,6 +96,10 @@ class UnlearnConfig:
     # class kept (model inversion, as for the feature term's prototypes; no image of any class), so
     # that a run moves the kept classes as little as it can without retain data.
     synthetic_anchor: bool = False
+    # With synthetic_anchor: also synthesise, for each of those inputs, one toward an even mix of its
+    # class and the kept class the original ranks next for it, so that the anchor holds the kept
+    # classes' boundaries with each other, where a run's drift flips real images, not only their centres.
+    boundary_anchor: bool = False
     # Also hold the anchor's pre-logit features where the original has them (squared drift over their
     # squared norm, times this): the kept classes' representation, which the feature term moves
     # when it moves the forgotten class's. 0: only the outputs are held (anchor_weight).
@@ -145,6 +149,7 @@ class UnlearnConfig:
              "feature_weight needs an adapter method with a teacher-based forget term (lora-kl, lora-adv)"),
             (math.isfinite(self.anchor_feature_weight) and 0 <= self.anchor_feature_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_feature_weight must be in [0, {MAX_ANCHOR_WEIGHT:g}]"),
+            (not self.boundary_anchor or self.synthetic_anchor, "boundary_anchor extends synthetic_anchor: set both"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,
              "holdout_folds must be 0 (no generalisation check) or at least 2"),
             (self.holdout_images >= 1, "holdout_images must be at least 1"),

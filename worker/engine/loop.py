@@ -170,6 +170,8 @@ class UnlearningLoop:
             inputs, classes = synthetic
             kept = ~torch.isin(classes, torch.tensor(forget.class_indices, device=classes.device))
             anchor = inputs[kept]
+            if config.boundary_anchor:
+                anchor = torch.cat([anchor, self._boundaries(anchor, classes[kept])])
         self._feature_value: float | None = None  # the last step's worst relative feature loss
         # The stop rule's fixed random views, drawn once: a run stops when they are forgotten too.
         # They come from a generator of their own, so that asking for them leaves the training's
@@ -245,6 +247,22 @@ class UnlearningLoop:
         generator = torch.Generator().manual_seed(self.config.seed)  # the run's own draws stay as they were
         self.model.eval()
         return invert_classes(self.model, classes, shape, (0 - mean) / std, (1 - mean) / std, generator), classes
+
+    def _boundaries(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Per synthesised input of a kept class, one synthesised toward an even mix of its class and
+        the kept class the original ranks next on it (losses.invert_classes with soft targets)."""
+        logits = eval_logits(self.model, inputs, self.runtime, self.config.eval_batch_size).float()
+        rows = torch.arange(len(classes), device=logits.device)
+        logits[:, torch.tensor(self.forget.class_indices, device=logits.device)] = float("-inf")
+        logits[rows, classes] = float("-inf")
+        targets = torch.zeros_like(logits)
+        targets[rows, classes] = 0.5
+        targets[rows, logits.argmax(1)] = 0.5
+        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
+        generator = torch.Generator().manual_seed(self.config.seed + 1)  # draws of their own, as _synthesised's
+        self.model.eval()
+        return invert_classes(self.model, targets, tuple(inputs.shape[1:]), (0 - mean) / std, (1 - mean) / std,
+                              generator)
 
     def _prototypes(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """(K, D): each class's mean original feature over its synthesised inputs."""

@@ -117,12 +117,13 @@ def feature_match_loss(features: torch.Tensor, targets: torch.Tensor, scale: tor
 def invert_classes(model: torch.nn.Module, classes: torch.Tensor, shape: tuple[int, ...], low: torch.Tensor,
                    high: torch.Tensor, generator: torch.Generator, *, steps: int = 200, lr: float = 0.05,
                    tv_weight: float = 0.05, l2_weight: float = 1e-3) -> torch.Tensor:
-    """Model inversion: one synthetic input per entry of ``classes`` (its class), from uniform noise,
-    optimised by Adam to minimise the model's CE toward its class plus a total-variation and an L2
-    prior, kept within the valid input range [low, high] (normalised units, (C,) each).
+    """Model inversion: one synthetic input per entry of ``classes``, from uniform noise, optimised by
+    Adam to minimise the model's CE toward it plus a total-variation and an L2 prior, kept within the
+    valid input range [low, high] (normalised units, (C,) each). ``classes``: (N,) class indices, or
+    (N, K) class probabilities (an input the model should find that uncertain: a boundary).
 
-    shape: (C, H, W). Returns (len(classes), C, H, W) normalised inputs. The caller puts ``model`` in
-    eval mode and wants no gradients on its weights.
+    shape: (C, H, W). Returns (N, C, H, W) normalised inputs. The caller puts ``model`` in eval mode
+    and wants no gradients on its weights.
     """
     low, high = low.view(1, -1, 1, 1).to(classes.device), high.view(1, -1, 1, 1).to(classes.device)
     x = (low + (high - low) * torch.rand((len(classes), *shape), generator=generator).to(classes.device))

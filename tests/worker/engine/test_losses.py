@@ -86,6 +86,18 @@ def test_invert_classes_stays_in_range_and_leaves_weights_without_gradients():
     assert (model(x).argmax(1) == torch.tensor([0, 1, 2])).all()
 
 
+def test_invert_classes_toward_an_even_mix_finds_an_input_on_the_boundary():
+    from worker.engine.losses import invert_classes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    mix = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    x = invert_classes(model, mix, (1, 4, 4), torch.tensor([-1.0]), torch.tensor([2.0]),
+                       torch.Generator().manual_seed(0), steps=200)
+    found = model(x).softmax(1)
+    assert ((found - mix).abs() < 0.1).all(), found
+
+
 def test_feature_weight_needs_a_teacher_method():
     import pytest
 

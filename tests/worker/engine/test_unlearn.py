@@ -494,3 +494,12 @@ def test_anchor_settings_that_could_not_act_are_refused(digits_model, digits, re
         run(digits_model, digits, method="lora-kl", anchor_feature_weight=10.0)
     with pytest.raises(ConfigError, match="synthetic_anchor is for retain-free methods"):
         run(digits_model, digits, retain=retain_manifest, method="ng-retain", synthetic_anchor=True)
+    with pytest.raises(ConfigError, match="boundary_anchor extends synthetic_anchor"):
+        run(digits_model, digits, method="lora-kl", boundary_anchor=True)
+
+
+def test_a_boundary_anchor_adds_one_input_between_each_kept_input_and_its_nearest_kept_class(digits_model, digits):
+    report = run(digits_model, digits, method="lora-kl", synthetic_anchor=True, boundary_anchor=True,
+                 max_steps=1, seed=0).report
+    kept = len(load_package(digits_model).card.classes) - 1
+    assert report.synthetic_anchor_images == 2 * SYNTHESISED_PER_CLASS * kept
