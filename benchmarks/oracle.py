@@ -102,6 +102,10 @@ VARIANTS = {
                                                           "boundary_anchor": True},
     "feature-anchor-w30-af10-boundary-lr3e-3": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
                                                                  "boundary_anchor": True, "lr": 3e-3},
+    "feature-anchor-w30-af10-boundary-tol0.15": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
+                                                                  "boundary_anchor": True, "feature_tol": 0.15},
+    "feature-anchor-w30-af10-boundary-tol0.3": FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0,
+                                                                 "boundary_anchor": True, "feature_tol": 0.3},
     # ... or a real anchor set instead (the case's anchor: photos of none of the model's classes).
     "feature-real-anchor-w30-af10": FEATURE | {"feature_weight": 30.0, "anchor_feature_weight": 10.0},
 }

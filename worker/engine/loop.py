@@ -240,17 +240,18 @@ class UnlearningLoop:
     def _synthesised(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, classes): ``SYNTHESISED_PER_CLASS`` inputs of each class of the model, synthesised
         from the original alone (losses.invert_classes), class after class: no image of any class is used."""
-        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
         shape = tuple(self.forget.images[0].shape[1:])
         count = eval_logits(self.model, self.forget.images[0][:1], self.runtime, 1).shape[1]
         classes = torch.arange(count, device=self.runtime.device).repeat_interleave(SYNTHESISED_PER_CLASS)
         generator = torch.Generator().manual_seed(self.config.seed)  # the run's own draws stay as they were
         self.model.eval()
-        return invert_classes(self.model, classes, shape, (0 - mean) / std, (1 - mean) / std, generator), classes
+        return invert_classes(self.model, classes, shape, *self._input_range(), generator), classes
 
     def _boundaries(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Per synthesised input of a kept class, one synthesised toward an even mix of its class and
         the kept class the original ranks next on it (losses.invert_classes with soft targets)."""
+        if len(torch.unique(classes)) < 2:  # one class kept: it has no boundary with another
+            return inputs[:0]
         logits = eval_logits(self.model, inputs, self.runtime, self.config.eval_batch_size).float()
         rows = torch.arange(len(classes), device=logits.device)
         logits[:, torch.tensor(self.forget.class_indices, device=logits.device)] = float("-inf")
@@ -258,11 +259,14 @@ class UnlearningLoop:
         targets = torch.zeros_like(logits)
         targets[rows, classes] = 0.5
         targets[rows, logits.argmax(1)] = 0.5
-        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
         generator = torch.Generator().manual_seed(self.config.seed + 1)  # draws of their own, as _synthesised's
         self.model.eval()
-        return invert_classes(self.model, targets, tuple(inputs.shape[1:]), (0 - mean) / std, (1 - mean) / std,
-                              generator)
+        return invert_classes(self.model, targets, tuple(inputs.shape[1:]), *self._input_range(), generator)
+
+    def _input_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid pixel range [0, 1] in normalised units, (C,) each: where synthesised inputs stay."""
+        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
+        return (0 - mean) / std, (1 - mean) / std
 
     def _prototypes(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """(K, D): each class's mean original feature over its synthesised inputs."""

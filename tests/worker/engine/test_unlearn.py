@@ -503,3 +503,10 @@ def test_a_boundary_anchor_adds_one_input_between_each_kept_input_and_its_neares
                  max_steps=1, seed=0).report
     kept = len(load_package(digits_model).card.classes) - 1
     assert report.synthetic_anchor_images == 2 * SYNTHESISED_PER_CLASS * kept
+
+
+def test_a_single_kept_class_has_no_boundary_to_synthesise(digits_model, digits):
+    forget = tuple(ForgetSpec(d, str(digits.train_class(d))) for d in "123456789")  # digit 0 alone kept
+    report = run(digits_model, digits, forget=forget, method="lora-kl", synthetic_anchor=True, boundary_anchor=True,
+                 max_steps=1, seed=0).report
+    assert report.synthetic_anchor_images == SYNTHESISED_PER_CLASS
