@@ -69,6 +69,15 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
         "forget_set": {"measured_on": "the request's own forget set", "images": own.get("images"),
                        "accuracy_before": own.get("forget_acc_before"), "accuracy_after": own.get("forget_acc_after")},
     }
+    if (metrics.get("config") or {}).get("reset_head_rows"):
+        # The new version's head row of the class is the mean of the kept rows: it never predicts the
+        # class, so the figures above would be 0 % whatever its features hold. These are the trained
+        # network's, read by the class's own row before the reset: what the gate judged.
+        found["head_row_reset"] = {
+            "rule": "the class's head row set to the mean of the kept classes' rows after training",
+            "forget_set_accuracy_before_reset": (metrics.get("forget_acc_trained") or {}).get(cls),
+            "evaluation_class_accuracy_before_reset": ((metrics.get("evaluation") or {}).get("per_class_trained") or {}).get(cls),
+        }
     evaluation = metrics.get("evaluation")
     if evaluation:
         found["evaluation"] = {

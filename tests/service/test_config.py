@@ -79,6 +79,13 @@ def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_settin
     assert {k: v for k, v in many.items() if k not in regime} == {k: v for k, v in few.items() if k not in regime}
 
 
+def test_every_run_resets_the_forgotten_rows_unless_told_not_to(monkeypatch):
+    knobs = UnlearnSettings()
+    assert knobs.engine_settings(1)["reset_head_rows"] is knobs.engine_settings(5000)["reset_head_rows"] is True
+    monkeypatch.setenv("LETHE_UNLEARN_RESET_HEAD_ROWS", "false")
+    assert UnlearnSettings().engine_settings(5000)["reset_head_rows"] is False
+
+
 def test_the_feature_setting_reaches_many_image_runs_only(monkeypatch):
     for variable, value in {"FEATURE_WEIGHT": "30", "FEATURE_TOL": "0.05", "SYNTHETIC_ANCHOR": "true",
                             "BOUNDARY_ANCHOR": "true", "ANCHOR_FEATURE_WEIGHT": "10"}.items():

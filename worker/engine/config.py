@@ -104,6 +104,12 @@ class UnlearnConfig:
     # squared norm, times this): the kept classes' representation, which the feature term moves
     # when it moves the forgotten class's. 0: only the outputs are held (anchor_weight).
     anchor_feature_weight: float = 0.0
+    # After training, set the head row of every class forgotten (by this run and, from the card's
+    # lineage, earlier ones) to the mean of the kept classes' rows (head.py): the class's template
+    # leaves the weights, and its logit sits where a retrained model's does. The forget-set target
+    # and the held-out Acc_f are then judged on the trained network before the reset, which alone
+    # would meet them. False: the paper's method, whose head is left as it was.
+    reset_head_rows: bool = False
     # The generalisation check: hold back a fold of each forget set, train on the rest, score the
     # held-back images; folds run until every class has had ``holdout_images`` held back (or all
     # ran). Then the run trains on every image. 0: no check.

@@ -14,8 +14,9 @@ import torch
 
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
-from worker.engine.errors import ImageSourceError
+from worker.engine.errors import ConfigError, ImageSourceError
 from worker.engine.evidence import EvidenceConfig, parent_and_new
+from worker.engine.head import reset_class_rows
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
@@ -44,6 +45,11 @@ class EvaluationReport:
     # Images of each class in the set the figures come from: one image of 18 is 5.6 points, so a
     # reader (and a gate) needs the count beside each class's accuracy.
     per_class_images: dict[str, int] = field(default_factory=dict)
+    # Acc_f of the trained network before the forgotten classes' head rows were reset
+    # (config.reset_head_rows): what the gate judges, the reset alone putting acc_f_after at 0.
+    # None: no reset, acc_f_after is that figure.
+    acc_f_trained: float | None = None
+    per_class_trained: dict[str, float | None] | None = None  # each class's, likewise
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,12 @@ class UnlearnReport:
     precision: str
     forget_acc_before: dict[str, float]
     forget_acc_after: dict[str, float]
+    # Per class: the forget set's accuracy on the trained network before the head rows were reset
+    # (config.reset_head_rows; the same as forget_acc_after without it). The target is judged on it:
+    # the reset alone puts every forget set at 0 %, features that still hold the class or not.
+    forget_acc_trained: dict[str, float]
     target_forget_acc: float
-    target_met: bool  # every forget set's accuracy at or below the target
+    target_met: bool  # every forget set's (trained) accuracy at or below the target
     stop_rule_met: bool  # and the stop rule's views and probability bound too, when it has them
     parent_sha256: str
     evaluation: EvaluationReport | None
@@ -148,6 +158,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
             package = load_package(inputs.model)
         card = package.card
         class_indices = tuple(card.class_index(f.class_name) for f in inputs.forget)
+        reset_rows = _rows_to_reset(card, class_indices) if config.reset_head_rows else ()
         reader = ImageReader(inputs.read_limits, config.skip_bad_images, should_cancel)
         with timings.phase("read forget sets"):
             forget_sets = [read_forget_set(f, card.input, reader) for f in inputs.forget]
@@ -203,6 +214,14 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         with timings.phase("measure after"):
             forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
             eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
+        forget_trained, eval_trained = forget_after, None
+        if reset_rows:
+            reset_class_rows(merged, reset_rows)
+            state_dict = _in_input_dtypes(merged, package.state_dict)
+            eval_trained = eval_after
+            with timings.phase("measure after"):
+                forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
+                eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
         with timings.phase("residual knowledge"):
             residual = (_residual_knowledge(lambda: build_model(card, package.state_dict).to(runtime.device), merged,
                                             forget, eval_data, card, config) if config.evidence else None)
@@ -226,12 +245,13 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         precision=runtime.precision,
         forget_acc_before=dict(zip(forget.class_names, forget_before)),
         forget_acc_after=dict(zip(forget.class_names, forget_after)),
+        forget_acc_trained=dict(zip(forget.class_names, forget_trained)),
         target_forget_acc=config.target_forget_acc,
-        target_met=loop.meets_target(forget_after),  # judged on the weights returned, however the run ended
+        target_met=loop.meets_target(forget_trained),  # judged on the weights trained, however the run ended
         stop_rule_met=stop_rule_met,
         parent_sha256=package.weights_sha256,
         evaluation=_evaluation_report(eval_data, eval_before, eval_after, card, class_indices,
-                                      half=AUDIT if config.eval_halves else WHOLE),
+                                      half=AUDIT if config.eval_halves else WHOLE, trained=eval_trained),
         holdout=holdout,
         residual_knowledge=residual,
         anchor_images=0 if anchor is None else int(anchor.shape[0]),
@@ -509,6 +529,18 @@ def _residual_knowledge(original: Callable[[], torch.nn.Module], merged: torch.n
     return found
 
 
+def _rows_to_reset(card: ModelCard, class_indices: tuple[int, ...]) -> tuple[int, ...]:
+    """The head rows ``reset_head_rows`` sets: this run's classes and every class the card's lineage
+    says an earlier version forgot (their rows are reset again, to the mean of today's kept rows).
+    Refused before any training when no class would be left."""
+    earlier = tuple(card.class_index(c) for c in card.forgotten_classes if c in card.classes)
+    rows = tuple(sorted(set(class_indices) | set(earlier)))
+    if len(rows) == len(card.classes):
+        raise ConfigError("reset_head_rows: every class of the model would then be forgotten; "
+                          "no kept class is left to reset their rows to")
+    return rows
+
+
 def _check_covers(source: str, data: LabelledData, card: ModelCard, forgotten: tuple[int, ...]) -> None:
     """An evaluation split must hold images of every class being forgotten and of some other class,
     or Acc_f / Acc_r would be reported for nothing."""
@@ -528,9 +560,11 @@ def _predict_labelled(model: torch.nn.Module, data: LabelledData | None, card: M
 
 
 def _evaluation_report(data: LabelledData | None, before: torch.Tensor | None, after: torch.Tensor | None,
-                       card: ModelCard, forgotten: tuple[int, ...], half: str) -> EvaluationReport | None:
+                       card: ModelCard, forgotten: tuple[int, ...], half: str,
+                       trained: torch.Tensor | None = None) -> EvaluationReport | None:
     if data is None:
         return None
+    acc_f_trained = None if trained is None else forget_retain_accuracy(trained, data.labels, list(forgotten))[0]
     acc_f_before, acc_r_before = forget_retain_accuracy(before, data.labels, list(forgotten))
     acc_f_after, acc_r_after = forget_retain_accuracy(after, data.labels, list(forgotten))
     return EvaluationReport(
@@ -541,5 +575,7 @@ def _evaluation_report(data: LabelledData | None, before: torch.Tensor | None, a
         per_class_after=per_class_accuracy(after, data.labels, card.classes),
         half=half,
         per_class_images={name: int((data.labels == i).sum()) for i, name in enumerate(card.classes)},
+        acc_f_trained=acc_f_trained,
+        per_class_trained=None if trained is None else per_class_accuracy(trained, data.labels, card.classes),
     )
 

@@ -129,8 +129,8 @@ def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
     return metrics
 
 
-PER_CLASS = ("forget_set_size", "forget_acc_before", "forget_acc_after", "forget_duplicates", "forget_set_sha256",
-             "residual_knowledge")
+PER_CLASS = ("forget_set_size", "forget_acc_before", "forget_acc_after", "forget_acc_trained", "forget_duplicates",
+             "forget_set_sha256", "residual_knowledge")
 
 
 def own_class_only(metrics: dict[str, Any], cls: str | None) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def own_class_only(metrics: dict[str, Any], cls: str | None) -> dict[str, Any]:
 
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
-            "forget_acc_after", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
+            "forget_acc_after", "forget_acc_trained", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
             "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
             "anchor_images", "synthetic_anchor_images", "forget_duplicates", "forget_set_sha256", "gate_thresholds", "residual_knowledge",
             "timings")

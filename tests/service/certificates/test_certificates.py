@@ -68,6 +68,9 @@ def test_a_completed_request_has_a_certificate_that_verifies_with_the_published_
     assert said["versions"]["every_earlier_copy_deleted"] is False
     evidence = said["evidence"]
     assert evidence["forget_set"]["accuracy_before"] > 50 and evidence["forget_set"]["accuracy_after"] <= 1.0
+    # The class's head row was reset (the service's default): the gate's figures are the trained network's.
+    reset = evidence["head_row_reset"]
+    assert reset["forget_set_accuracy_before_reset"] <= 1.0 and reset["evaluation_class_accuracy_before_reset"] >= 0
     # Judged on the audit half; the selection half only chose the checkpoint.
     assert evidence["evaluation"]["half"] == "audit" and evidence["checkpoint_selection"]["half"] == "selection"
     assert 0 < evidence["evaluation"]["class_images"] < evidence["evaluation"]["images"]  # the figure's resolution

@@ -70,3 +70,20 @@ def test_the_membership_gate_judges_the_intervals_lower_end_not_the_point():
     settings = Settings(gate_max_mia_acc=60)
     assert residual_errors(settings, residual(None, 45.0, None)) == []
     assert residual_errors(settings, residual(None, None, None)) == []  # the attack could not run: not measured
+
+
+def test_with_reset_head_rows_the_gate_judges_the_trained_network_not_the_reset_candidate(monkeypatch):
+    """A candidate whose rows were reset puts every forget set and the held-out class at 0 % whatever
+    its features hold: the forget-set target and the held-out Acc_f are read before the reset."""
+    from worker.runs import gate
+
+    # The Acc_r drop is read from version 1's record in the registry; this test is about Acc_f.
+    monkeypatch.setattr(gate, "cumulative_retain_drop", lambda *args, **kwargs: 0.0)
+
+    report = {"target_met": False, "classes": ["subject03"], "forget_acc_after": {"subject03": 0.0},
+              "forget_acc_trained": {"subject03": 40.0},
+              "evaluation": {"acc_f_after": 0.0, "acc_f_trained": 25.0}}
+    settings = Settings(gate_max_eval_forget_acc=5.0, gate_max_retain_drop=100.0)
+    verdict = gate.gate_errors(settings, batch=None, report=report, target=1.0, requested={"subject03"})
+    assert verdict.per_class["subject03"] == ["forget-set accuracy 40.0% did not reach the 1.0% target"]
+    assert "held-out Acc_f 25.0% exceeds 5.0%" in verdict.batch

@@ -1,0 +1,54 @@
+"""The classifier's rows of forgotten classes, reset to what a class nobody trained looks like.
+
+A forgotten class's row of the head (its weight vector and bias) is a learned template of the
+class: on the digits ViT its cosine with the class's mean feature (over the others') is 0.99, and in
+a face model it is the person's template. Adapters on the attention leave it in the published
+weights word for word, and it is what ten fine-tuning steps use to give the class back
+(benchmarks/README.md, the oracle table). A model retrained without the class has a row that was
+never a target: on the digits its logit sits at the mean of the other classes' on every input, the
+class's images as much as any (0.5 below it, three retrainings). Setting the row to the mean of the
+kept classes' rows gives exactly that, from the model alone, and keeps nothing of the class.
+
+It changes the class's logit and nothing else, so every kept class keeps each prediction the
+network made between kept classes: accuracy on the kept classes can only rise (images the network
+put in the forgotten class go to their best kept one). It cannot take the class out of the features:
+that is the adapters' work, judged before the reset (the forget-set target) and by the probe after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from worker.engine.errors import ConfigError, UnsupportedModelError
+
+
+def classifier(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's final linear layer, one row per class (timm's ``get_classifier()``)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise UnsupportedModelError(f"{type(model).__name__} has no linear classifier head to reset rows of")
+    return head
+
+
+@torch.no_grad()
+def reset_class_rows(model: torch.nn.Module, forgotten: Iterable[int]) -> None:
+    """Set each forgotten class's head row (weight and bias) to the mean of the rows of the classes
+    not forgotten, in place. Rows of classes forgotten earlier belong in ``forgotten`` too: a mean
+    taken over them would carry a share of their old templates into the new row.
+
+    Args:
+        model: a timm classifier.
+        forgotten: indices of every class forgotten, by this run and earlier ones.
+    """
+    head = classifier(model)
+    rows = head.weight.shape[0]
+    gone = torch.zeros(rows, dtype=torch.bool, device=head.weight.device)
+    gone[torch.tensor(sorted(set(forgotten)), dtype=torch.long, device=gone.device)] = True
+    if gone.all():
+        raise ConfigError("every class of the model would be forgotten: no kept class is left to reset their rows to")
+    kept_mean = head.weight[~gone].float().mean(0)
+    head.weight[gone] = kept_mean.to(head.weight.dtype)
+    if head.bias is not None:
+        head.bias[gone] = head.bias[~gone].float().mean().to(head.bias.dtype)
