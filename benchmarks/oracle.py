@@ -110,6 +110,15 @@ VARIANTS = {
     "feature-anchor-w30-af10-boundary-tol0.3": W30_AF10 | {"boundary_anchor": True, "feature_tol": 0.3},
     # ... or a real anchor set instead (the case's anchor: photos of none of the model's classes).
     "feature-real-anchor-w30-af10": W30_AF10 | {"synthetic_anchor": False},
+    # With the head rows reset (the default since 2026-12-07), relearning is the row's: what the
+    # features still hold is the probe's to find. Settings that moved the probe, now with the reset.
+    # The control: the original itself, untrained (a target of 100 % is met before any step), with
+    # the row reset: what relearning and the probe say of a model whose features were never touched.
+    "reset-only": {"target_forget_acc": 100.0, "reset_head_rows": True},
+    "every-block-reset": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True},
+    "feature-l1-0.1-reset": FEATURE | {"l1_weight": 0.1, "reset_head_rows": True},
+    "feature-tol-0.3-reset": FEATURE | {"feature_tol": 0.3, "reset_head_rows": True},
+    "feature-anchor-reset": FEATURE_ANCHOR | {"reset_head_rows": True},
 }
 REAL_ANCHOR = {"feature-real-anchor-w30-af10"}  # variants given the case's anchor set
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}

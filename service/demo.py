@@ -154,7 +154,10 @@ def report(client: httpx.Client, base: str, location: str, result: dict, key: st
     say(f"request status: {result['status']}" + (f" ({result['error']})" if result.get("error") else ""))
     metrics = result.get("metrics") or {}
     for cls, after in (metrics.get("forget_acc_after") or {}).items():
-        say(f"  forget-set accuracy of digit {cls}: {metrics['forget_acc_before'][cls]:.1f}% -> {after:.1f}%")
+        trained = (metrics.get("forget_acc_trained") or {}).get(cls)
+        reset = f" ({trained:.1f}% before its head row was reset)" if (metrics.get("config") or {}).get(
+            "reset_head_rows") and trained is not None else ""
+        say(f"  forget-set accuracy of digit {cls}: {metrics['forget_acc_before'][cls]:.1f}% -> {after:.1f}%{reset}")
     evaluation = metrics.get("evaluation")
     if evaluation:
         say(f"  held-out Acc_f (forgotten digit): {evaluation['acc_f_before']:.1f}% -> {evaluation['acc_f_after']:.1f}%")

@@ -75,7 +75,7 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
         # network's, read by the class's own row before the reset: what the gate judged.
         found["head_row_reset"] = {
             "rule": "the class's head row set to the mean of the kept classes' rows after training",
-            "forget_set_accuracy_before_reset": (metrics.get("forget_acc_trained") or {}).get(cls),
+            "forget_set_accuracy_before_reset": own.get("forget_acc_trained"),  # the request's own set's
             "evaluation_class_accuracy_before_reset": ((metrics.get("evaluation") or {}).get("per_class_trained") or {}).get(cls),
         }
     evaluation = metrics.get("evaluation")

@@ -527,26 +527,41 @@ def head_inputs(model: torch.nn.Module, capture: bool) -> Iterator[list[torch.Te
 def forget_set_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Runtime, batch_size: int,
                         max_prob: float = 1.0) -> list[float]:
     """Each forgotten class's accuracy over its whole forget set, in eval mode; with ``max_prob`` < 1,
-    the share of its images still recognised (see ``recognised``)."""
+    the share of its images still recognised (see ``recognised``). A class read from several sources
+    gets its worst source's figure."""
+    return [max(per_source) for per_source in forget_source_accuracy(model, forget, runtime, batch_size, max_prob)]
+
+
+def forget_source_accuracy(model: torch.nn.Module, forget: ForgetData, runtime: Runtime, batch_size: int,
+                           max_prob: float = 1.0) -> list[list[float]]:
+    """Per forgotten class, the accuracy on each of its sources in the order given (one figure for a
+    class read from one source): what each request's own set says, apart from the others'."""
     result = []
     for c, (x, i) in enumerate(zip(forget.images, forget.class_indices)):
         if max_prob >= 1.0:
             still = predict(model, x, runtime, batch_size) == i
         else:
             still = recognised_flags(eval_logits(model, x, runtime, batch_size), i, max_prob)
-        result.append(worst_source(still, forget.members[c] if forget.members else None))
+        members = forget.members[c] if forget.members else None
+        result.append(per_source(still, members))
     return result
 
 
 def worst_source(still: torch.Tensor, members: torch.Tensor | None) -> float:
     """Percentage of images still recognised; with ``members`` (S, N), that of the source where it is
     highest. ``still`` may hold several views of each image, view after view (V * N)."""
+    return max(per_source(still, members))
+
+
+def per_source(still: torch.Tensor, members: torch.Tensor | None) -> list[float]:
+    """Percentage of images still recognised, per source: one figure without ``members``, else one per
+    row of ``members`` (S, N) (0 for a source with no image). ``still`` as in ``worst_source``."""
     if still.shape[0] == 0:
-        return 0.0
+        return [0.0] * (1 if members is None else members.shape[0])
     if members is None:
-        return still.float().mean().item() * 100.0
+        return [still.float().mean().item() * 100.0]
     views = still.view(-1, members.shape[1])
-    return max(views[:, row].float().mean().item() * 100.0 for row in members.to(still.device) if row.any())
+    return [views[:, row].float().mean().item() * 100.0 if row.any() else 0.0 for row in members.to(still.device)]
 
 
 def recognised(logits: torch.Tensor, class_index: int, max_prob: float = 1.0) -> float:

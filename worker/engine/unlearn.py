@@ -16,11 +16,12 @@ from worker.engine.adapters import attach_lora, find_target_layers, in_later_hal
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ConfigError, ImageSourceError
 from worker.engine.evidence import EvidenceConfig, parent_and_new
-from worker.engine.head import reset_class_rows
+from worker.engine.head import classifier, reset_class_rows
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
-from worker.engine.loop import ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy
+from worker.engine.loop import (ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy,
+                                forget_source_accuracy)
 from worker.engine.metrics import forget_retain_accuracy, per_class_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package, write_package
 from worker.engine.runtime import PeakMemory, Runtime, pick_runtime
@@ -93,6 +94,9 @@ class UnlearnReport:
     # (config.reset_head_rows; the same as forget_acc_after without it). The target is judged on it:
     # the reset alone puts every forget set at 0 %, features that still hold the class or not.
     forget_acc_trained: dict[str, float]
+    # ... and per source of each class (ForgetSpec.sources, in that order): each request's own set
+    # when several requests forget one class, judged apart by the service's gate.
+    forget_source_acc_trained: dict[str, list[float]]
     target_forget_acc: float
     target_met: bool  # every forget set's (trained) accuracy at or below the target
     stop_rule_met: bool  # and the stop rule's views and probability bound too, when it has them
@@ -182,6 +186,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
 
         with timings.phase("build model"):
             model = build_model(card, package.state_dict).to(runtime.device)
+        if reset_rows:
+            classifier(model)  # a head it cannot reset is refused before any training, not after
         forget = ForgetData(
             class_names=tuple(f.class_name for f in inputs.forget),
             class_indices=class_indices,
@@ -212,7 +218,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
 
         state_dict = _in_input_dtypes(merged, package.state_dict)
         with timings.phase("measure after"):
-            forget_after = forget_set_accuracy(merged, forget, runtime, config.eval_batch_size)
+            trained_sources = forget_source_accuracy(merged, forget, runtime, config.eval_batch_size)
+            forget_after = [max(per_source) for per_source in trained_sources]
             eval_after = _predict_labelled(merged, eval_data, card, config, runtime)
         forget_trained, eval_trained = forget_after, None
         if reset_rows:
@@ -246,6 +253,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         forget_acc_before=dict(zip(forget.class_names, forget_before)),
         forget_acc_after=dict(zip(forget.class_names, forget_after)),
         forget_acc_trained=dict(zip(forget.class_names, forget_trained)),
+        forget_source_acc_trained=dict(zip(forget.class_names, trained_sources)),
         target_forget_acc=config.target_forget_acc,
         target_met=loop.meets_target(forget_trained),  # judged on the weights trained, however the run ended
         stop_rule_met=stop_rule_met,
@@ -535,9 +543,11 @@ def _rows_to_reset(card: ModelCard, class_indices: tuple[int, ...]) -> tuple[int
     Refused before any training when no class would be left."""
     earlier = tuple(card.class_index(c) for c in card.forgotten_classes if c in card.classes)
     rows = tuple(sorted(set(class_indices) | set(earlier)))
-    if len(rows) == len(card.classes):
-        raise ConfigError("reset_head_rows: every class of the model would then be forgotten; "
-                          "no kept class is left to reset their rows to")
+    if len(card.classes) - len(rows) < 2:
+        # With one kept class the reset rows would equal its row: every input a tie, which argmax
+        # breaks by index, so a forgotten class could be predicted everywhere.
+        raise ConfigError(f"reset_head_rows needs at least two classes kept; {len(card.classes) - len(rows)} would "
+                          "be left (leave the head rows as trained for this model)")
     return rows
 
 

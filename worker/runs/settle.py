@@ -125,7 +125,8 @@ def request_metrics(result: BatchResult, request_id: str) -> dict[str, Any]:
     if request_id in result.own_after:
         metrics["own_forget_set"] = {**result.own_sets.get(request_id, {}),
                                      "forget_acc_before": result.own_before[request_id],
-                                     "forget_acc_after": result.own_after[request_id]}
+                                     "forget_acc_after": result.own_after[request_id],
+                                     "forget_acc_trained": result.own_trained.get(request_id)}
     return metrics
 
 

@@ -29,6 +29,9 @@ class BatchResult:
     own_after: dict[str, float] = field(default_factory=dict)  # ... and on the candidate (the requests trained for)
     own_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> its set's images and sha256
     request_classes: dict[str, str] = field(default_factory=dict)  # request id -> its class
+    # request id -> its own set on the trained network, before the head rows were reset: what the gate
+    # judges (the reset alone puts every set at 0 %)
+    own_trained: dict[str, float] = field(default_factory=dict)
 
 
 def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], current: Path) -> BatchResult:
@@ -66,12 +69,21 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     trained = {r: spec for r, spec in runnable.items() if spec[0] in to_forget}
     with ctx.timings.phase("measure own sets on candidate"):
         after = {r: f.accuracy for r, f in own_forget_facts(ctx, candidate, trained).items()}
+    own_trained = own_trained_accuracy(report, to_forget, trained)
     verdict = gate_errors(ctx.settings, ctx.batch, report, target, requested=set(to_forget))
-    for request_id, acc in after.items():
+    for request_id, acc in own_trained.items():
         if acc > target:  # this request's own photos, apart from the class's union
             verdict.per_request[request_id] = [f"its own forget set is still {acc:.1f}% recognised (target {target}%)"]
     return BatchResult(report, already, candidate, verdict, rechecks, before, after, own_sets,
-                       {r: spec[0] for r, spec in runnable.items()})
+                       {r: spec[0] for r, spec in runnable.items()}, own_trained)
+
+
+def own_trained_accuracy(report: dict[str, Any], sets: dict[str, list[str]],
+                         requests: dict[str, tuple[str, str, int]]) -> dict[str, float]:
+    """Each request's own set on the trained network, before any head row was reset: the engine's
+    figure for that set among its class's sources (``sets``, the order the engine was given them)."""
+    by_source = report["forget_source_acc_trained"]
+    return {r: by_source[cls][sets[cls].index(uri)] for r, (cls, uri, _seed) in requests.items()}
 
 
 # The generalisation check's and the evidence's seed, the same for every run: a retry trains with a new

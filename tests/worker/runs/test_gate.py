@@ -87,3 +87,12 @@ def test_with_reset_head_rows_the_gate_judges_the_trained_network_not_the_reset_
     verdict = gate.gate_errors(settings, batch=None, report=report, target=1.0, requested={"subject03"})
     assert verdict.per_class["subject03"] == ["forget-set accuracy 40.0% did not reach the 1.0% target"]
     assert "held-out Acc_f 25.0% exceeds 5.0%" in verdict.batch
+
+
+def test_each_request_is_judged_on_its_own_set_s_trained_figure_among_its_class_s_sources():
+    from worker.runs.train import own_trained_accuracy
+
+    report = {"forget_source_acc_trained": {"3": [0.0, 12.5], "5": [0.4]}}
+    sets = {"3": ["file:///a/3", "file:///b/3"], "5": ["file:///c/5"]}
+    requests = {"r1": ("3", "file:///a/3", 0), "r2": ("3", "file:///b/3", 1), "r3": ("5", "file:///c/5", 0)}
+    assert own_trained_accuracy(report, sets, requests) == {"r1": 0.0, "r2": 12.5, "r3": 0.4}
