@@ -540,7 +540,7 @@ def _residual_knowledge(original: Callable[[], torch.nn.Module], merged: torch.n
 def _rows_to_reset(card: ModelCard, class_indices: tuple[int, ...]) -> tuple[int, ...]:
     """The head rows ``reset_head_rows`` sets: this run's classes and every class the card's lineage
     says an earlier version forgot (their rows are reset again, to the mean of today's kept rows).
-    Refused before any training when no class would be left."""
+    Refused before any training when fewer than two kept classes would be left."""
     earlier = tuple(card.class_index(c) for c in card.forgotten_classes if c in card.classes)
     rows = tuple(sorted(set(class_indices) | set(earlier)))
     if len(card.classes) - len(rows) < 2:
