@@ -6,8 +6,9 @@ a face model it is the person's template. Adapters on the attention leave it in 
 weights word for word, and it is what ten fine-tuning steps use to give the class back
 (benchmarks/README.md, the oracle table). A model retrained without the class has a row that was
 never a target: on the digits its logit sits near the mean of the other classes' on every input,
-the class's images as much as any (0.4-0.8 below it, three retrainings of digit 3). Setting the row to the mean of the
-kept classes' rows gives exactly that, from the model alone, and keeps nothing of the class.
+the class's images as much as any (0.4-0.8 below it, three retrainings of digit 3). Setting the
+row to the mean of the kept classes' rows puts it at that mean exactly, from the model alone, and
+keeps nothing of the class.
 
 It changes the class's logit and nothing else, so every kept class keeps each prediction the
 network made between kept classes: accuracy on the kept classes can only rise (images the network
