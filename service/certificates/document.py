@@ -73,10 +73,11 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
         # The new version's head row of the class is the mean of the kept rows: it never predicts the
         # class, so the figures above would be 0 % whatever its features hold. These are the trained
         # network's, read by the class's own row before the reset: what the gate judged.
+        trained_by_class = (metrics.get("evaluation") or {}).get("per_class_trained") or {}
         found["head_row_reset"] = {
             "rule": "the class's head row set to the mean of the kept classes' rows after training",
             "forget_set_accuracy_before_reset": own.get("forget_acc_trained"),  # the request's own set's
-            "evaluation_class_accuracy_before_reset": ((metrics.get("evaluation") or {}).get("per_class_trained") or {}).get(cls),
+            "evaluation_class_accuracy_before_reset": trained_by_class.get(cls),
         }
     evaluation = metrics.get("evaluation")
     if evaluation:
