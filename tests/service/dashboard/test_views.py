@@ -399,6 +399,8 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     assert "/certificate" in detail and "audit half, 360 images" in detail
     assert "36 images of the class: one is 2.8 points" in detail  # the figure's resolution beside it
     assert "Linear probe on its features" in detail and "71.2 %" in detail and "10-shot fine-tuning" in detail
+    # The head row was reset: the figures the gate judged, the trained network's, stand beside the served ones.
+    assert detail.count("before its head row was reset") == 2 and "0.7 %" in detail and "2.8 %" in detail
     assert "/certificate" not in client.get(f"/dashboard/requests/{waiting}").text
     page = client.get(f"/dashboard/requests/{done}/certificate")
     assert page.status_code == 200 and "Deletion certificate" in page.text
