@@ -33,6 +33,17 @@ def classifier(model: torch.nn.Module) -> torch.nn.Linear:
     return head
 
 
+def rows_to_reset(classes: int, forgotten: Iterable[int]) -> tuple[int, ...]:
+    """The rows ``reset_class_rows`` sets, refused when fewer than two classes would be kept: one kept
+    row would equal the reset ones, a tie on every input that argmax breaks by index, so a forgotten
+    class could be predicted everywhere."""
+    rows = tuple(sorted(set(forgotten)))
+    if classes - len(rows) < 2:
+        raise ConfigError(f"reset_head_rows needs at least two classes kept; {classes - len(rows)} would be left "
+                          "(leave the head rows as trained for this model)")
+    return rows
+
+
 @torch.no_grad()
 def reset_class_rows(model: torch.nn.Module, forgotten: Iterable[int]) -> None:
     """Set each forgotten class's head row (weight and bias) to the mean of the rows of the classes
@@ -44,11 +55,8 @@ def reset_class_rows(model: torch.nn.Module, forgotten: Iterable[int]) -> None:
         forgotten: indices of every class forgotten, by this run and earlier ones.
     """
     head = classifier(model)
-    rows = head.weight.shape[0]
-    gone = torch.zeros(rows, dtype=torch.bool, device=head.weight.device)
-    gone[torch.tensor(sorted(set(forgotten)), dtype=torch.long, device=gone.device)] = True
-    if rows - int(gone.sum()) < 2:  # one kept row: the reset rows would tie with it on every input
-        raise ConfigError("resetting head rows needs at least two classes kept")
+    gone = torch.zeros(head.weight.shape[0], dtype=torch.bool, device=head.weight.device)
+    gone[torch.tensor(rows_to_reset(head.weight.shape[0], forgotten), dtype=torch.long, device=gone.device)] = True
     kept_mean = head.weight[~gone].float().mean(0)
     head.weight[gone] = kept_mean.to(head.weight.dtype)
     if head.bias is not None:

@@ -14,9 +14,9 @@ import torch
 
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
-from worker.engine.errors import ConfigError, ImageSourceError
+from worker.engine.errors import ImageSourceError
 from worker.engine.evidence import EvidenceConfig, parent_and_new
-from worker.engine.head import classifier, reset_class_rows
+from worker.engine.head import classifier, reset_class_rows, rows_to_reset
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
@@ -539,16 +539,10 @@ def _residual_knowledge(original: Callable[[], torch.nn.Module], merged: torch.n
 
 def _rows_to_reset(card: ModelCard, class_indices: tuple[int, ...]) -> tuple[int, ...]:
     """The head rows ``reset_head_rows`` sets: this run's classes and every class the card's lineage
-    says an earlier version forgot (their rows are reset again, to the mean of today's kept rows).
-    Refused before any training when fewer than two kept classes would be left."""
+    says an earlier version forgot (their rows are reset again, to the mean of today's kept rows);
+    checked here so that a model it cannot serve is refused before any training."""
     earlier = tuple(card.class_index(c) for c in card.forgotten_classes if c in card.classes)
-    rows = tuple(sorted(set(class_indices) | set(earlier)))
-    if len(card.classes) - len(rows) < 2:
-        # With one kept class the reset rows would equal its row: every input a tie, which argmax
-        # breaks by index, so a forgotten class could be predicted everywhere.
-        raise ConfigError(f"reset_head_rows needs at least two classes kept; {len(card.classes) - len(rows)} would "
-                          "be left (leave the head rows as trained for this model)")
-    return rows
+    return rows_to_reset(len(card.classes), class_indices + earlier)
 
 
 def _check_covers(source: str, data: LabelledData, card: ModelCard, forgotten: tuple[int, ...]) -> None:
