@@ -41,6 +41,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cifar import Cifar10, DataError, cache_root  # noqa: E402
+from benchmarks.cifar_oracle import build_oracle  # noqa: E402
 from benchmarks.faces import YaleFaces, build_face_model  # noqa: E402
 from service.config import UnlearnSettings  # noqa: E402
 from service.demo_model import DigitsData, train_digits_vit, write_digits  # noqa: E402
@@ -119,6 +120,20 @@ VARIANTS = {
     "feature-l1-0.1-reset": FEATURE | {"l1_weight": 0.1, "reset_head_rows": True},
     "feature-tol-0.3-reset": FEATURE | {"feature_tol": 0.3, "reset_head_rows": True},
     "feature-anchor-reset": FEATURE_ANCHOR | {"reset_head_rows": True},
+    # A sharper masked-KL target (UnlearnConfig.target_temperature): the forget images pushed into the
+    # class the original ranks next, where a retrained model puts them, not between the classes.
+    "sharp-0.5": {"target_temperature": 0.5},
+    "sharp-0.2": {"target_temperature": 0.2},
+    "sharp-0.1": {"target_temperature": 0.1},
+    "sharp-0.05": {"target_temperature": 0.05},
+    "feature-head-reset": FEATURE | {"feature_prototypes": "head", "reset_head_rows": True},
+    "feature-head-l1-0.1-reset": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True},
+    "feature-head-l1-0.1-reset-100": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True,
+                                                "max_steps": 100},
+    "feature-head-l1-0.1-reset-50": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True,
+                                               "max_steps": 50},
+    "every-block-sharp-0.3": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.3},
+    "every-block-sharp-0.1": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.1},
 }
 REAL_ANCHOR = {"feature-real-anchor-w30-af10"}  # variants given the case's anchor set
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
@@ -190,18 +205,18 @@ class Faces(Case):
 
 class Cifar(Case):
     """The reference CIFAR-10 package: the service's Acc_r and residual knowledge on natural images.
-    No oracle: the package arrives without its training recipe, and retraining a ViT on 45,000
-    images is out of a 2-core machine's reach, so its rows have figures but no gaps."""
+    Its oracle is the card's own recipe retrained without the class (cifar_oracle.py): about 100
+    minutes on 2 cores, so it is asked for (--oracle-seeds 1), never trained by default."""
 
-    def __init__(self, data_dir: Path, model: Path, forget_images: int, faces: Path) -> None:
-        self.data, self.forget_images, self.faces = Cifar10.open(data_dir), forget_images, faces
+    def __init__(self, data_dir: Path, model: Path, forget_images: int, faces: Path, threads: int) -> None:
+        self.data, self.forget_images, self.faces, self.threads = Cifar10.open(data_dir), forget_images, faces, threads
         super().__init__("cifar", model, self.data.half("test"))  # 500 images a class, never trained on
 
     def anchor(self) -> Path:
         return self.faces / "train"  # 135 Yale photos: CIFAR-10 has no class of people
 
     def oracle(self, cls: str, seed: int = 0) -> Path:
-        raise DataError("no CIFAR-10 oracle: the reference model's recipe is not in its package")
+        return build_oracle(self.data, self.original, cls, seed=seed, threads=self.threads)
 
     def forget(self, cls: str) -> Path:
         return self.data.forget(cls, self.forget_images)  # the class's first training images
@@ -229,9 +244,11 @@ def _cached(out: Path, build) -> Path:
 
 # --- one class ---------------------------------------------------------------------------------
 
-def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), oracle_seeds: int = 1) -> dict[str, Any]:
+def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), oracle_seeds: int = 1,
+            oracles_only: bool = False) -> dict[str, Any]:
     """The four models of one class (and any variants, and oracles retrained from other seeds),
-    each measured the same way."""
+    each measured the same way; ``oracles_only``: the oracles alone, to join the runs already made
+    of the same class and seed (the report merges them)."""
     runtime = pick_runtime("auto", "fp32")
     card = load_package(case.original).card
     index = card.class_index(cls)
@@ -244,13 +261,15 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
 
     models: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
     oracles = [(oracle_name(s), case.oracle(cls, s)) for s in range(oracle_seeds)]
-    for name, package in [("original", case.original), *oracles]:
+    for name, package in ([] if oracles_only else [("original", case.original)]) + oracles:
         loaded = load_package(package)
         models[name] = build_model(loaded.card, loaded.state_dict).to(runtime.device), {}
     inputs = UnlearnInputs(model=str(case.original), forget=(ForgetSpec(cls, str(forget_source)),))
     service = UnlearnSettings().engine_settings(forget_pixels.shape[0])  # the service's setting for this size
     configs = [("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed))]
     configs += [(v, UnlearnConfig(seed=seed, **(service | VARIANTS[v]))) for v in variants]
+    if oracles_only:
+        configs = []
     for name, config in configs:
         result = unlearn(replace(inputs, anchor_source=str(case.anchor())) if name in REAL_ANCHOR else inputs, config)
         report = result.report
@@ -403,22 +422,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure these changes to the service's setting (results in files of their own)")
     parser.add_argument("--oracle-seeds", type=int, default=None,
                         help="retrain each oracle from this many training seeds (0, 1, ...): the gaps are to their mean, "
-                             "the MIA target the hull of their intervals (default 1; cifar has none: 0)")
+                             "the MIA target the hull of their intervals (default 1; cifar 0: its oracle takes "
+                             "about 100 minutes to train, cifar_oracle.py)")
+    parser.add_argument("--oracles-only", action="store_true",
+                        help="measure only the oracles (with --oracle-seeds), to add them to the runs already made")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
+    default_oracles = 0 if args.domain == "cifar" else 1
     if args.oracle_seeds is None:
-        args.oracle_seeds = 0 if args.domain == "cifar" else 1
-    if args.domain == "cifar" and args.oracle_seeds:
-        parser.error("cifar has no oracle (its package carries no training recipe): leave --oracle-seeds out")
-    if args.domain != "cifar" and args.oracle_seeds < 1:
-        parser.error("--oracle-seeds must be at least 1")
+        args.oracle_seeds = default_oracles
+    if args.oracle_seeds < default_oracles:
+        parser.error(f"--oracle-seeds must be at least {default_oracles} for {args.domain}")
+    if args.oracles_only and (args.variants or not args.oracle_seeds):
+        parser.error("--oracles-only measures the oracles alone: give --oracle-seeds and no --variants")
     torch.set_num_threads(args.threads)
     runs = args.results / "oracle-runs"
     runs.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         try:
             case = {"digits": lambda: Digits(args.epochs), "faces": lambda: Faces(args.faces, args.threads),
-                    "cifar": lambda: Cifar(args.cifar, args.cifar_model, args.forget_images, args.faces)}[args.domain]()
+                    "cifar": lambda: Cifar(args.cifar, args.cifar_model, args.forget_images, args.faces,
+                                           args.threads)}[args.domain]()
         except DataError as exc:
             print(f"oracle: {exc}", file=sys.stderr)
             return 2
@@ -426,13 +450,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "cifar": ["airplane"]}[args.domain]
         for cls in classes:
             suffix = ("-" + "+".join(args.variants) if args.variants else "") + (
-                f"-oracles{args.oracle_seeds}" if args.oracle_seeds > 1 else "")
+                f"-oracles{args.oracle_seeds}" if args.oracle_seeds != default_oracles else "") + (
+                "-only" if args.oracles_only else "")
             size = f"-n{args.forget_images}" if args.domain == "cifar" else ""
             path = runs / f"{args.domain}-{cls}{size}-s{args.seed}{suffix}.json"
             if path.is_file():
                 continue
             started = time.perf_counter()
-            record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds)
+            record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds, args.oracles_only)
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             path.write_text(json.dumps(record, indent=2) + "\n")
             print(f"{args.domain}/{cls}: " + "; ".join(

@@ -370,6 +370,12 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-tol", type=float, default=defaults.feature_tol, metavar="T",
                    help="with --feature-weight: stop only when that term is at most T of where it started "
                         "(default: %(default)s)")
+    p.add_argument("--feature-prototypes", choices=("synthetic", "head"), default=defaults.feature_prototypes,
+                   help="with --feature-weight: each class's prototype from inputs synthesised from the model, or its "
+                        "head row (no synthesis; on the digits, not on CIFAR-10; default: %(default)s)")
+    p.add_argument("--target-temperature", type=float, default=defaults.target_temperature, metavar="T",
+                   help="lora-kl/lora-adv: the forget images' target is the model's own distribution over the kept "
+                        "classes at temperature T; below 1, sharper toward the class it ranks next (default: %(default)s)")
     p.add_argument("--synthetic-anchor", action="store_true",
                    help="without --anchor: hold the original's outputs on inputs synthesised from the model alone for "
                         "each class kept (no image of any class is used)")
@@ -428,6 +434,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             skip_bad_images=args.skip_bad_images, device=args.device, precision=args.precision,
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
             max_forget_prob=args.max_forget_prob, feature_weight=args.feature_weight, feature_tol=args.feature_tol,
+            feature_prototypes=args.feature_prototypes, target_temperature=args.target_temperature,
             synthetic_anchor=args.synthetic_anchor, boundary_anchor=args.boundary_anchor,
             anchor_feature_weight=args.anchor_feature_weight, reset_head_rows=args.reset_head_rows,
             holdout_folds=args.holdout_folds,
@@ -522,6 +529,7 @@ def _pct(value: float | None) -> str:
 
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "confirm_views", "max_forget_prob", "anchor_weight", "anchor_feature_weight", "feature_weight", "feature_tol",
+    "feature_prototypes", "target_temperature",
     "synthetic_anchor", "boundary_anchor", "reset_head_rows", "holdout_folds",
     "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",

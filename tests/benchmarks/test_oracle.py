@@ -20,6 +20,23 @@ def test_one_digit_against_its_oracle_is_measured_and_reported(tmp_path, monkeyp
     assert never_saw["acc_f"] == 0.0 and record["models"]["original"]["acc_f"] > 50  # the oracle never predicts it
     assert all(m["probe"] is not None and m["relearn"] is not None for m in record["models"].values())
     assert "| digits | service | 1 |" in (tmp_path / "oracle.md").read_text()
+    # A retraining added later joins the record alone: nothing else is measured again.
+    assert oracle.main(["--domain", "digits", "--classes", "3", "--epochs", "10", "--results", str(tmp_path),
+                        "--oracle-seeds", "2", "--oracles-only"]) == 0
+    added = json.loads((tmp_path / "oracle-runs" / "digits-3-s0-oracles2-only.json").read_text())
+    assert set(added["models"]) == {"oracle", "oracle-s1"}
+    measures = ("acc_r", "probe", "mia", "relearn")
+    assert [added["models"]["oracle"][m] for m in measures] == [record["models"]["oracle"][m] for m in measures]
+    (record,) = json.loads((tmp_path / "oracle.json").read_text())["runs"]
+    assert set(record["models"]) == {"original", "oracle", "oracle-s1", "service", "paper"}
+
+
+def test_oracles_only_refuses_what_it_would_not_measure(capsys):
+    for argv in (["--domain", "digits", "--oracles-only", "--variants", "every-block"],
+                 ["--domain", "cifar", "--oracles-only"]):
+        with pytest.raises(SystemExit):
+            oracle.main(argv)
+        assert "--oracles-only measures the oracles alone" in capsys.readouterr().err
 
 
 def test_a_variant_runs_models_join_the_first_runs_record():

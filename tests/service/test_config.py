@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.config import Settings, SettingsError, UnlearnSettings, load_settings
+from worker.engine.config import UnlearnConfig
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
@@ -88,19 +89,27 @@ def test_every_run_resets_the_forgotten_rows_unless_told_not_to(monkeypatch):
 
 def test_the_feature_setting_reaches_many_image_runs_only(monkeypatch):
     for variable, value in {"FEATURE_WEIGHT": "30", "FEATURE_TOL": "0.05", "SYNTHETIC_ANCHOR": "true",
-                            "BOUNDARY_ANCHOR": "true", "ANCHOR_FEATURE_WEIGHT": "10"}.items():
+                            "BOUNDARY_ANCHOR": "true", "ANCHOR_FEATURE_WEIGHT": "10", "FEATURE_PROTOTYPES": "head"}.items():
         monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", value)
     knobs = UnlearnSettings()
-    feature = ("feature_weight", "feature_tol", "synthetic_anchor", "boundary_anchor", "anchor_feature_weight")
+    feature = ("feature_weight", "feature_tol", "synthetic_anchor", "boundary_anchor", "anchor_feature_weight",
+               "feature_prototypes")
     many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
-    assert tuple(many[k] for k in feature) == (30.0, 0.05, True, True, 10.0)
-    assert tuple(few[k] for k in feature) == (0.0, 1.0, False, False, 0.0)  # measured on many images only
+    assert tuple(many[k] for k in feature) == (30.0, 0.05, True, True, 10.0, "head")
+    assert tuple(few[k] for k in feature) == (0.0, 1.0, False, False, 0.0, "synthetic")  # measured on many images only
+    UnlearnConfig(**few), UnlearnConfig(**many)  # both settings are ones the engine takes
 
 
 def test_a_feature_term_without_a_teacher_method_is_refused_at_start(monkeypatch):
     monkeypatch.setenv("LETHE_UNLEARN_FEATURE_WEIGHT", "30")
     monkeypatch.setenv("LETHE_UNLEARN_METHOD", "lora-bounded")
     with pytest.raises(SettingsError, match="LETHE_UNLEARN_FEATURE_WEIGHT needs a method with a teacher"):
+        load_settings(UnlearnSettings)
+
+
+def test_head_prototypes_without_the_feature_term_are_refused_at_start(monkeypatch):
+    monkeypatch.setenv("LETHE_UNLEARN_FEATURE_PROTOTYPES", "head")
+    with pytest.raises(SettingsError, match="LETHE_UNLEARN_FEATURE_PROTOTYPES.*LETHE_UNLEARN_FEATURE_WEIGHT"):
         load_settings(UnlearnSettings)
 
 

@@ -13,6 +13,7 @@ from worker.engine.methods import METHODS, Method
 
 DEVICES = ("auto", "cpu", "cuda")
 ADAPTER_BLOCKS = ("all", "later-half")
+FEATURE_PROTOTYPES = ("synthetic", "head")
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_ANCHOR_WEIGHT = 1e3  # the anchor term against the forget term: beyond this it only overflows the loss
 MAX_CONFIRM_VIEWS = 64  # views are kept for the whole run: N times the forget set's tokens
@@ -82,6 +83,9 @@ class UnlearnConfig:
     augment: bool = False  # train on a random view (crop, mirror, exposure) of each forget image at every step
     confirm_views: int = 0  # stop rule: this many fixed random views of each forget image must be forgotten too
     max_forget_prob: float = 1.0  # stop rule: an image is forgotten when not predicted and its class's probability is at most this
+    # The masked-KL target's temperature on the forget images: 1, the original's own distribution over
+    # the kept classes; below 1, sharper toward the class it ranks next (benchmarks/README.md, the oracle table).
+    target_temperature: float = 1.0
     anchor_weight: float = 1.0  # weight of the KL to the original on the anchor images (inputs.anchor_source)
     # A retain-free feature term (0: off; benchmarks/README.md, the oracle table): each forget
     # image's pre-logit feature pulled toward the class the original ranks first after the forgotten
@@ -89,6 +93,11 @@ class UnlearnConfig:
     # original alone (model inversion). It aims at what a logit-level loss leaves in the features:
     # a linear probe still finds the class, and fine-tuning gives it back.
     feature_weight: float = 0.0
+    # Where the feature term's prototypes come from: "synthetic", inputs synthesised from the original
+    # (model inversion, 200 Adam steps through the whole model); "head", the class's head row at the
+    # image's own feature norm, nothing synthesised. "head" meets the probe target on the digits and
+    # raises the probe on CIFAR-10 (benchmarks/README.md, the oracle table).
+    feature_prototypes: str = "synthetic"
     # Stop rule with the feature term: the forget sets' feature loss (relative to the original's, 1)
     # must also be at most this. 1: the forget target alone decides.
     feature_tol: float = 1.0
@@ -145,6 +154,11 @@ class UnlearnConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (0 <= self.confirm_views <= MAX_CONFIRM_VIEWS, f"confirm_views must be in [0, {MAX_CONFIRM_VIEWS}]"),
+            (math.isfinite(self.target_temperature) and 0 < self.target_temperature <= 100,
+             "target_temperature must be in (0, 100]"),
+            (self.target_temperature == 1.0 or (self.method_spec.forget is not None
+                                                 and self.method_spec.forget.needs_teacher),
+             "target_temperature is the masked-KL target's: it needs lora-kl or lora-adv"),
             (0.0 < self.max_forget_prob <= 1.0, "max_forget_prob is a probability in (0, 1]"),
             (math.isfinite(self.anchor_weight) and 0 < self.anchor_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_weight must be in (0, {MAX_ANCHOR_WEIGHT:g}]"),
@@ -153,6 +167,9 @@ class UnlearnConfig:
             (self.feature_weight == 0 or (self.method_spec.adapters and self.method_spec.forget is not None
                                            and self.method_spec.forget.needs_teacher),
              "feature_weight needs an adapter method with a teacher-based forget term (lora-kl, lora-adv)"),
+            (self.feature_prototypes in FEATURE_PROTOTYPES, f"feature_prototypes must be one of {FEATURE_PROTOTYPES}"),
+            (self.feature_prototypes == "synthetic" or self.feature_weight > 0,
+             "feature_prototypes are the feature term's: set feature_weight too"),
             (math.isfinite(self.anchor_feature_weight) and 0 <= self.anchor_feature_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_feature_weight must be in [0, {MAX_ANCHOR_WEIGHT:g}]"),
             (not self.boundary_anchor or self.synthetic_anchor, "boundary_anchor extends synthetic_anchor: set both"),

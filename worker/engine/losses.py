@@ -51,17 +51,18 @@ def random_labels_loss(logits: torch.Tensor, labels: torch.Tensor, generator: to
     return F.cross_entropy(logits, (labels + offsets) % num_classes)
 
 
-def masked_teacher(teacher_logits: torch.Tensor, forgotten: torch.Tensor) -> torch.Tensor:
+def masked_teacher(teacher_logits: torch.Tensor, forgotten: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """The original model's softmax with the forgotten classes removed and the rest renormalised.
 
     teacher_logits: (N, K); forgotten: (F,) the class indices the run forgets, removed from every
     row (all of them: a target that moved one forgotten class's mass onto another would never be
-    reached). Returns (N, K) probabilities, 0 at every forgotten class: what a model never trained
-    on them would likely say.
+    reached). ``temperature`` divides the logits first: below 1 the target sharpens toward the class
+    the original ranks next. Returns (N, K) probabilities, 0 at every forgotten class: what a model
+    never trained on them would likely say.
     """
     mask = torch.zeros(teacher_logits.shape[1], dtype=torch.bool, device=teacher_logits.device)
     mask[forgotten.to(teacher_logits.device)] = True
-    return teacher_logits.float().masked_fill(mask, float("-inf")).softmax(dim=1)
+    return (teacher_logits.float() / temperature).masked_fill(mask, float("-inf")).softmax(dim=1)
 
 
 def masked_kl_loss(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,26 @@ def test_feature_weight_needs_a_teacher_method():
     for weight in (-1.0, float("inf"), 1e4):
         with pytest.raises(ConfigError, match="anchor_feature_weight"):
             UnlearnConfig(method="lora-kl", anchor_feature_weight=weight)
+
+
+def test_a_cooler_masked_teacher_sharpens_toward_the_class_ranked_next_and_keeps_the_forgotten_at_zero():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    plain, sharp = (masked_teacher(logits, torch.tensor([0]), t) for t in (1.0, 0.1))
+    assert torch.equal(plain, masked_teacher(logits, torch.tensor([0])))  # 1 is the original's own distribution
+    assert sharp[0, 0] == 0 and sharp[0, 1] > 0.99 > plain[0, 1]
+    assert sharp.argmax(1) == plain.argmax(1)
+
+
+def test_target_temperature_and_feature_prototypes_are_refused_where_they_could_not_act():
+    from worker.engine.config import UnlearnConfig
+    from worker.engine.errors import ConfigError
+
+    UnlearnConfig(method="lora-kl", target_temperature=0.1)
+    UnlearnConfig(method="lora-kl", feature_weight=1.0, feature_prototypes="head")
+    for bad, match in (({"method": "lora-kl", "target_temperature": 0.0}, "target_temperature must be"),
+                       ({"method": "lora-kl", "target_temperature": float("nan")}, "target_temperature must be"),
+                       ({"method": "lora-bounded", "target_temperature": 0.5}, "needs lora-kl or lora-adv"),
+                       ({"method": "lora-kl", "feature_weight": 1.0, "feature_prototypes": "rows"}, "one of"),
+                       ({"method": "lora-kl", "feature_prototypes": "head"}, "set feature_weight too")):
+        with pytest.raises(ConfigError, match=match):
+            UnlearnConfig(**bad)

@@ -455,6 +455,22 @@ def test_the_feature_term_moves_the_forget_features_toward_the_next_class_s_prot
     assert on.report.forget_acc_after[FORGET] <= 1.0
 
 
+def test_head_prototypes_move_the_forget_features_without_synthesising_an_input(digits_model, digits, monkeypatch):
+    # The head rows stand in for the synthesised prototypes: model inversion must not run, and the
+    # term still brings the forget features toward their targets within the same 40 steps.
+    import worker.engine.loop as loop
+
+    monkeypatch.setattr(loop, "invert_classes", lambda *a, **k: pytest.fail("synthesised an input"))
+    spec = (ForgetSpec(FORGET, str(digits.train_class(FORGET))),)
+    common = dict(method="lora-kl", targets=("qkv", "proj", "fc1", "fc2"), adapter_blocks="later-half", lr=1e-2,
+                  feature_tol=1e-6, max_steps=40, seed=0, feature_prototypes="head")
+    on, off = (unlearn(UnlearnInputs(model=str(digits_model), forget=spec), UnlearnConfig(feature_weight=w, **common))
+               for w in (10.0, 1e-9))
+    final = [r.report.history[-1]["feature_loss"] for r in (on, off)]
+    assert final[0] < 0.5 * final[1], final
+    assert on.report.forget_acc_after[FORGET] <= 1.0
+
+
 def test_a_synthetic_anchor_holds_the_kept_classes_where_the_original_has_them(digits_model, digits):
     # A run that moves the kept classes (a heavy feature term at lr 1e-2 on every linear of the later
     # half), without the anchor synthesised from the original alone, with it, and with its features
