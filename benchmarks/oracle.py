@@ -13,6 +13,9 @@ relearn gap <= 10 points, MIA within the oracle's interval.
 
     .venv/bin/python benchmarks/oracle.py --domain digits --classes 3 5 8 --threads 1
     .venv/bin/python benchmarks/oracle.py --domain faces --classes subject01 subject05 subject10 --threads 1
+    .venv/bin/python benchmarks/oracle.py --domain cifar --threads 1              # no oracle: figures, no gaps
+    .venv/bin/python benchmarks/cifar_oracle.py --without airplane --threads 2   # its oracle, ~100 min
+    .venv/bin/python benchmarks/oracle.py --domain cifar --oracle-seeds 1 --oracles-only --threads 2
     .venv/bin/python benchmarks/oracle.py --report-only     # benchmarks/results/oracle.{md,json}
 
 Each (domain, class, seed) is one JSON file under results/oracle-runs/ (runs resume); models are
