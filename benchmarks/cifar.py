@@ -90,6 +90,12 @@ class Cifar10:
         sample = random.Random(f"{RETAIN_SEED}:{excluded}").sample(pool, min(count, len(pool)))
         return self._manifest(f"retain-without-{excluded}-{count}", sorted(sample))
 
+    def train_without(self, excluded: str) -> Path:
+        """Every train image of every class but ``excluded``, labelled: an oracle's training set."""
+        self.images("train", excluded)  # refuses a class the dataset lacks
+        return self._manifest(f"train-without-{excluded}",
+                              [(p, c) for c in self.classes if c != excluded for p in self.images("train", c)])
+
     def half(self, which: str, per_class: int | None = None) -> Path:
         """The validation ("val", for selection only) or test ("test", reported) half of the test
         split: each class's test images shuffled with ``SPLIT_SEED`` and cut in two; ``per_class``

@@ -36,6 +36,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cifar import DataError, cache_root, set_name, source_cache, write_manifest  # noqa: E402
+from benchmarks.recipes import warmup_cosine  # noqa: E402
 from worker.engine.images import normalise, read_images  # noqa: E402
 from worker.engine.package import CARD_FILE, WEIGHTS_FILE, InputSpec, ModelCard, write_package  # noqa: E402
 
@@ -172,8 +173,7 @@ def _train(card: ModelCard, data: YaleFaces, recipe: dict) -> torch.nn.Module:
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     per_epoch = math.ceil(len(x) / recipe["batch_size"])
     total, warmup = recipe["epochs"] * per_epoch, recipe["warmup_epochs"] * per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / max(warmup, 1), 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))))
+    schedule = warmup_cosine(optimizer, warmup, total)
     generator = torch.Generator().manual_seed(recipe["seed"])
     model.train()
     for _ in range(recipe["epochs"]):

@@ -65,7 +65,7 @@ ALL_LINEAR = ("qkv", "proj", "fc1", "fc2")
 # digits); on faces they would mix into the few-image setting (its augment and max_forget_prob stay).
 LOGIT_ONLY = {"lr": 3e-3, "targets": ("qkv",), "max_steps": 100, "feature_weight": 0.0, "feature_tol": 1.0,
               "synthetic_anchor": False, "anchor_feature_weight": 0.0, "boundary_anchor": False,
-              "reset_head_rows": False}
+              "reset_head_rows": False, "feature_prototypes": "synthetic", "target_temperature": 1.0}
 FEATURE = LOGIT_ONLY | {"feature_weight": 10.0, "feature_tol": 0.05, "lr": 1e-2, "max_steps": 300, "targets": ALL_LINEAR}
 FEATURE_ANCHOR = FEATURE | {"synthetic_anchor": True}
 W30_AF10 = FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0}
@@ -125,10 +125,10 @@ VARIANTS = {
     "feature-anchor-reset": FEATURE_ANCHOR | {"reset_head_rows": True},
     # A sharper masked-KL target (UnlearnConfig.target_temperature): the forget images pushed into the
     # class the original ranks next, where a retrained model puts them, not between the classes.
-    "sharp-0.5": {"target_temperature": 0.5},
-    "sharp-0.2": {"target_temperature": 0.2},
-    "sharp-0.1": {"target_temperature": 0.1},
-    "sharp-0.05": {"target_temperature": 0.05},
+    "sharp-0.5": LOGIT_ONLY | {"reset_head_rows": True, "target_temperature": 0.5},
+    "sharp-0.2": LOGIT_ONLY | {"reset_head_rows": True, "target_temperature": 0.2},
+    "sharp-0.1": LOGIT_ONLY | {"reset_head_rows": True, "target_temperature": 0.1},
+    "sharp-0.05": LOGIT_ONLY | {"reset_head_rows": True, "target_temperature": 0.05},
     "feature-head-reset": FEATURE | {"feature_prototypes": "head", "reset_head_rows": True},
     "feature-head-l1-0.1-reset": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True},
     "feature-head-l1-0.1-reset-100": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True,
@@ -269,10 +269,9 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
         models[name] = build_model(loaded.card, loaded.state_dict).to(runtime.device), {}
     inputs = UnlearnInputs(model=str(case.original), forget=(ForgetSpec(cls, str(forget_source)),))
     service = UnlearnSettings().engine_settings(forget_pixels.shape[0])  # the service's setting for this size
-    configs = [("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed))]
-    configs += [(v, UnlearnConfig(seed=seed, **(service | VARIANTS[v]))) for v in variants]
-    if oracles_only:
-        configs = []
+    configs = [] if oracles_only else [
+        ("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed)),
+        *[(v, UnlearnConfig(seed=seed, **(service | VARIANTS[v]))) for v in variants]]
     for name, config in configs:
         result = unlearn(replace(inputs, anchor_source=str(case.anchor())) if name in REAL_ANCHOR else inputs, config)
         report = result.report

@@ -320,7 +320,7 @@ def redact(url: str) -> str:
 
 
 def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
-    from worker.engine.config import ADAPTER_BLOCKS, DEVICES, PRECISIONS, UnlearnConfig
+    from worker.engine.config import ADAPTER_BLOCKS, DEVICES, FEATURE_PROTOTYPES, PRECISIONS, UnlearnConfig
     from worker.engine.methods import METHODS
 
     defaults = UnlearnConfig()
@@ -370,7 +370,7 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-tol", type=float, default=defaults.feature_tol, metavar="T",
                    help="with --feature-weight: stop only when that term is at most T of where it started "
                         "(default: %(default)s)")
-    p.add_argument("--feature-prototypes", choices=("synthetic", "head"), default=defaults.feature_prototypes,
+    p.add_argument("--feature-prototypes", choices=FEATURE_PROTOTYPES, default=defaults.feature_prototypes,
                    help="with --feature-weight: each class's prototype from inputs synthesised from the model, or its "
                         "head row (no synthesis; on the digits, not on CIFAR-10; default: %(default)s)")
     p.add_argument("--target-temperature", type=float, default=defaults.target_temperature, metavar="T",

@@ -282,10 +282,10 @@ class UnlearnSettings(BaseSettings):
     feature_weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="the feature term's weight "
                                   "(0: off): forget features pulled toward the class the original ranks next")
     feature_tol: float = Field(1.0, gt=0, le=1, description="stop rule with the feature term: its loss at most this")
-    # "head" needs no model inversion: on the digits, with _FEATURE_WEIGHT=10, _L1_WEIGHT=0.1, _LR=1e-2,
-    # _TARGETS=qkv,proj,fc1,fc2, _FEATURE_TOL=0.05 and _MAX_STEPS=100, it meets every target (probe
-    # -2.9, relearn 0, MIA 9/9 in the band) at Acc_r 96.8 against the default's 94.1; on CIFAR-10 it
-    # raises the probe and costs 2.2 points of Acc_r (benchmarks/README.md, the oracle table).
+    # "head" needs no model inversion. With _FEATURE_WEIGHT=10, _L1_WEIGHT=0.1, _LR=1e-2,
+    # _TARGETS=qkv,proj,fc1,fc2, _FEATURE_TOL=0.05 and _MAX_STEPS=100 it meets every oracle target on the
+    # digits above the default's Acc_r; on CIFAR-10 (300 steps) it raises the probe and costs Acc_r:
+    # not the default (benchmarks/README.md, the oracle table, has the figures).
     feature_prototypes: Literal["synthetic", "head"] = Field("synthetic", description="the feature term's "
                                                              "prototypes: synthesised inputs' features, or the head rows")
     synthetic_anchor: bool = Field(False, description="hold the kept classes on inputs synthesised from the original")

@@ -85,7 +85,7 @@ def test_the_generalisation_check_on_one_photo_is_refused_before_training(digits
     (["--feature-weight", "1", "--method", "lora-bounded"], "needs an adapter method with a teacher-based forget term"),
     (["--feature-tol", "0"], "--feature-tol must be in (0, 1]"),
     (["--anchor-feature-weight", "-1"], "--anchor-feature-weight must be in [0, 1000]"),
-    (["--target-temperature", "0"], "--target-temperature must be in (0, 100]"),
+    (["--target-temperature", "0"], "--target-temperature must be in [0.01, 100]"),
     (["--target-temperature", "0.5", "--method", "lora-bounded"], "--target-temperature is the masked-KL target's"),
     (["--feature-prototypes", "head"], "--feature-prototypes are the feature term's: set --feature-weight too"),
     (["--anchor-feature-weight", "inf"], "--anchor-feature-weight must be in [0, 1000]"),

@@ -61,3 +61,10 @@ def reset_class_rows(model: torch.nn.Module, forgotten: Iterable[int]) -> None:
     head.weight[gone] = kept_mean.to(head.weight.dtype)
     if head.bias is not None:
         head.bias[gone] = head.bias[~gone].float().mean().to(head.bias.dtype)
+
+
+def row_prototypes(rows: torch.Tensor, classes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Stand-ins for classes' mean features taken from the head alone: the row of each entry of
+    ``classes`` (N,), scaled to the matching entry of ``norms`` (N,). rows: (K, D). Returns (N, D).
+    As good as the rows are templates of their classes (the feature term's ``feature_prototypes="head"``)."""
+    return torch.nn.functional.normalize(rows[classes].float(), dim=1) * norms.float()[:, None]

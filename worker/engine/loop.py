@@ -14,7 +14,7 @@ from worker.engine.adapters import merged_view
 from worker.engine.augment import DEFAULT_AUGMENTATION
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
-from worker.engine.head import classifier
+from worker.engine.head import classifier, row_prototypes
 from worker.engine.images import normalise
 from worker.engine.losses import (adversarial_neighbours, feature_match_loss, invert_classes, masked_kl_loss,
                                   masked_teacher)
@@ -246,8 +246,7 @@ class UnlearningLoop:
         own original feature ``found``: nothing synthesised. A row stands for its class as far as the
         class's mean feature points along it: on the digits their cosine is 0.99, on the CIFAR-10
         reference model 0.57-0.76 (its test half)."""
-        rows = classifier(base_network(self.model)).weight.detach().float()
-        return F.normalize(rows[classes], dim=1) * found.norm(dim=1, keepdim=True)
+        return row_prototypes(classifier(base_network(self.model)).weight.detach(), classes, found.norm(dim=1))
 
     def _synthesised(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, classes): ``SYNTHESISED_PER_CLASS`` inputs of each class of the model, synthesised

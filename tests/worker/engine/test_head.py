@@ -18,7 +18,7 @@ from tests.digits import CARD, DigitsData
 from worker.engine import ConfigError, ForgetSpec, UnlearnConfig, UnlearnInputs, UnlearnResult, unlearn
 from worker.engine.errors import UnsupportedModelError
 from worker.engine.evidence import relearn_accuracy
-from worker.engine.head import classifier, reset_class_rows
+from worker.engine.head import classifier, reset_class_rows, row_prototypes
 from worker.engine.images import normalise, read_images
 from worker.engine.package import build_model, load_package, write_package
 from worker.engine.unlearn import Training
@@ -178,3 +178,9 @@ def test_each_source_of_a_class_gets_its_own_trained_figure(digits_model, digits
     first, second = report.forget_source_acc_trained[FORGET]
     assert report.forget_acc_trained[FORGET] == max(first, second) > 0
     assert report.forget_acc_after[FORGET] == 0.0
+
+
+def test_row_prototypes_point_along_each_class_s_row_at_the_norm_asked_for():
+    rows = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, -2.0], [1.0, 1.0, 1.0]])
+    found = row_prototypes(rows, torch.tensor([1, 0, 0]), torch.tensor([5.0, 10.0, 1.0]))
+    assert torch.allclose(found, torch.tensor([[0.0, 0.0, -5.0], [6.0, 8.0, 0.0], [0.6, 0.8, 0.0]]))

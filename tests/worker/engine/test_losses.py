@@ -129,7 +129,7 @@ def test_target_temperature_and_feature_prototypes_are_refused_where_they_could_
 
     UnlearnConfig(method="lora-kl", target_temperature=0.1)
     UnlearnConfig(method="lora-kl", feature_weight=1.0, feature_prototypes="head")
-    for bad, match in (({"method": "lora-kl", "target_temperature": 0.0}, "target_temperature must be"),
+    for bad, match in (({"method": "lora-kl", "target_temperature": 0.001}, "target_temperature must be"),
                        ({"method": "lora-kl", "target_temperature": float("nan")}, "target_temperature must be"),
                        ({"method": "lora-bounded", "target_temperature": 0.5}, "needs lora-kl or lora-adv"),
                        ({"method": "lora-kl", "feature_weight": 1.0, "feature_prototypes": "rows"}, "one of"),
