@@ -135,6 +135,9 @@ VARIANTS = {
                                                 "max_steps": 100},
     "feature-head-l1-0.1-reset-50": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True,
                                                "max_steps": 50},
+    # The last without its feature term: what it runs where the head's rows are not its classes' templates.
+    "all-linear-l1-0.1-reset-100": FEATURE | {"feature_weight": 0.0, "feature_tol": 1.0, "l1_weight": 0.1,
+                                              "reset_head_rows": True, "max_steps": 100},
     "every-block-sharp-0.3": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.3},
     "every-block-sharp-0.1": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.1},
 }

@@ -373,6 +373,9 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--feature-prototypes", choices=FEATURE_PROTOTYPES, default=defaults.feature_prototypes,
                    help="with --feature-weight: each class's prototype from inputs synthesised from the model, or its "
                         "head row (no synthesis; on the digits, not on CIFAR-10; default: %(default)s)")
+    p.add_argument("--head-template-cosine", type=float, default=defaults.head_template_cosine, metavar="C",
+                   help="with --feature-prototypes head: go without the feature term when a forgotten class's head row "
+                        "has a cosine below C with its forget images' mean feature (default: %(default)s)")
     p.add_argument("--target-temperature", type=float, default=defaults.target_temperature, metavar="T",
                    help="lora-kl/lora-adv: the forget images' target is the model's own distribution over the kept "
                         "classes at temperature T; below 1, sharper toward the class it ranks next (default: %(default)s)")
@@ -435,6 +438,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             augment=args.augment, confirm_views=args.confirm_views, anchor_weight=args.anchor_weight,
             max_forget_prob=args.max_forget_prob, feature_weight=args.feature_weight, feature_tol=args.feature_tol,
             feature_prototypes=args.feature_prototypes, target_temperature=args.target_temperature,
+            head_template_cosine=args.head_template_cosine,
             synthetic_anchor=args.synthetic_anchor, boundary_anchor=args.boundary_anchor,
             anchor_feature_weight=args.anchor_feature_weight, reset_head_rows=args.reset_head_rows,
             holdout_folds=args.holdout_folds,
@@ -502,6 +506,11 @@ def summary_line(report: dict) -> str:
     if report["config"].get("reset_head_rows"):
         trained = ", ".join(f"{c} {a:.1f}%" for c, a in report["forget_acc_trained"].items())
         line += f" (head rows reset; before the reset: {trained})"
+    term = report.get("feature_term")
+    if term and not term["applied"]:
+        cosines = ", ".join(f"{c} {x:.2f}" for c, x in term["head_row_cosine"].items())
+        line += (f"; no feature term: the head's rows are not its classes' templates (row cosine {cosines} "
+                 f"< {report['config']['head_template_cosine']})")
     if report.get("evaluation"):
         e = report["evaluation"]
         trained = "" if e.get("acc_f_trained") is None else f" ({e['acc_f_trained']:.1f} before the reset)"
@@ -529,7 +538,7 @@ def _pct(value: float | None) -> str:
 
 CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "confirm_views", "max_forget_prob", "anchor_weight", "anchor_feature_weight", "feature_weight", "feature_tol",
-    "feature_prototypes", "target_temperature",
+    "feature_prototypes", "target_temperature", "head_template_cosine",
     "synthetic_anchor", "boundary_anchor", "reset_head_rows", "holdout_folds",
     "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import EXIT_BAD_INPUT, EXIT_TARGET_MISSED, main
+from service.cli import EXIT_BAD_INPUT, EXIT_TARGET_MISSED, main, summary_line
 from worker.engine.package import load_package
 
 
@@ -142,3 +142,12 @@ def test_the_generalisation_check_is_in_the_summary_and_the_report(digits_model,
     assert "held-back images still recognised: 3 " in err and "of 3 folds" in err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["holdout"]["folds"] == 3 and report["config"]["augment"] is True
+
+
+def test_the_summary_says_when_the_head_rows_were_not_templates_and_the_feature_term_did_not_run():
+    report = {"forget_acc_before": {"3": 100.0}, "forget_acc_after": {"3": 0.0}, "steps": 9, "seconds": 1.0,
+              "config": {"head_template_cosine": 0.9},
+              "feature_term": {"applied": False, "prototypes": "head", "head_row_cosine": {"3": 0.61}}}
+    assert "no feature term: the head's rows are not its classes' templates (row cosine 3 0.61 < 0.9)" in summary_line(report)
+    report["feature_term"] |= {"applied": True, "head_row_cosine": {"3": 0.99}}
+    assert "feature term" not in summary_line(report)

@@ -100,6 +100,11 @@ class UnlearnConfig:
     # class's head row at the image's own feature norm, nothing synthesised: as good as its rows are
     # templates of their classes (benchmarks/README.md, the oracle table: on the digits, not CIFAR-10).
     feature_prototypes: str = "synthetic"
+    # With "head": the rows stand for their classes only where they are their classes' templates,
+    # checked on the one class whose images a run has: each forgotten class's row against its forget
+    # images' mean feature on the original (cosine). Below this the run goes without the feature term,
+    # and its report says so (feature_term). 0: the rows are trusted as they are.
+    head_template_cosine: float = 0.9
     # Stop rule with the feature term: the forget sets' feature loss (relative to the original's, 1)
     # must also be at most this. 1: the forget target alone decides.
     feature_tol: float = 1.0
@@ -172,6 +177,7 @@ class UnlearnConfig:
             (self.feature_prototypes in FEATURE_PROTOTYPES, f"feature_prototypes must be one of {FEATURE_PROTOTYPES}"),
             (self.feature_prototypes == "synthetic" or self.feature_weight > 0,
              "feature_prototypes are the feature term's: set feature_weight too"),
+            (0.0 <= self.head_template_cosine <= 1.0, "head_template_cosine must be in [0, 1]"),
             (math.isfinite(self.anchor_feature_weight) and 0 <= self.anchor_feature_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_feature_weight must be in [0, {MAX_ANCHOR_WEIGHT:g}]"),
             (not self.boundary_anchor or self.synthetic_anchor, "boundary_anchor extends synthetic_anchor: set both"),

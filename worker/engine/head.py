@@ -68,3 +68,8 @@ def row_prototypes(rows: torch.Tensor, classes: torch.Tensor, norms: torch.Tenso
     ``classes`` (N,), scaled to the matching entry of ``norms`` (N,). rows: (K, D). Returns (N, D).
     As good as the rows are templates of their classes (the feature term's ``feature_prototypes="head"``)."""
     return torch.nn.functional.normalize(rows[classes].float(), dim=1) * norms.float()[:, None]
+
+
+def row_cosine(row: torch.Tensor, mean_feature: torch.Tensor) -> float:
+    """How far a head row is its class's template: its cosine with the class's mean feature, (D,) each."""
+    return round(torch.nn.functional.cosine_similarity(row.float(), mean_feature.float(), dim=0).item(), 4)

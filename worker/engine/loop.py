@@ -14,7 +14,7 @@ from worker.engine.adapters import merged_view
 from worker.engine.augment import DEFAULT_AUGMENTATION
 from worker.engine.config import UnlearnConfig
 from worker.engine.errors import NumericalError, UnlearningCancelled
-from worker.engine.head import classifier, row_prototypes
+from worker.engine.head import classifier, row_cosine, row_prototypes
 from worker.engine.images import normalise
 from worker.engine.losses import (adversarial_neighbours, feature_match_loss, invert_classes, masked_kl_loss,
                                   masked_teacher)
@@ -163,7 +163,15 @@ class UnlearningLoop:
         # and the original's own distance to it; computed once.
         synthetic = (self._synthesised() if (config.feature_weight > 0 and config.feature_prototypes == "synthetic")
                      or (config.synthetic_anchor and anchor is None) else None)
-        self.feature_targets, self.feature_scales = (self._feature_targets(synthetic) if config.feature_weight > 0
+        # With head rows as prototypes, each forgotten class's row is first checked against its forget
+        # images' mean feature (the one class whose images a run has): rows that are not their classes'
+        # templates would pull the features where no image of the next class lies, so the run goes
+        # without the term (the report's feature_term says which, with the cosines).
+        self.head_row_cosine = (self._head_row_cosine() if config.feature_weight > 0
+                                and config.feature_prototypes == "head" else {})
+        self.feature_term = config.feature_weight > 0 and all(
+            c >= config.head_template_cosine for c in self.head_row_cosine.values())
+        self.feature_targets, self.feature_scales = (self._feature_targets(synthetic) if self.feature_term
                                                      else ([], []))
         if config.synthetic_anchor and anchor is None:
             # No anchor source: the synthesised inputs of the classes kept stand in for one, made
@@ -240,6 +248,12 @@ class UnlearningLoop:
             targets.append(target)
             scales.append((found - target).pow(2).sum(1).mean().clamp_min(1e-8))
         return targets, scales
+
+    def _head_row_cosine(self) -> dict[str, float]:
+        """Per forgotten class: the cosine of its head row with its forget images' mean original feature."""
+        rows = classifier(base_network(self.model)).weight.detach().float()
+        return {name: row_cosine(rows[index], self._parent_features(images).mean(0))
+                for name, index, images in zip(self.forget.class_names, self.forget.class_indices, self.forget.images)}
 
     def _head_prototypes(self, classes: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
         """The head rows of ``classes`` standing for their mean features, each at the norm of its image's

@@ -108,6 +108,10 @@ class UnlearnReport:
     residual_knowledge: dict[str, dict[str, Any]] | None
     anchor_images: int  # images in the anchor source (0: none)
     synthetic_anchor_images: int  # inputs synthesised as the anchor (config.synthetic_anchor, no anchor source)
+    # With config.feature_weight: whether the feature term ran, and with head-row prototypes each
+    # forgotten class's row cosine with its forget images' mean feature, which decides it
+    # (config.head_template_cosine). None without the term.
+    feature_term: dict[str, Any] | None
     selection: dict[str, Any] | None
     history: list[dict[str, Any]]
     # Where total_seconds went: {phase: {"seconds", "count"}}, each phase's seconds without those
@@ -265,6 +269,8 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         anchor_images=0 if anchor is None else int(anchor.shape[0]),
         synthetic_anchor_images=(0 if anchor is not None or loop.anchor_inputs is None
                                  else int(loop.anchor_inputs.shape[0])),
+        feature_term=({"applied": loop.feature_term, "prototypes": config.feature_prototypes,
+                       "head_row_cosine": loop.head_row_cosine} if config.feature_weight > 0 else None),
         selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations,
                     "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
                    if config.select_on_eval else None),

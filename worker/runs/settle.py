@@ -153,7 +153,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "config", "classes", "forget_set_size", "steps", "seconds", "forget_acc_before",
             "forget_acc_after", "forget_acc_trained", "target_met", "stop_rule_met", "evaluation", "cumulative_retain_drop", "parent_sha256",
             "trainable_parameters", "peak_memory_bytes", "device", "precision", "rechecks", "holdout",
-            "anchor_images", "synthetic_anchor_images", "forget_duplicates", "forget_set_sha256", "gate_thresholds", "residual_knowledge",
+            "anchor_images", "synthetic_anchor_images", "feature_term", "forget_duplicates", "forget_set_sha256", "gate_thresholds", "residual_knowledge",
             "timings")
     summary = {k: report[k] for k in keep if k in report}
     selection = report.get("selection")

@@ -133,6 +133,7 @@ def test_target_temperature_and_feature_prototypes_are_refused_where_they_could_
                        ({"method": "lora-kl", "target_temperature": float("nan")}, "target_temperature must be"),
                        ({"method": "lora-bounded", "target_temperature": 0.5}, "needs lora-kl or lora-adv"),
                        ({"method": "lora-kl", "feature_weight": 1.0, "feature_prototypes": "rows"}, "one of"),
-                       ({"method": "lora-kl", "feature_prototypes": "head"}, "set feature_weight too")):
+                       ({"method": "lora-kl", "feature_prototypes": "head"}, "set feature_weight too"),
+                       ({"method": "lora-kl", "head_template_cosine": 1.5}, "head_template_cosine must be")):
         with pytest.raises(ConfigError, match=match):
             UnlearnConfig(**bad)

@@ -375,17 +375,21 @@ def test_seeds_outside_64_bits_are_refused():
         UnlearnConfig(seed=2**70)
 
 
-def package_with(model: Path, folder: Path, *, kwargs: dict | None = None, scale_head: float = 1.0) -> Path:
-    """A copy of the package with card kwargs added and the head's weights scaled."""
+def package_with(model: Path, folder: Path, *, kwargs: dict | None = None, scale_head: float = 1.0,
+                 shift_rows: float = 0.0) -> Path:
+    """A copy of the package with card kwargs added and the head's weights scaled; with ``shift_rows``,
+    one random vector of that norm added to every head row, which adds one number to every logit of
+    an image: the same outputs, from rows that no longer point at their classes' features."""
     from safetensors.torch import save_file
 
     folder.mkdir()
     card = json.loads((model / "model.json").read_text())
     card["kwargs"] = {**card["kwargs"], **(kwargs or {})}
     (folder / "model.json").write_text(json.dumps(card))
-    weights = load_file(model / "model.safetensors")
-    save_file({k: v * scale_head if k.startswith("head.") else v for k, v in weights.items()},
-              folder / "model.safetensors")
+    weights = {k: v * scale_head if k.startswith("head.") else v for k, v in load_file(model / "model.safetensors").items()}
+    shift = torch.randn(weights["head.weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    weights["head.weight"] = weights["head.weight"] + shift_rows * shift / shift.norm()
+    save_file(weights, folder / "model.safetensors")
     return folder
 
 
@@ -469,6 +473,27 @@ def test_head_prototypes_move_the_forget_features_without_synthesising_an_input(
     final = [r.report.history[-1]["feature_loss"] for r in (on, off)]
     assert final[0] < 0.5 * final[1], final
     assert on.report.forget_acc_after[FORGET] <= 1.0
+
+
+def test_head_prototypes_are_used_only_where_the_rows_are_their_classes_templates(digits_model, digits, tmp_path):
+    # The same model with one vector added to every head row (same outputs, rows that no longer point
+    # at their classes' features, as on the CIFAR-10 reference): the run goes without the feature term,
+    # step for step the run that never had one, and says why.
+    shifted = package_with(digits_model, tmp_path / "shifted", shift_rows=20.0)
+    spec = (ForgetSpec(FORGET, str(digits.train_class(FORGET))),)
+    common = dict(method="lora-kl", targets=("qkv", "proj", "fc1", "fc2"), adapter_blocks="later-half", lr=1e-2,
+                  feature_tol=1e-6, max_steps=5, seed=0)
+    head = dict(feature_weight=10.0, feature_prototypes="head")
+    templates, not_templates, without = (
+        unlearn(UnlearnInputs(model=str(model), forget=spec), UnlearnConfig(**common, **extra))
+        for model, extra in ((digits_model, head), (shifted, head), (shifted, {})))
+    assert templates.report.feature_term["applied"] and "feature_loss" in templates.report.history[-1]
+    assert templates.report.feature_term["head_row_cosine"][FORGET] >= 0.9
+    assert not not_templates.report.feature_term["applied"] and "feature_loss" not in not_templates.report.history[-1]
+    assert not_templates.report.feature_term["head_row_cosine"][FORGET] < 0.5
+    assert without.report.feature_term is None
+    for name, weights in without.state_dict.items():
+        assert torch.equal(not_templates.state_dict[name], weights), name
 
 
 def test_a_synthetic_anchor_holds_the_kept_classes_where_the_original_has_them(digits_model, digits):
