@@ -288,6 +288,9 @@ class UnlearnSettings(BaseSettings):
     # not the default (benchmarks/README.md, the oracle table, has the figures).
     feature_prototypes: Literal["synthetic", "head"] = Field("synthetic", description="the feature term's "
                                                              "prototypes: synthesised inputs' features, or the head rows")
+    head_template_cosine: float = Field(0.9, ge=0, le=1, description="with head-row prototypes: go without the "
+                                        "feature term when a forgotten class's row has a lower cosine with its "
+                                        "forget images' mean feature (its rows are not its classes' templates)")
     synthetic_anchor: bool = Field(False, description="hold the kept classes on inputs synthesised from the original")
     boundary_anchor: bool = Field(False, description="with the synthetic anchor: also inputs synthesised between "
                                   "each kept class and the one the original ranks next")
@@ -334,6 +337,7 @@ class UnlearnSettings(BaseSettings):
             "feature_weight": 0.0 if few else self.feature_weight,
             "feature_tol": 1.0 if few else self.feature_tol,
             "feature_prototypes": "synthetic" if few else self.feature_prototypes,
+            "head_template_cosine": self.head_template_cosine,
             "synthetic_anchor": False if few else self.synthetic_anchor,
             "boundary_anchor": False if few else self.boundary_anchor,
             "anchor_feature_weight": 0.0 if few else self.anchor_feature_weight,

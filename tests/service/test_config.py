@@ -89,7 +89,8 @@ def test_every_run_resets_the_forgotten_rows_unless_told_not_to(monkeypatch):
 
 def test_the_feature_setting_reaches_many_image_runs_only(monkeypatch):
     for variable, value in {"FEATURE_WEIGHT": "30", "FEATURE_TOL": "0.05", "SYNTHETIC_ANCHOR": "true",
-                            "BOUNDARY_ANCHOR": "true", "ANCHOR_FEATURE_WEIGHT": "10", "FEATURE_PROTOTYPES": "head"}.items():
+                            "BOUNDARY_ANCHOR": "true", "ANCHOR_FEATURE_WEIGHT": "10", "FEATURE_PROTOTYPES": "head",
+                            "HEAD_TEMPLATE_COSINE": "0.8"}.items():
         monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", value)
     knobs = UnlearnSettings()
     feature = ("feature_weight", "feature_tol", "synthetic_anchor", "boundary_anchor", "anchor_feature_weight",
@@ -97,6 +98,7 @@ def test_the_feature_setting_reaches_many_image_runs_only(monkeypatch):
     many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
     assert tuple(many[k] for k in feature) == (30.0, 0.05, True, True, 10.0, "head")
     assert tuple(few[k] for k in feature) == (0.0, 1.0, False, False, 0.0, "synthetic")  # measured on many images only
+    assert many["head_template_cosine"] == 0.8
     UnlearnConfig(**few), UnlearnConfig(**many)  # both settings are ones the engine takes
 
 

@@ -102,8 +102,9 @@ class UnlearnConfig:
     feature_prototypes: str = "synthetic"
     # With "head": the rows stand for their classes only where they are their classes' templates,
     # checked on the one class whose images a run has: each forgotten class's row against its forget
-    # images' mean feature on the original (cosine). Below this the run goes without the feature term,
-    # and its report says so (feature_term). 0: the rows are trusted as they are.
+    # images' mean feature on the original (cosine: 0.99 on the digits model's 3, 5 and 8; 0.61-0.77 on
+    # the CIFAR-10 reference's ten classes, their first 500 training images). Below this the run goes
+    # without the feature term, and its report says so (feature_term). 0: the rows are trusted as they are.
     head_template_cosine: float = 0.9
     # Stop rule with the feature term: the forget sets' feature loss (relative to the original's, 1)
     # must also be at most this. 1: the forget target alone decides.
