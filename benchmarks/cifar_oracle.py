@@ -5,7 +5,7 @@ benchmark (oracle.py) measures the service's model against it.
 
     .venv/bin/python benchmarks/cifar_oracle.py --without airplane --threads 2
 
-About an hour and a half on 2 CPU cores (18 epochs of 45,000 images, 330 s each with bf16 autocast on
+About 76 minutes on 2 CPU cores (18 epochs of 40,500 images, 228-308 s each with bf16 autocast on
 an AVX-512 CPU). Each epoch is checkpointed beside the package, so a run that is stopped resumes where
 it was; the package lands in the cache (LETHE_BENCH_CACHE), never in git.
 """

@@ -13,8 +13,8 @@ relearn gap <= 10 points, MIA within the oracle's interval.
 
     .venv/bin/python benchmarks/oracle.py --domain digits --classes 3 5 8 --threads 1
     .venv/bin/python benchmarks/oracle.py --domain faces --classes subject01 subject05 subject10 --threads 1
-    .venv/bin/python benchmarks/oracle.py --domain cifar --threads 1              # no oracle: figures, no gaps
-    .venv/bin/python benchmarks/cifar_oracle.py --without airplane --threads 2   # its oracle, ~100 min
+    .venv/bin/python benchmarks/oracle.py --domain cifar --threads 1              # without its oracle: figures, no gaps yet
+    .venv/bin/python benchmarks/cifar_oracle.py --without airplane --threads 2   # its oracle, ~76 min on 2 cores
     .venv/bin/python benchmarks/oracle.py --domain cifar --oracle-seeds 1 --oracles-only --threads 2
     .venv/bin/python benchmarks/oracle.py --report-only     # benchmarks/results/oracle.{md,json}
 
@@ -211,7 +211,7 @@ class Faces(Case):
 
 class Cifar(Case):
     """The reference CIFAR-10 package: the service's Acc_r and residual knowledge on natural images.
-    Its oracle is the card's own recipe retrained without the class (cifar_oracle.py): about 100
+    Its oracle is the card's own recipe retrained without the class (cifar_oracle.py): about 76
     minutes on 2 cores, so it is asked for (--oracle-seeds 1), never trained by default."""
 
     def __init__(self, data_dir: Path, model: Path, forget_images: int, faces: Path, threads: int) -> None:
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle-seeds", type=int, default=None,
                         help="retrain each oracle from this many training seeds (0, 1, ...): the gaps are to their mean, "
                              "the MIA target the hull of their intervals (default 1; cifar 0: its oracle takes "
-                             "about 100 minutes to train, cifar_oracle.py)")
+                             "about 76 minutes to train on 2 cores, cifar_oracle.py)")
     parser.add_argument("--oracles-only", action="store_true",
                         help="measure only the oracles (with --oracle-seeds), to add them to the runs already made")
     parser.add_argument("--report-only", action="store_true")

@@ -73,7 +73,7 @@ def test_one_oracle_is_its_own_reference():
 
 
 def test_a_record_without_oracles_has_figures_but_no_gaps():
-    # CIFAR-10 measured without its oracle (an hour and a half to train): there is nothing to be a gap to
+    # CIFAR-10 measured without its oracle (76 minutes to train on 2 cores): there is nothing to be a gap to
     record = {"domain": "cifar", "class": "airplane", "seed": 0, "models": {
         "original": _model(90.0, 55.0, (50, 60)), "service": _model(85.0, 52.0, (47, 57))}}
     rows = {r["model"]: r for r in oracle.summarise([record])}
@@ -84,7 +84,7 @@ def test_a_record_without_oracles_has_figures_but_no_gaps():
 
 @pytest.mark.parametrize("domain, seeds", [("cifar", "-1"), ("digits", "0")])
 def test_too_few_oracle_seeds_are_refused(capsys, domain, seeds):
-    # cifar may go without an oracle (it takes an hour and a half to train, cifar_oracle.py); digits and faces may not
+    # cifar may go without an oracle (it takes 76 minutes to train on 2 cores, cifar_oracle.py); digits and faces may not
     with pytest.raises(SystemExit) as exited:
         oracle.main(["--domain", domain, "--oracle-seeds", seeds])
     assert exited.value.code == 2 and "--oracle-seeds must be at least" in capsys.readouterr().err
