@@ -54,6 +54,7 @@ from worker.engine.images import normalise, read_images  # noqa: E402
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict  # noqa: E402
 from worker.engine.package import build_model, load_package  # noqa: E402
 from worker.engine.runtime import pick_runtime  # noqa: E402
+from worker.engine.unlearn import forget_set_facts  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("original", "oracle", "service", "paper")
@@ -271,10 +272,14 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
         loaded = load_package(package)
         models[name] = build_model(loaded.card, loaded.state_dict).to(runtime.device), {}
     inputs = UnlearnInputs(model=str(case.original), forget=(ForgetSpec(cls, str(forget_source)),))
-    service = UnlearnSettings().engine_settings(forget_pixels.shape[0])  # the service's setting for this size
+    # The service's setting for this set, as a worker chooses it (its size, the model's head rows); the
+    # variants change the setting for its size alone, as they always have (whatever the rows).
+    facts = forget_set_facts(str(case.original), inputs.forget)[cls]
+    knobs = UnlearnSettings()
+    service, base = knobs.engine_settings(facts.distinct, facts.row_cosine), knobs.engine_settings(facts.distinct)
     configs = [] if oracles_only else [
         ("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed)),
-        *[(v, UnlearnConfig(seed=seed, **(service | VARIANTS[v]))) for v in variants]]
+        *[(v, UnlearnConfig(seed=seed, **(base | VARIANTS[v]))) for v in variants]]
     for name, config in configs:
         result = unlearn(replace(inputs, anchor_source=str(case.anchor())) if name in REAL_ANCHOR else inputs, config)
         report = result.report

@@ -71,17 +71,16 @@ def given_inputs(args: argparse.Namespace) -> dict[str, Any]:
 # --- the engine alone --------------------------------------------------------------------------
 
 def engine_part(inputs: dict[str, Any], with_eval: bool) -> dict[str, Any]:
-    from service.config import Settings
+    from service.config import Settings, get_unlearn_settings
     from worker.engine import ForgetSpec, UnlearnInputs, unlearn
-    from worker.engine.duplicates import distinct_count
-    from worker.engine.images import ImageReader
-    from worker.engine.package import load_package
     from worker.engine.timings import Timings
+    from worker.engine.unlearn import forget_set_facts
     from worker.runs.train import run_config
 
-    card = load_package(inputs["model"]).card
-    smallest = distinct_count(ImageReader().read(str(inputs["forget"]), card.input).pixels)
-    config = run_config(Settings(), seed=0, smallest=smallest, with_eval_set=with_eval)
+    spec = ForgetSpec(inputs["forget_class"], str(inputs["forget"]))
+    facts = forget_set_facts(str(inputs["model"]), (spec,))[spec.class_name]
+    knobs = get_unlearn_settings().engine_settings(facts.distinct, facts.row_cosine)  # as the worker chooses
+    config = run_config(Settings(), seed=0, knobs=knobs, with_eval_set=with_eval)
     timings = Timings()
     started = time.perf_counter()
     result = unlearn(UnlearnInputs(model=str(inputs["model"]),

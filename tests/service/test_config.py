@@ -80,6 +80,23 @@ def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_settin
     assert {k: v for k, v in many.items() if k not in regime} == {k: v for k, v in few.items() if k not in regime}
 
 
+def test_many_image_runs_on_template_head_rows_get_the_head_row_feature_setting(monkeypatch):
+    from service.config import TEMPLATE_HEAD_SETTING
+
+    knobs = UnlearnSettings()
+    many, few = knobs.few_images_below, knobs.few_images_below - 1
+    templates, not_templates = knobs.engine_settings(many, 0.99), knobs.engine_settings(many, 0.7)
+    assert templates == not_templates | TEMPLATE_HEAD_SETTING and templates["feature_prototypes"] == "head"
+    assert not_templates == knobs.engine_settings(many) and not_templates["feature_weight"] == 0.0
+    assert knobs.engine_settings(few, 0.99) == knobs.engine_settings(few)  # few images: measured without it
+    assert knobs.engine_settings(many, knobs.head_template_cosine) == templates  # the threshold is a template
+    for variable, value in (("TEMPLATE_HEAD_SETTING", "false"), ("METHOD", "lora-bounded")):
+        monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", value)  # off, or a method the feature term cannot act with
+        assert UnlearnSettings().engine_settings(many, 0.99) == UnlearnSettings().engine_settings(many)
+    for cosine in (0.0, 0.99):
+        UnlearnConfig(**knobs.engine_settings(many, cosine))  # both settings are ones the engine takes
+
+
 def test_every_run_resets_the_forgotten_rows_unless_told_not_to(monkeypatch):
     knobs = UnlearnSettings()
     assert knobs.engine_settings(1)["reset_head_rows"] is knobs.engine_settings(5000)["reset_head_rows"] is True

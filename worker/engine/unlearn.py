@@ -15,8 +15,8 @@ import torch
 from worker.engine.adapters import attach_lora, find_target_layers, in_later_half, merge_lora
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
-from worker.engine.evidence import EvidenceConfig, parent_and_new
-from worker.engine.head import classifier, reset_class_rows, rows_to_reset
+from worker.engine.evidence import EvidenceConfig, features, parent_and_new
+from worker.engine.head import classifier, reset_class_rows, row_cosine, rows_to_reset
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
@@ -298,6 +298,10 @@ class ForgetSetFacts:
     images: int  # its images, exact copies counted once
     distinct: int  # its different photos, near-copies counted once: what size rules count
     digest: str  # images.set_digest of its files: what a requester checks their photos against
+    # Its head row's cosine with its images' mean pre-logit feature: whether the model's rows are its
+    # classes' templates, which decides whether head-row prototypes can stand for them
+    # (UnlearnConfig.head_template_cosine; the service's setting for such models).
+    row_cosine: float
 
 
 def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
@@ -321,8 +325,11 @@ def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str 
     network = build_model(card, package.state_dict).to(runtime.device)
     data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
     accuracies = forget_set_accuracy(network, data, runtime, batch_size)
-    return {f.class_name: ForgetSetFacts(acc, len(s), distinct_count(s.pixels), s.digest)
-            for f, s, acc in zip(forget, sets, accuracies)}
+    rows = classifier(network).weight.detach().float().cpu()
+    with torch.no_grad(), runtime.autocast():
+        cosines = [row_cosine(rows[i], features(network, x, batch_size).mean(0)) for i, x in zip(indices, images)]
+    return {f.class_name: ForgetSetFacts(acc, len(s), distinct_count(s.pixels), s.digest, cosine)
+            for f, s, acc, cosine in zip(forget, sets, accuracies, cosines)}
 
 
 def forget_set_accuracies(model: str, forget: tuple[ForgetSpec, ...], **options) -> dict[str, float]:

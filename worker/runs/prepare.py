@@ -59,7 +59,7 @@ def forget_accuracy(ctx: RunContext, package: Path, specs: dict[str, str]) -> di
 
 def facts(ctx: RunContext, package: Path, cls: str, uris: list[str]):
     """The engine's facts of a class's sets (together) under a package, read once per run: the
-    source check, the "already forgotten?" check and the few-image threshold share one read."""
+    source check, the "already forgotten?" check and the run's setting share one read."""
     from worker.engine import ForgetSpec
     from worker.engine.unlearn import forget_set_facts
 
@@ -70,9 +70,14 @@ def facts(ctx: RunContext, package: Path, cls: str, uris: list[str]):
     return ctx.facts[key]
 
 
-def distinct_images(ctx: RunContext, package: Path, sets: dict[str, list[str]]) -> dict[str, int]:
-    """How many different photos each class's sets hold together (copies counted once)."""
-    return {cls: facts(ctx, package, cls, uris).distinct for cls, uris in sets.items()}
+def engine_settings(ctx: RunContext, package: Path, sets: dict[str, list[str]]) -> dict[str, Any]:
+    """The unlearning setting for these classes' sets under the package (UnlearnSettings.engine_settings):
+    by the smallest class's different photos (copies counted once: few images or many) and the lowest
+    head-row cosine (whether the model's rows are its classes' templates)."""
+    from service.config import get_unlearn_settings
+
+    found = [facts(ctx, package, cls, uris) for cls, uris in sets.items()]
+    return get_unlearn_settings().engine_settings(min(f.distinct for f in found), min(f.row_cosine for f in found))
 
 
 def own_forget_facts(ctx: RunContext, package: Path, requests: dict[str, tuple[str, str, int]]) -> dict[str, Any]:

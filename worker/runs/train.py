@@ -15,7 +15,7 @@ from service.deletion_requests.models import FULFILLED, DeletionRequest
 from service.errors import ServiceError
 from worker.runs.batch import RunContext
 from worker.runs.gate import GateVerdict, gate_errors
-from worker.runs.prepare import class_sets, distinct_images, forget_accuracy, own_forget_facts
+from worker.runs.prepare import class_sets, engine_settings, forget_accuracy, own_forget_facts
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,15 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
     if not to_forget:
         return BatchResult(None, already, None, GateVerdict(), {}, before, {}, own_sets)
     seed = max(seed for _, _, seed in runnable.values())
-    # The setting (few images or many) follows this batch's own forget sets (different photos, copies
-    # counted once), not earlier classes forgotten again.
-    smallest = min(distinct_images(ctx, current, to_forget).values())
-    report, candidate = run_engine(ctx, current, to_forget, seed, smallest, ctx.workdir / "candidate")
+    # The setting (few images or many; template head rows or not) follows this batch's own forget sets
+    # (different photos, copies counted once), not earlier classes forgotten again, whose rows are reset.
+    knobs = engine_settings(ctx, current, to_forget)
+    report, candidate = run_engine(ctx, current, to_forget, seed, knobs, ctx.workdir / "candidate")
     with ctx.timings.phase("re-check earlier classes"):
         rechecks = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
     regressed = {c: [r["uri"]] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
     if regressed:  # forget those again, in the same run, from the same starting version
-        report, candidate = run_engine(ctx, current, {**to_forget, **regressed}, seed, smallest,
+        report, candidate = run_engine(ctx, current, {**to_forget, **regressed}, seed, knobs,
                                        ctx.workdir / "candidate-2")
         with ctx.timings.phase("re-check earlier classes"):
             again = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
@@ -92,12 +92,12 @@ def own_trained_accuracy(report: dict[str, Any], sets: dict[str, list[str]],
 CHECK_SEED = 0
 
 
-def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], seed: int, smallest: int,
+def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], seed: int, knobs: dict[str, Any],
                out: Path) -> tuple[dict[str, Any], Path]:
     from worker.engine import ForgetSpec, UnlearnInputs, unlearn
 
     settings, batch, sources = ctx.settings, ctx.batch, ctx.sources
-    config = run_config(settings, seed, smallest, with_eval_set=batch.eval_set_uri is not None)
+    config = run_config(settings, seed, knobs, with_eval_set=batch.eval_set_uri is not None)
     paths = {c: [str(sources.path(u)) for u in uris] for c, uris in classes.items()}
     inputs = UnlearnInputs(model=str(current),
                            forget=tuple(ForgetSpec(c, first, tuple(more)) for c, (first, *more) in paths.items()),
@@ -113,15 +113,15 @@ def run_engine(ctx: RunContext, current: Path, classes: dict[str, list[str]], se
     return report, out
 
 
-def run_config(settings, seed: int, smallest: int, with_eval_set: bool):
-    """The engine's config for a run: the method's setting for the forget sets' size (the smallest
-    set's different photos), the generalisation check, and with an evaluation set, selection on one
-    half, the gate and the evidence on the other."""
+def run_config(settings, seed: int, knobs: dict[str, Any], with_eval_set: bool):
+    """The engine's config for a run: the method's setting for its forget sets (``knobs``,
+    UnlearnSettings.engine_settings), the generalisation check, and with an evaluation set, selection
+    on one half, the gate and the evidence on the other."""
     from worker.engine import UnlearnConfig
 
     return UnlearnConfig(seed=seed, select_on_eval=with_eval_set, eval_halves=with_eval_set, evidence=with_eval_set,
                          holdout_folds=settings.gate_holdout_folds, holdout_images=settings.gate_holdout_images,
-                         check_seed=CHECK_SEED, **get_unlearn_settings().engine_settings(smallest))
+                         check_seed=CHECK_SEED, **knobs)
 
 
 def recheck_earlier(ctx: RunContext, candidate: Path, exclude: set[str], target: float) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,7 @@ from worker.engine.images import normalise, read_images
 from worker.engine.loop import SYNTHESISED_PER_CLASS, worst_source
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package
-from worker.engine.unlearn import read_forget_set
+from worker.engine.unlearn import forget_set_facts, read_forget_set
 from worker.engine.runtime import pick_runtime
 
 SEEDS = (0, 1, 2)
@@ -492,6 +492,10 @@ def test_head_prototypes_are_used_only_where_the_rows_are_their_classes_template
     assert not not_templates.report.feature_term["applied"] and "feature_loss" not in not_templates.report.history[-1]
     assert not_templates.report.feature_term["head_row_cosine"][FORGET] < 0.5
     assert without.report.feature_term is None
+    # The service reads the same cosine before the run, to choose its setting (ForgetSetFacts.row_cosine).
+    for model, run_ in ((digits_model, templates), (shifted, not_templates)):
+        cosine = forget_set_facts(str(model), spec)[FORGET].row_cosine
+        assert cosine == pytest.approx(run_.report.feature_term["head_row_cosine"][FORGET], abs=1e-3)
     for name, weights in without.state_dict.items():
         assert torch.equal(not_templates.state_dict[name], weights), name
 
