@@ -136,6 +136,9 @@ VARIANTS = {
                                                 "max_steps": 100},
     "feature-head-l1-0.1-reset-50": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True,
                                                "max_steps": 50},
+    # The size's setting itself, whatever the head rows: the logit-only setting, the service's default
+    # for every model before the head-row check (and still where the rows are not templates).
+    "service-logit-only": {},
     # The last without its feature term: what it runs where the head's rows are not its classes' templates.
     "all-linear-l1-0.1-reset-100": FEATURE | {"feature_weight": 0.0, "feature_tol": 1.0, "l1_weight": 0.1,
                                               "reset_head_rows": True, "max_steps": 100},
