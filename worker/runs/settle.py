@@ -142,10 +142,10 @@ def own_class_only(metrics: dict[str, Any], cls: str | None) -> dict[str, Any]:
     for key in PER_CLASS:
         if isinstance(metrics.get(key), dict):
             narrowed[key] = {c: v for c, v in metrics[key].items() if c == cls}
-    holdout = metrics.get("holdout")
-    if holdout:
-        narrowed["holdout"] = {k: ({c: x for c, x in v.items() if c == cls} if isinstance(v, dict) else v)
-                               for k, v in holdout.items()}
+    for key in ("holdout", "feature_term"):  # figures per class inside a record of the run
+        if metrics.get(key):
+            narrowed[key] = {k: ({c: x for c, x in v.items() if c == cls} if isinstance(v, dict) else v)
+                             for k, v in metrics[key].items()}
     return narrowed
 
 
