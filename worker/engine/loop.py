@@ -167,11 +167,11 @@ class UnlearningLoop:
         # images' mean feature (the one class whose images a run has): rows that are not their classes'
         # templates would pull the features where no image of the next class lies, so the run goes
         # without the term (the report's feature_term says which, with the cosines).
-        self.head_row_cosine = (self._head_row_cosine() if config.feature_weight > 0
-                                and config.feature_prototypes == "head" else {})
+        found = [self._parent_features(x) for x in forget.images] if config.feature_weight > 0 else []
+        self.head_row_cosine = self._head_row_cosine(found) if config.feature_prototypes == "head" else {}
         self.feature_term = config.feature_weight > 0 and all(
             c >= config.head_template_cosine for c in self.head_row_cosine.values())
-        self.feature_targets, self.feature_scales = (self._feature_targets(synthetic) if self.feature_term
+        self.feature_targets, self.feature_scales = (self._feature_targets(synthetic, found) if self.feature_term
                                                      else ([], []))
         if config.synthetic_anchor and anchor is None:
             # No anchor source: the synthesised inputs of the classes kept stand in for one, made
@@ -236,24 +236,25 @@ class UnlearningLoop:
             return torch.cat([vit.forward_head(vit.forward_features(images[s:s + size]), pre_logits=True).float()
                               for s in range(0, images.shape[0], size)])
 
-    def _feature_targets(self, synthetic: tuple[torch.Tensor, torch.Tensor] | None
+    def _feature_targets(self, synthetic: tuple[torch.Tensor, torch.Tensor] | None, features: list[torch.Tensor]
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per forget set: (N, D) target features, and the original's mean squared distance to them."""
+        """Per forget set: (N, D) target features, and the original's mean squared distance to them from
+        ``features``, the original's own features of the set."""
         prototypes = self._prototypes(*synthetic) if self.config.feature_prototypes == "synthetic" else None
         targets, scales = [], []
-        for images, teacher in zip(self.forget.images, self.teachers):
-            found = self._parent_features(images)
+        for found, teacher in zip(features, self.teachers):
             next_class = teacher.argmax(1)  # the teacher gives the forgotten classes 0
             target = prototypes[next_class] if prototypes is not None else self._head_prototypes(next_class, found)
             targets.append(target)
             scales.append((found - target).pow(2).sum(1).mean().clamp_min(1e-8))
         return targets, scales
 
-    def _head_row_cosine(self) -> dict[str, float]:
-        """Per forgotten class: the cosine of its head row with its forget images' mean original feature."""
+    def _head_row_cosine(self, features: list[torch.Tensor]) -> dict[str, float]:
+        """Per forgotten class: the cosine of its head row with the mean of ``features``, the original's
+        features of its forget images."""
         rows = classifier(base_network(self.model)).weight.detach().float()
-        return {name: row_cosine(rows[index], self._parent_features(images).mean(0))
-                for name, index, images in zip(self.forget.class_names, self.forget.class_indices, self.forget.images)}
+        return {name: row_cosine(rows[index], found.mean(0))
+                for name, index, found in zip(self.forget.class_names, self.forget.class_indices, features)}
 
     def _head_prototypes(self, classes: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
         """The head rows of ``classes`` standing for their mean features, each at the norm of its image's
