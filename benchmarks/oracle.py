@@ -277,7 +277,7 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
     inputs = UnlearnInputs(model=str(case.original), forget=(ForgetSpec(cls, str(forget_source)),))
     # The service's setting for this set, as a worker chooses it (its size, the model's head rows); the
     # variants change the setting for its size alone, as they always have (whatever the rows).
-    facts = forget_set_facts(str(case.original), inputs.forget)[cls]
+    facts = forget_set_facts(str(case.original), inputs.forget, with_row_cosine=True)[cls]
     knobs = UnlearnSettings()
     service, base = knobs.engine_settings(facts.distinct, facts.row_cosine), knobs.engine_settings(facts.distinct)
     configs = [] if oracles_only else [

@@ -78,7 +78,7 @@ def engine_part(inputs: dict[str, Any], with_eval: bool) -> dict[str, Any]:
     from worker.runs.train import run_config
 
     spec = ForgetSpec(inputs["forget_class"], str(inputs["forget"]))
-    facts = forget_set_facts(str(inputs["model"]), (spec,))[spec.class_name]
+    facts = forget_set_facts(str(inputs["model"]), (spec,), with_row_cosine=True)[spec.class_name]
     knobs = get_unlearn_settings().engine_settings(facts.distinct, facts.row_cosine)  # as the worker chooses
     config = run_config(Settings(), seed=0, knobs=knobs, with_eval_set=with_eval)
     timings = Timings()

@@ -91,8 +91,10 @@ def test_many_image_runs_on_template_head_rows_get_the_head_row_feature_setting(
     assert knobs.engine_settings(few, 0.99) == knobs.engine_settings(few)  # few images: measured without it
     assert knobs.engine_settings(many, knobs.head_template_cosine) == templates  # the threshold is a template
     for variable, value in (("TEMPLATE_HEAD_SETTING", "false"), ("METHOD", "lora-bounded")):
-        monkeypatch.setenv(f"LETHE_UNLEARN_{variable}", value)  # off, or a method the feature term cannot act with
-        assert UnlearnSettings().engine_settings(many, 0.99) == UnlearnSettings().engine_settings(many)
+        with monkeypatch.context() as env:  # off, or a method the feature term cannot act with
+            env.setenv(f"LETHE_UNLEARN_{variable}", value)
+            assert UnlearnSettings().engine_settings(many, 0.99) == UnlearnSettings().engine_settings(many)
+            UnlearnConfig(**UnlearnSettings().engine_settings(many, 0.99))
     for cosine in (0.0, 0.99):
         UnlearnConfig(**knobs.engine_settings(many, cosine))  # both settings are ones the engine takes
 

@@ -104,7 +104,7 @@ class UnlearnConfig:
     # checked on the one class whose images a run has: each forgotten class's row against its forget
     # images' mean feature on the original (cosine: 0.99 on the digits model's 3, 5 and 8; 0.61-0.77 on
     # the CIFAR-10 reference's ten classes, their first 500 training images). Below this the run goes
-    # without the feature term, and its report says so (feature_term). 0: the rows are trusted as they are.
+    # without the feature term, and its report says so (feature_term). -1: the rows are trusted as they are.
     head_template_cosine: float = 0.9
     # Stop rule with the feature term: the forget sets' feature loss (relative to the original's, 1)
     # must also be at most this. 1: the forget target alone decides.
@@ -178,7 +178,7 @@ class UnlearnConfig:
             (self.feature_prototypes in FEATURE_PROTOTYPES, f"feature_prototypes must be one of {FEATURE_PROTOTYPES}"),
             (self.feature_prototypes == "synthetic" or self.feature_weight > 0,
              "feature_prototypes are the feature term's: set feature_weight too"),
-            (0.0 <= self.head_template_cosine <= 1.0, "head_template_cosine must be in [0, 1]"),
+            (-1.0 <= self.head_template_cosine <= 1.0, "head_template_cosine must be in [-1, 1]"),
             (math.isfinite(self.anchor_feature_weight) and 0 <= self.anchor_feature_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_feature_weight must be in [0, {MAX_ANCHOR_WEIGHT:g}]"),
             (not self.boundary_anchor or self.synthetic_anchor, "boundary_anchor extends synthetic_anchor: set both"),

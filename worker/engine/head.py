@@ -70,6 +70,8 @@ def row_prototypes(rows: torch.Tensor, classes: torch.Tensor, norms: torch.Tenso
     return torch.nn.functional.normalize(rows[classes].float(), dim=1) * norms.float()[:, None]
 
 
-def row_cosine(row: torch.Tensor, mean_feature: torch.Tensor) -> float:
-    """How far a head row is its class's template: its cosine with the class's mean feature, (D,) each."""
-    return round(torch.nn.functional.cosine_similarity(row.float(), mean_feature.float(), dim=0).item(), 4)
+def row_cosines(rows: torch.Tensor, classes: tuple[int, ...], features: list[torch.Tensor]) -> list[float]:
+    """How far each class's head row is its template: the cosine of row ``classes[i]`` of ``rows`` (K, D)
+    with the mean of ``features[i]`` (N_i, D), the model's features of that class's images."""
+    return [round(torch.nn.functional.cosine_similarity(rows[c].float().cpu(), f.float().cpu().mean(0), dim=0).item(), 4)
+            for c, f in zip(classes, features)]

@@ -16,7 +16,7 @@ from worker.engine.adapters import attach_lora, find_target_layers, in_later_hal
 from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
 from worker.engine.evidence import EvidenceConfig, features, parent_and_new
-from worker.engine.head import classifier, reset_class_rows, row_cosine, rows_to_reset
+from worker.engine.head import classifier, reset_class_rows, row_cosines, rows_to_reset
 from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
@@ -300,12 +300,14 @@ class ForgetSetFacts:
     digest: str  # images.set_digest of its files: what a requester checks their photos against
     # Its head row's cosine with its images' mean pre-logit feature: whether the model's rows are its
     # classes' templates, which decides whether head-row prototypes can stand for them
-    # (UnlearnConfig.head_template_cosine; the service's setting for such models).
-    row_cosine: float
+    # (UnlearnConfig.head_template_cosine; the service's setting for such models). None unless asked
+    # for (``with_row_cosine``): it costs a second pass over the set.
+    row_cosine: float | None
 
 
 def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str = "auto",
-                     batch_size: int = 512, reader: ImageReader = ImageReader()) -> dict[str, ForgetSetFacts]:
+                     batch_size: int = 512, reader: ImageReader = ImageReader(),
+                     with_row_cosine: bool = False) -> dict[str, ForgetSetFacts]:
     """Each class's forget set under a model package, in eval mode: its accuracy (already forgotten?
     still forgotten on a later version?) and how many images and different photos it holds.
 
@@ -315,6 +317,7 @@ def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str 
         device: "auto", "cpu" or "cuda".
         batch_size: images per forward pass.
         reader: the limits the sources must keep, and what stops a long read.
+        with_row_cosine: also each class's head-row cosine (a second pass; what a run's setting needs).
     """
     runtime = pick_runtime(device, "auto")
     package = load_package(model)
@@ -325,9 +328,11 @@ def forget_set_facts(model: str, forget: tuple[ForgetSpec, ...], *, device: str 
     network = build_model(card, package.state_dict).to(runtime.device)
     data = ForgetData(class_names=tuple(f.class_name for f in forget), class_indices=indices, images=images)
     accuracies = forget_set_accuracy(network, data, runtime, batch_size)
-    rows = classifier(network).weight.detach().float().cpu()
-    with torch.no_grad(), runtime.autocast():
-        cosines = [row_cosine(rows[i], features(network, x, batch_size).mean(0)) for i, x in zip(indices, images)]
+    cosines: list[float | None] = [None] * len(sets)
+    if with_row_cosine:
+        with torch.no_grad(), runtime.autocast():
+            cosines = row_cosines(classifier(network).weight.detach(), indices,
+                                  [features(network, x, batch_size) for x in images])
     return {f.class_name: ForgetSetFacts(acc, len(s), distinct_count(s.pixels), s.digest, cosine)
             for f, s, acc, cosine in zip(forget, sets, accuracies, cosines)}
 

@@ -66,18 +66,22 @@ def facts(ctx: RunContext, package: Path, cls: str, uris: list[str]):
     key = (str(package), cls, tuple(uris))
     if key not in ctx.facts:
         first, *more = (str(ctx.sources.path(u)) for u in uris)
-        ctx.facts[key] = forget_set_facts(str(package), (ForgetSpec(cls, first, tuple(more)),), reader=ctx.reader)[cls]
+        ctx.facts[key] = forget_set_facts(str(package), (ForgetSpec(cls, first, tuple(more)),), reader=ctx.reader,
+                                          with_row_cosine=True)[cls]
     return ctx.facts[key]
 
 
-def engine_settings(ctx: RunContext, package: Path, sets: dict[str, list[str]]) -> dict[str, Any]:
+def engine_settings(ctx: RunContext, package: Path, sets: dict[str, list[str]],
+                    again: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """The unlearning setting for these classes' sets under the package (UnlearnSettings.engine_settings):
     by the smallest class's different photos (copies counted once: few images or many) and the lowest
-    head-row cosine (whether the model's rows are its classes' templates)."""
+    head-row cosine (whether the model's rows are its classes' templates). ``again``: earlier classes
+    trained again in the same run; their rows were reset, so they count for the rows, not the size."""
     from service.config import get_unlearn_settings
 
     found = [facts(ctx, package, cls, uris) for cls, uris in sets.items()]
-    return get_unlearn_settings().engine_settings(min(f.distinct for f in found), min(f.row_cosine for f in found))
+    rows = found + [facts(ctx, package, cls, uris) for cls, uris in (again or {}).items()]
+    return get_unlearn_settings().engine_settings(min(f.distinct for f in found), min(f.row_cosine for f in rows))
 
 
 def own_forget_facts(ctx: RunContext, package: Path, requests: dict[str, tuple[str, str, int]]) -> dict[str, Any]:

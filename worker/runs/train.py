@@ -59,6 +59,7 @@ def unlearn_batch(ctx: RunContext, runnable: dict[str, tuple[str, str, int]], cu
         rechecks = recheck_earlier(ctx, candidate, exclude=set(to_forget), target=target)
     regressed = {c: [r["uri"]] for c, r in rechecks.items() if r["status"] == "not_forgotten"}
     if regressed:  # forget those again, in the same run, from the same starting version
+        knobs = engine_settings(ctx, current, to_forget, again=regressed)  # reset rows: not templates
         report, candidate = run_engine(ctx, current, {**to_forget, **regressed}, seed, knobs,
                                        ctx.workdir / "candidate-2")
         with ctx.timings.phase("re-check earlier classes"):

@@ -494,7 +494,7 @@ def test_head_prototypes_are_used_only_where_the_rows_are_their_classes_template
     assert without.report.feature_term is None
     # The service reads the same cosine before the run, to choose its setting (ForgetSetFacts.row_cosine).
     for model, run_ in ((digits_model, templates), (shifted, not_templates)):
-        cosine = forget_set_facts(str(model), spec)[FORGET].row_cosine
+        cosine = forget_set_facts(str(model), spec, with_row_cosine=True)[FORGET].row_cosine
         assert cosine == pytest.approx(run_.report.feature_term["head_row_cosine"][FORGET], abs=1e-3)
     for name, weights in without.state_dict.items():
         assert torch.equal(not_templates.state_dict[name], weights), name
