@@ -63,6 +63,27 @@ def test_gaps_are_to_the_oracles_mean_and_the_mia_target_is_the_hull_of_their_in
     # 65 is outside seed 0's interval but inside seed 1's: inside the band [30, 70]; 72 is outside it
     assert rows["service"]["mia_within_oracle_interval"] == "1/1"
     assert rows["paper"]["mia_within_oracle_interval"] == "0/1"
+    assert (rows["service"]["mia_above_oracle_band"], rows["paper"]["mia_above_oracle_band"]) == ("0/1", "1/1")
+
+
+def test_a_model_below_the_band_is_outside_it_but_not_above_it():
+    record = {"domain": "digits", "class": "3", "seed": 0, "models": {
+        "oracle": _model(70.0, 50.0, (40, 60)), "service": _model(70.0, 35.0, (25, 45))}}
+    (row,) = [r for r in oracle.summarise([record]) if r["model"] == "service"]
+    assert (row["mia_within_oracle_interval"], row["mia_above_oracle_band"]) == ("0/1", "0/1")
+
+
+def test_runs_on_different_originals_are_different_runs():
+    # --original-seed: the same class and run seed on another original is another draw, not a variant to merge
+    runs = [{"domain": "digits", "class": "3", "seed": 0, "models": {"service": {"a": 1}}},
+            {"domain": "digits", "class": "3", "seed": 0, "original_seed": 1, "models": {"service": {"a": 2}}}]
+    assert [m["models"]["service"]["a"] for m in oracle.merged(runs)] == [1, 2]
+
+
+def test_the_cifar_original_has_no_training_seed(capsys):
+    with pytest.raises(SystemExit):
+        oracle.main(["--domain", "cifar", "--original-seed", "1"])
+    assert "--original-seed" in capsys.readouterr().err
 
 
 def test_one_oracle_is_its_own_reference():
