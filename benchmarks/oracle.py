@@ -22,7 +22,7 @@ The same recipe trains a different digits model on another CPU (floating-point o
 epochs): one build's figures are one draw. --original-seed N trains the original from training
 seed N instead of 0, so that a default is judged over several originals on one machine.
 
-Each (domain, class, seed) is one JSON file under results/oracle-runs/ (runs resume); models are
+Each (domain, class, seed, original) is one JSON file under results/oracle-runs/ (runs resume); models are
 cached under LETHE_BENCH_CACHE (~/.cache/lethe/benchmarks), never in git.
 """
 
@@ -334,16 +334,20 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
 # --- the report --------------------------------------------------------------------------------
 
 def merged(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per domain, class and seed: a variant run's models added to the first run's
-    (the original, the oracle, the service and the paper are the same models in every file)."""
+    """One record per domain, class, seed and original: a variant run's models added to the first
+    run's (the original, the oracles and the paper are the same models in every file). The service's
+    setting comes with the file whose ``service`` run the record takes: a file made under an earlier
+    default holds that default's run under the variant name that states it, and no ``service``."""
     by_case: dict[tuple, dict[str, Any]] = {}
     for record in records:
         key = (record["domain"], record["class"], record["seed"], record.get("original_seed", 0))
-        if key in by_case:
-            extra = {n: m for n, m in record["models"].items() if n not in by_case[key]["models"]}
-            by_case[key]["models"].update(extra)
-        else:
-            by_case[key] = record
+        if key not in by_case:
+            by_case[key] = {**record, "models": {}}
+            by_case[key].pop("service_setting", None)
+        merged_record = by_case[key]
+        if "service" in record["models"] and "service" not in merged_record["models"]:
+            merged_record["service_setting"] = record.get("service_setting")
+        merged_record["models"].update({n: m for n, m in record["models"].items() if n not in merged_record["models"]})
     return list(by_case.values())
 
 
@@ -423,7 +427,8 @@ def render(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
     for rec in records:
         for name, m in rec["models"].items():
             interval = f" [{m['mia_interval'][0]:.0f}, {m['mia_interval'][1]:.0f}]" if m["mia_interval"] else ""
-            label = rec["class"] + (f" (original s{rec['original_seed']})" if rec.get("original_seed") else "")
+            label = f"{rec['class']} (seed {rec['seed']}" + (f", original s{rec['original_seed']})"
+                                                              if rec.get("original_seed") else ")")
             lines.append(f"| {rec['domain']} | {label} | {name} | {_f(m['acc_f'])} | {_f(m['acc_r'])} | "
                          f"{_f(m['probe'])} | {_f(m['mia'])}{interval} | {_f(m['relearn'])} |")
     return "\n".join(lines) + "\n"
