@@ -23,3 +23,5 @@ def test_a_request_is_fulfilled_by_a_worker_and_current_moves(client, admin, dig
     assert current["version"] == 2 and current["classes_forgotten"] == ["3"]
     assert [r["external_id"] for r in current["deletion_requests"]] == ["subject-1"]
     assert body["metrics"]["forget_acc_after"]["3"] <= 1.0
+    # The digits model's head rows are its classes' templates: the default run took the head-row setting.
+    assert body["metrics"]["feature_term"]["applied"] is True and body["metrics"]["feature_term"]["prototypes"] == "head"

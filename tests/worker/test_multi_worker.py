@@ -16,7 +16,7 @@ from sqlalchemy import select
 from service.db import session_scope
 from service.deletion_requests.models import AuditEvent
 from service.registry.models import ModelVersion, RegisteredModel
-from tests.service_fixtures import register_digits, request_body, wait_for, with_s3
+from tests.service_fixtures import LOGIT_ONLY, register_digits, request_body, wait_for, with_s3
 
 FINISHED = {"completed", "propagated", "failed", "rejected", "canceled"}
 MODELS = ("digits-a", "digits-b")
@@ -60,7 +60,7 @@ def test_two_workers_share_one_queue_keep_versions_sequential_and_a_killed_one_l
         homes[machine] = tmp_path / f"machine-{machine}"
         (homes[machine] / "tmp").mkdir(parents=True)
     # Only machine a runs the sweep, so it is the one that re-queues the run of the worker killed on b.
-    workers = {m: start_worker(beat=m == "a", LETHE_HOME=str(homes[m]), TMPDIR=str(homes[m] / "tmp"))
+    workers = {m: start_worker(beat=m == "a", LETHE_HOME=str(homes[m]), TMPDIR=str(homes[m] / "tmp"), **LOGIT_ONLY)
                for m in ("a", "b")}
 
     def machine_of(worker_id: str) -> str:
@@ -103,7 +103,7 @@ def test_two_workers_share_one_queue_keep_versions_sequential_and_a_killed_one_l
     if victim == "a":
         homes["c"] = tmp_path / "machine-c"
         (homes["c"] / "tmp").mkdir(parents=True)
-        workers["c"] = start_worker(beat=True, LETHE_HOME=str(homes["c"]), TMPDIR=str(homes["c"] / "tmp"))
+        workers["c"] = start_worker(beat=True, LETHE_HOME=str(homes["c"]), TMPDIR=str(homes["c"] / "tmp"), **LOGIT_ONLY)
     b2 = post("digits-b", "2", "b-2")
 
     results = wait_finished([a1, b1, a2, b2])
@@ -130,7 +130,8 @@ def test_two_workers_share_one_queue_keep_versions_sequential_and_a_killed_one_l
 
     wait_for(lambda: not any(left().values()), 60, message=f"run folders to be removed: {left()}\n{logs()}")
     assert list((homes[victim] / "tmp").glob("lethe-run-*")), "the killed run left its folder"
-    restarted = start_worker(beat=False, LETHE_HOME=str(homes[victim]), TMPDIR=str(homes[victim] / "tmp"))
+    restarted = start_worker(beat=False, LETHE_HOME=str(homes[victim]), TMPDIR=str(homes[victim] / "tmp"),
+                             **LOGIT_ONLY)
     wait_for(lambda: "ready." in restarted.output(), 120, message=f"the restarted worker\n{restarted.output()}")
     assert list((homes[victim] / "tmp").glob("lethe-run-*")) == [], restarted.output()[-2000:]
 

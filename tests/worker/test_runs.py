@@ -16,7 +16,7 @@ from sqlalchemy import select
 from service.db import session_scope
 from service.deletion_requests.models import AuditEvent, DeletionRequest
 from service.registry.models import ModelVersion
-from tests.service_fixtures import register_digits, request_body, wait_for
+from tests.service_fixtures import LOGIT_ONLY, register_digits, request_body, wait_for
 
 FINISHED = {"completed", "propagated", "failed", "rejected", "canceled"}
 
@@ -40,8 +40,10 @@ def versions(backend, model: str = "digits") -> list[ModelVersion]:
 
 def test_a_worker_killed_mid_run_loses_nothing(backend, client, admin, digits, digits_model, start_worker):
     assert register_digits(client, admin, digits_model).status_code == 201
-    # A run that cannot finish soon (a tiny learning rate, many steps), so the kill lands inside training.
-    slow = start_worker_with(backend, start_worker, LETHE_UNLEARN_LR="1e-7", LETHE_UNLEARN_MAX_STEPS="100000")
+    # A run that cannot finish soon (a tiny learning rate, many steps), so the kill lands inside training;
+    # logit-only, as the head-row setting would fix its own learning rate and steps.
+    slow = start_worker_with(backend, start_worker, LETHE_UNLEARN_LR="1e-7", LETHE_UNLEARN_MAX_STEPS="100000",
+                             **LOGIT_ONLY)
     request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
     wait_for(lambda: training_started(backend, request_id), 120,
              message=f"the first training step; log:\n{slow.output()[-2000:]}")
@@ -92,7 +94,7 @@ def test_fifty_concurrent_posts_with_one_idempotency_key_create_one_request(back
 def test_twenty_requests_over_five_classes_with_two_workers_give_sequential_versions(
         backend, client, admin, digits, digits_model, start_worker):
     assert register_digits(client, admin, digits_model).status_code == 201
-    workers = [start_worker(), start_worker(beat=False)]
+    workers = [start_worker(**LOGIT_ONLY), start_worker(beat=False, **LOGIT_ONLY)]
     classes = ["1", "3", "5", "7", "9"]
     bodies = [request_body(digits, external_id=f"subject-{i}", forget_class=classes[i % 5]) for i in range(20)]
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -114,7 +116,7 @@ def test_twenty_requests_over_five_classes_with_two_workers_give_sequential_vers
 def test_a_request_for_a_class_already_forgotten_completes_without_a_new_version(
         backend, client, admin, digits, digits_model, start_worker):
     assert register_digits(client, admin, digits_model).status_code == 201
-    worker = start_worker()
+    worker = start_worker(**LOGIT_ONLY)
     first = client.post("/deletion-requests", headers=admin, json=request_body(digits, "a")).json()["id"]
     wait_finished(client, admin, [first], worker)
     second = client.post("/deletion-requests", headers=admin, json=request_body(digits, "b")).json()["id"]
@@ -174,7 +176,8 @@ def test_a_forget_set_that_escapes_the_data_roots_through_a_symlink_is_rejected(
 def test_canceling_a_running_request_stops_it_at_its_next_step(
         backend, client, admin, digits, digits_model, start_worker):
     assert register_digits(client, admin, digits_model).status_code == 201
-    worker = start_worker_with(backend, start_worker, LETHE_UNLEARN_LR="1e-7", LETHE_UNLEARN_MAX_STEPS="100000")
+    worker = start_worker_with(backend, start_worker, LETHE_UNLEARN_LR="1e-7", LETHE_UNLEARN_MAX_STEPS="100000",
+                               **LOGIT_ONLY)
     request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
     wait_for(lambda: training_started(backend, request_id), 120, message=f"training; log:\n{worker.output()[-2000:]}")
     assert client.post(f"/deletion-requests/{request_id}/cancel", headers=admin).status_code == 200
@@ -187,7 +190,7 @@ def test_canceling_a_running_request_stops_it_at_its_next_step(
 def test_the_generalisation_check_rejects_one_image_and_its_figures_are_the_request_evidence(
         backend, client, admin, digits, digits_model, start_worker):
     assert register_digits(client, admin, digits_model).status_code == 201
-    worker = start_worker()
+    worker = start_worker(**LOGIT_ONLY)
     # One image: nothing can be held back, so the run cannot show it forgot the class, not just the image.
     one = digits.root / f"one-image-{backend.name}" / "3"
     one.mkdir(parents=True, exist_ok=True)

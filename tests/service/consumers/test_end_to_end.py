@@ -23,7 +23,7 @@ from standardwebhooks.webhooks import Webhook as Verifier, WebhookVerificationEr
 from tests.service.consumers.test_propagation import key_name
 from tests.service.test_pull import served
 from tests.service.webhooks.test_webhooks import Receiver
-from tests.service_fixtures import make_key, register_digits, request_body, wait_for, with_env
+from tests.service_fixtures import LOGIT_ONLY, make_key, register_digits, request_body, wait_for, with_env
 
 
 class SlowLink:
@@ -127,7 +127,7 @@ def test_a_request_propagates_only_once_both_consumers_pulled_and_acknowledged_i
 
         link.slow.set()
         request_id = client.post("/deletion-requests", headers=admin, json=request_body(digits)).json()["id"]
-        worker = start_worker()
+        worker = start_worker(**LOGIT_ONLY)
 
         def status() -> str:
             return client.get(f"/deletion-requests/{request_id}", headers=admin).json()["status"]
