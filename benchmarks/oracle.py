@@ -166,8 +166,8 @@ TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 class Case(ABC):
     """One domain's original model, an oracle per class, forget sets and the held-out split."""
 
-    def __init__(self, name: str, original: Path, audit: Path) -> None:
-        self.name, self.original = name, original
+    def __init__(self, name: str, original: Path, audit: Path, original_seed: int = 0) -> None:
+        self.name, self.original, self.original_seed = name, original, original_seed  # the original's training seed
         self.audit = audit  # labelled held-out images no model trained on
 
     @abstractmethod
@@ -194,7 +194,7 @@ class Digits(Case):
         seeded = f"-s{original_seed}" if original_seed else ""
         super().__init__("digits", _cached(root.parent / f"digits-vit{self.suffix}{seeded}",
                                            lambda out: train_digits_vit(self.data, out, epochs=epochs, seed=original_seed)),
-                         self.data.test)
+                         self.data.test, original_seed)
 
     def oracle(self, cls: str, seed: int = 0) -> Path:
         """The same recipe on the training split without the class (its logit stays, never a target)."""
@@ -217,7 +217,8 @@ class Digits(Case):
 class Faces(Case):
     def __init__(self, data_dir: Path, threads: int, original_seed: int = 0) -> None:
         self.data, self.threads = YaleFaces.open(data_dir), threads
-        super().__init__("faces", build_face_model(self.data, seed=original_seed, threads=threads), self.data.test())
+        super().__init__("faces", build_face_model(self.data, seed=original_seed, threads=threads), self.data.test(),
+                         original_seed)
 
     def oracle(self, cls: str, seed: int = 0) -> Path:
         without = _FacesWithout(self.data.root, self.data.classes, without=cls)
@@ -271,7 +272,7 @@ def _cached(out: Path, build) -> Path:
 # --- one class ---------------------------------------------------------------------------------
 
 def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), oracle_seeds: int = 1,
-            oracles_only: bool = False, original_seed: int = 0) -> dict[str, Any]:
+            oracles_only: bool = False) -> dict[str, Any]:
     """The four models of one class (and any variants, and oracles retrained from other seeds),
     each measured the same way; ``oracles_only``: the oracles alone, to join the runs already made
     of the same class and seed (the report merges them)."""
@@ -307,7 +308,7 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
             "forget_set_acc_after": report.forget_acc_after[cls], "target_met": report.target_met,
             "settings": VARIANTS.get(name)}
 
-    record: dict[str, Any] = {"domain": case.name, "class": cls, "seed": seed, "original_seed": original_seed,
+    record: dict[str, Any] = {"domain": case.name, "class": cls, "seed": seed, "original_seed": case.original_seed,
                               "forget_images": forget_pixels.shape[0],
                               "audit_images": int(audit_labels.numel()),
                               "audit_images_of_class": int((audit_labels == index).sum()),
@@ -505,8 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             if path.is_file():
                 continue
             started = time.perf_counter()
-            record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds, args.oracles_only,
-                             args.original_seed)
+            record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds, args.oracles_only)
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             path.write_text(json.dumps(record, indent=2) + "\n")
             print(f"{args.domain}/{cls}: " + "; ".join(

@@ -109,3 +109,19 @@ def test_too_few_oracle_seeds_are_refused(capsys, domain, seeds):
     with pytest.raises(SystemExit) as exited:
         oracle.main(["--domain", domain, "--oracle-seeds", seeds])
     assert exited.value.code == 2 and "--oracle-seeds must be at least" in capsys.readouterr().err
+
+
+def test_a_digits_original_is_trained_from_its_own_seed_and_cached_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("LETHE_BENCH_CACHE", str(tmp_path))
+    seeds = []
+
+    def train(data, out, *, epochs, seed):  # stands in for the 40-epoch training: the seed is what is checked
+        seeds.append(seed)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").touch()
+
+    monkeypatch.setattr(oracle, "train_digits_vit", train)
+    seeded = oracle.Digits(original_seed=2)
+    assert (seeds, seeded.original.name, seeded.original_seed) == ([2], "digits-vit-s2", 2)
+    assert oracle.Digits().original.name == "digits-vit" and seeds == [2, 0]
+    assert oracle.Digits(original_seed=2).original == seeded.original and seeds == [2, 0]  # cached, not retrained
