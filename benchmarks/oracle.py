@@ -16,6 +16,8 @@ relearn gap <= 10 points, MIA within the oracle's interval.
     .venv/bin/python benchmarks/oracle.py --domain cifar --threads 1              # without its oracle: figures, no gaps yet
     .venv/bin/python benchmarks/cifar_oracle.py --without airplane --threads 2   # its oracle, ~76 min on 2 cores
     .venv/bin/python benchmarks/oracle.py --domain cifar --oracle-seeds 1 --oracles-only --threads 2
+    .venv/bin/python benchmarks/cifar_oracle.py --without airplane --seed 1 --threads 2   # a second retraining
+    .venv/bin/python benchmarks/oracle.py --domain cifar --oracle-seeds 2 --first-oracle-seed 1 --oracles-only --threads 2
     .venv/bin/python benchmarks/oracle.py --report-only     # benchmarks/results/oracle.{md,json}
 
 The same recipe trains a different digits model on another CPU (floating-point order over 40
@@ -272,10 +274,11 @@ def _cached(out: Path, build) -> Path:
 # --- one class ---------------------------------------------------------------------------------
 
 def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), oracle_seeds: int = 1,
-            oracles_only: bool = False) -> dict[str, Any]:
+            oracles_only: bool = False, first_oracle_seed: int = 0) -> dict[str, Any]:
     """The four models of one class (and any variants, and oracles retrained from other seeds),
-    each measured the same way; ``oracles_only``: the oracles alone, to join the runs already made
-    of the same class and seed (the report merges them)."""
+    each measured the same way; ``oracles_only``: the oracles alone (training seeds
+    ``first_oracle_seed`` to ``oracle_seeds`` - 1), to join the runs already made of the same class
+    and seed (the report merges them)."""
     runtime = pick_runtime("auto", "fp32")
     card = load_package(case.original).card
     index = card.class_index(cls)
@@ -287,7 +290,7 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
     audit_pixels = normalise(audit.pixels.to(runtime.device), card.input)
 
     models: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
-    oracles = [(oracle_name(s), case.oracle(cls, s)) for s in range(oracle_seeds)]
+    oracles = [(oracle_name(s), case.oracle(cls, s)) for s in range(first_oracle_seed, oracle_seeds)]
     for name, package in ([] if oracles_only else [("original", case.original)]) + oracles:
         loaded = load_package(package)
         models[name] = build_model(loaded.card, loaded.state_dict).to(runtime.device), {}
@@ -471,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
                              "about 76 minutes to train on 2 cores, cifar_oracle.py)")
     parser.add_argument("--oracles-only", action="store_true",
                         help="measure only the oracles (with --oracle-seeds), to add them to the runs already made")
+    parser.add_argument("--first-oracle-seed", type=int, default=0,
+                        help="with --oracles-only: start at this training seed, to add one more retraining to those "
+                             "measured before without training them again (a lost cache; cifar: 76 minutes each)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     default_oracles = 0 if args.domain == "cifar" else 1
@@ -482,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--original-seed: the cifar original is the reference package, trained once")
     if args.oracles_only and (args.variants or not args.oracle_seeds):
         parser.error("--oracles-only measures the oracles alone: give --oracle-seeds and no --variants")
+    if args.first_oracle_seed and not (args.oracles_only and 0 < args.first_oracle_seed < args.oracle_seeds):
+        parser.error("--first-oracle-seed goes with --oracles-only and a smaller --oracle-seeds "
+                     "(it measures seeds first to oracle-seeds - 1)")
     torch.set_num_threads(args.threads)
     runs = args.results / "oracle-runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         for cls in classes:
             suffix = ("-" + "+".join(args.variants) if args.variants else "") + (
                 f"-oracles{args.oracle_seeds}" if args.oracle_seeds != default_oracles else "") + (
+                f"-from{args.first_oracle_seed}" if args.first_oracle_seed else "") + (
                 "-only" if args.oracles_only else "")
             size = f"-n{args.forget_images}" if args.domain == "cifar" else ""
             original = f"-o{args.original_seed}" if args.original_seed else ""
@@ -506,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             if path.is_file():
                 continue
             started = time.perf_counter()
-            record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds, args.oracles_only)
+            record = measure(case, cls, args.seed, tuple(args.variants), args.oracle_seeds, args.oracles_only,
+                             args.first_oracle_seed)
             record["wall_seconds"] = round(time.perf_counter() - started, 1)
             path.write_text(json.dumps(record, indent=2) + "\n")
             print(f"{args.domain}/{cls}: " + "; ".join(

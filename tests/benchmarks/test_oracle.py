@@ -29,6 +29,13 @@ def test_one_digit_against_its_oracle_is_measured_and_reported(tmp_path, monkeyp
     assert [added["models"]["oracle"][m] for m in measures] == [record["models"]["oracle"][m] for m in measures]
     (record,) = json.loads((tmp_path / "oracle.json").read_text())["runs"]
     assert set(record["models"]) == {"original", "oracle", "oracle-s1", "service", "paper"}
+    # ... and one more from a later seed alone, the earlier ones not trained or measured again.
+    assert oracle.main(["--domain", "digits", "--classes", "3", "--epochs", "10", "--results", str(tmp_path),
+                        "--oracle-seeds", "3", "--first-oracle-seed", "2", "--oracles-only"]) == 0
+    added = json.loads((tmp_path / "oracle-runs" / "digits-3-s0-oracles3-from2-only.json").read_text())
+    assert set(added["models"]) == {"oracle-s2"}
+    (record,) = json.loads((tmp_path / "oracle.json").read_text())["runs"]
+    assert set(record["models"]) == {"original", "oracle", "oracle-s1", "oracle-s2", "service", "paper"}
 
 
 def test_oracles_only_refuses_what_it_would_not_measure(capsys):
@@ -37,6 +44,14 @@ def test_oracles_only_refuses_what_it_would_not_measure(capsys):
         with pytest.raises(SystemExit):
             oracle.main(argv)
         assert "--oracles-only measures the oracles alone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--first-oracle-seed", "1", "--oracle-seeds", "2"],  # not --oracles-only
+                                  ["--first-oracle-seed", "2", "--oracle-seeds", "2", "--oracles-only"]])  # nothing left
+def test_a_first_oracle_seed_needs_oracles_only_and_seeds_after_it(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        oracle.main(["--domain", "cifar", *argv])
+    assert exited.value.code == 2 and "--first-oracle-seed goes with --oracles-only" in capsys.readouterr().err
 
 
 def test_a_variant_runs_models_join_the_first_runs_record():
