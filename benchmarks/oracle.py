@@ -142,9 +142,8 @@ VARIANTS = {
                                                 "max_steps": 100},
     "feature-head-l1-0.1-reset-50": FEATURE | {"feature_prototypes": "head", "l1_weight": 0.1, "reset_head_rows": True,
                                                "max_steps": 50},
-    # The size's setting itself, whatever the head rows, as it was (VARIANT_BASE): the logit-only setting,
-    # the service's default for every model before the head-row check, and where the rows are not
-    # templates until the sharpened target (sharp-0.1-p0.05) took its place.
+    # The size's setting itself, whatever the head rows: the logit-only setting, the service's default
+    # for every model before the head-row check (and still where the rows are not templates).
     "service-logit-only": {},
     # The last without its feature term: what it runs where the head's rows are not its classes' templates.
     "all-linear-l1-0.1-reset-100": FEATURE | {"feature_weight": 0.0, "feature_tol": 1.0, "l1_weight": 0.1,
@@ -167,7 +166,6 @@ VARIANTS = {
     "every-block-sharp-0.3": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.3},
     "every-block-sharp-0.1": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.1},
 }
-VARIANT_BASE = {"target_temperature": 1.0, "max_forget_prob": 1.0}  # see measure()
 REAL_ANCHOR = {"feature-real-anchor-w30-af10"}  # variants given the case's anchor set
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
@@ -306,11 +304,7 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
     # variants change the setting for its size alone, as they always have (whatever the rows).
     facts = forget_set_facts(str(case.original), inputs.forget, with_row_cosine=True)[cls]
     knobs = UnlearnSettings()
-    service = knobs.engine_settings(facts.distinct, facts.row_cosine)
-    # The variants change the many-image setting as it was when they were measured, the masked-KL target
-    # at temperature 1 and the first flip as the stop (the default before 2026-12-07 evening): a variant's
-    # row means what it meant then. The few-image setting never took either knob.
-    base = UnlearnSettings(**VARIANT_BASE).engine_settings(facts.distinct)
+    service, base = knobs.engine_settings(facts.distinct, facts.row_cosine), knobs.engine_settings(facts.distinct)
     configs = [] if oracles_only else [
         ("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed)),
         *[(v, UnlearnConfig(seed=seed, **(base | VARIANTS[v]))) for v in variants]]

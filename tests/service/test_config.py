@@ -74,9 +74,9 @@ def test_a_worker_with_a_bad_unlearning_setting_does_not_start(tmp_path):
 def test_a_run_whose_smallest_forget_set_is_few_images_gets_the_few_image_setting():
     knobs = UnlearnSettings()
     many, few = knobs.engine_settings(knobs.few_images_below), knobs.engine_settings(knobs.few_images_below - 1)
-    regime = ("targets", "lr", "augment", "max_forget_prob", "target_temperature")
-    assert tuple(many[k] for k in regime) == (("qkv",), None, False, 0.05, 0.1)
-    assert tuple(few[k] for k in regime) == (("qkv", "proj", "fc1", "fc2"), 1e-3, True, 0.05, 1.0)
+    regime = ("targets", "lr", "augment", "max_forget_prob")
+    assert tuple(many[k] for k in regime) == (("qkv",), None, False, 1.0)
+    assert tuple(few[k] for k in regime) == (("qkv", "proj", "fc1", "fc2"), 1e-3, True, 0.05)
     assert {k: v for k, v in many.items() if k not in regime} == {k: v for k, v in few.items() if k not in regime}
 
 
@@ -97,18 +97,6 @@ def test_many_image_runs_on_template_head_rows_get_the_head_row_feature_setting(
             UnlearnConfig(**UnlearnSettings().engine_settings(many, 0.99))
     for cosine in (0.0, 0.99):
         UnlearnConfig(**knobs.engine_settings(many, cosine))  # both settings are ones the engine takes
-
-
-def test_the_sharpened_target_goes_where_there_is_a_target_to_sharpen(monkeypatch):
-    many = UnlearnSettings().few_images_below
-    monkeypatch.setenv("LETHE_UNLEARN_METHOD", "lora-bounded")  # no teacher: its default stays out of the run
-    assert UnlearnSettings().engine_settings(many)["target_temperature"] == 1.0
-    UnlearnConfig(**UnlearnSettings().engine_settings(many))
-    monkeypatch.setenv("LETHE_UNLEARN_TARGET_TEMPERATURE", "0.5")  # asked for: refused, not ignored
-    with pytest.raises(ValueError, match="LETHE_UNLEARN_TARGET_TEMPERATURE is the masked-KL target's"):
-        UnlearnSettings()
-    monkeypatch.setenv("LETHE_UNLEARN_METHOD", "lora-kl")
-    assert UnlearnSettings().engine_settings(many)["target_temperature"] == 0.5
 
 
 def test_every_run_resets_the_forgotten_rows_unless_told_not_to(monkeypatch):
