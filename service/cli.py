@@ -519,6 +519,13 @@ def summary_line(report: dict) -> str:
     asked_margin = report["config"].get("confirm_views") or report["config"].get("max_forget_prob", 1.0) < 1.0
     if asked_margin and report.get("target_met") and not report.get("stop_rule_met", True):
         line += "; the stop rule's margin (views or probability bound) was not reached within --max-steps"
+    selection = report.get("selection")
+    if selection and selection.get("best"):
+        line += f"; checkpoint of step {selection['best']['step']} selected on the {selection['half']} split"
+        if selection.get("selected_by") == "target":
+            line += " (only forgot its images: no checkpoint reached the margin)"
+    elif selection:
+        line += f"; no checkpoint selected on the {selection['half']} split (none forgot its images)"
     if report.get("holdout"):
         h = report["holdout"]
         held = ", ".join(f"{c} {a:.1f}% of {h['held_back'][c]}" if a is not None

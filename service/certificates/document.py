@@ -94,7 +94,7 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
     selection = metrics.get("selection")
     if selection:
         found["checkpoint_selection"] = {"half": selection.get("half"), "images": selection.get("images"),
-                                         "step": selection.get("step")}
+                                         "step": selection.get("step"), "selected_by": selection.get("selected_by")}
     holdout = metrics.get("holdout")
     if holdout:
         found["generalisation_check"] = {

@@ -151,3 +151,17 @@ def test_the_summary_says_when_the_head_rows_were_not_templates_and_the_feature_
     assert "no feature term: the head's rows are not its classes' templates (row cosine 3 0.61 < 0.9)" in summary_line(report)
     report["feature_term"] |= {"applied": True, "head_row_cosine": {"3": 0.99}}
     assert "feature term" not in summary_line(report)
+
+
+def test_the_summary_names_the_selected_checkpoint_and_what_it_met():
+    report = {"forget_acc_before": {"3": 100.0}, "forget_acc_after": {"3": 0.0}, "steps": 7, "seconds": 1.0,
+              "config": {"max_forget_prob": 0.05}, "target_met": True, "stop_rule_met": False,
+              "selection": {"half": "selection", "best": {"step": 7}, "selected_by": "target"}}
+    line = summary_line(report)
+    assert "margin (views or probability bound) was not reached" in line
+    assert "checkpoint of step 7 selected on the selection split (only forgot its images" in line
+    report["selection"] |= {"selected_by": "stop rule"}
+    assert "checkpoint of step 7 selected on the selection split" in summary_line(report)
+    assert "only forgot" not in summary_line(report)
+    report["selection"] |= {"best": None, "selected_by": None}
+    assert "no checkpoint selected on the selection split" in summary_line(report)

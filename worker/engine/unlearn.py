@@ -271,7 +271,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
                                  else int(loop.anchor_inputs.shape[0])),
         feature_term=({"applied": loop.feature_term, "prototypes": config.feature_prototypes,
                        "head_row_cosine": loop.head_row_cosine} if config.feature_weight > 0 else None),
-        selection=({"best": outcome.best_evaluation, "evaluations": outcome.evaluations,
+        selection=({"best": outcome.best_evaluation, "selected_by": outcome.selected_by, "evaluations": outcome.evaluations,
                     "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
                    if config.select_on_eval else None),
         history=outcome.history,

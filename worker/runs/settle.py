@@ -159,7 +159,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     selection = report.get("selection")
     if selection:  # which half chose the checkpoint, not every evaluation along the way
         summary["selection"] = {"half": selection.get("half"), "images": selection.get("images"),
-                                "step": (selection.get("best") or {}).get("step")}
+                                "step": (selection.get("best") or {}).get("step"),
+                                "selected_by": selection.get("selected_by")}
     return summary
 
 

@@ -73,6 +73,7 @@ def test_a_completed_request_has_a_certificate_that_verifies_with_the_published_
     assert reset["forget_set_accuracy_before_reset"] <= 1.0 and reset["evaluation_class_accuracy_before_reset"] >= 0
     # Judged on the audit half; the selection half only chose the checkpoint.
     assert evidence["evaluation"]["half"] == "audit" and evidence["checkpoint_selection"]["half"] == "selection"
+    assert evidence["checkpoint_selection"]["step"] >= 1 and evidence["checkpoint_selection"]["selected_by"] == "stop rule"
     assert 0 < evidence["evaluation"]["class_images"] < evidence["evaluation"]["images"]  # the figure's resolution
     assert evidence["evaluation"]["images"] + evidence["checkpoint_selection"]["images"] == sum(
         1 for _ in digits.test.rglob("*.png"))

@@ -404,6 +404,8 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     assert "/certificate" not in client.get(f"/dashboard/requests/{waiting}").text
     page = client.get(f"/dashboard/requests/{done}/certificate")
     assert page.status_code == 200 and "Deletion certificate" in page.text
+    assert "The checkpoint (step 5) was chosen on the selection half (357 images)" in page.text
+    assert "no checkpoint reached the stop rule's margin" in page.text
     assert "@media print" in client.get("/dashboard/static/dashboard.css").text  # it prints as a document
     download = client.get(f"/dashboard/requests/{done}/certificate.jws")
     assert download.headers["content-type"] == "application/jose"

@@ -94,7 +94,7 @@ def test_select_on_eval_keeps_the_best_scoring_checkpoint_that_meets_the_target(
         selection = result.report.selection
         qualifying = [e for e in selection["evaluations"] if e["meets_target"]]
         assert qualifying and selection["best"] == max(qualifying, key=lambda e: e["score"])
-        assert result.report.steps == selection["best"]["step"]
+        assert result.report.steps == selection["best"]["step"] and selection["selected_by"] == "stop rule"
         assert all(acc <= 1.0 for acc in selection["best"]["forget_acc"].values())
 
 
@@ -112,6 +112,57 @@ def test_selection_skips_only_what_it_could_not_select(digits_model, digits, mon
     assert all(b > 1.0 for e in skipped for b in e["forget_acc_at_least"].values())
     assert quick.report.selection["best"] == whole.report.selection["best"]
     assert all(torch.equal(quick.state_dict[k], v) for k, v in whole.state_dict.items())
+
+
+def test_selection_without_a_checkpoint_at_the_margin_keeps_the_best_that_forgot_its_images(digits_model, digits):
+    # A probability bound no run reaches in 30 steps: the stop rule's measure is met by no checkpoint,
+    # yet several forget their images (the report's target). The weights written are the best-scoring
+    # of those, not the last step's, and the report says what they met.
+    result = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True,
+                 max_forget_prob=1e-9, max_steps=30)
+    selection, report = result.report.selection, result.report
+    assert not any(e["meets_target"] for e in selection["evaluations"])
+    forgot = [e for e in selection["evaluations"] if e.get("forgets")]
+    assert forgot and selection["selected_by"] == "target"
+    assert selection["best"] == max(forgot, key=lambda e: e["score"]) and report.steps == selection["best"]["step"]
+    assert report.target_met and not report.stop_rule_met
+    assert report.forget_acc_trained == selection["best"]["forget_acc_argmax"]
+
+
+def test_selection_prefers_a_checkpoint_at_the_margin_to_any_that_only_forgot(digits_model, digits, monkeypatch):
+    # Which checkpoints reach the margin depends on a run's arithmetic, so the evaluations are
+    # scripted over a real run: one that only forgot scores best (step 1), one at the margin scores
+    # less (step 2). Step 2 is kept, and the fallback's extra measure stops once it exists.
+    from worker.engine.loop import UnlearningLoop
+
+    judged = {}
+
+    def scripted(self, step, judge_target):
+        judged[step] = judge_target
+        at_margin, forgot = step == 2, step in (1, 3)
+        return {"step": step, "forget_acc": {FORGET: 0.0}, "acc_f": 0.0, "acc_r": 99.0 - step,
+                "score": 99.0 - step if (at_margin or forgot) else None, "meets_target": at_margin,
+                **({"forgets": True} if forgot else {})}
+
+    monkeypatch.setattr(UnlearningLoop, "_checkpoint_evaluation", scripted)
+    result = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
+    selection = result.report.selection
+    assert selection["selected_by"] == "stop rule" and selection["best"]["step"] == 2 == result.report.steps
+    assert judged == {1: True, 2: True, 3: False, 4: False}
+
+
+def test_the_fallback_writes_its_checkpoints_weights_not_the_last_steps(digits_model, digits, monkeypatch):
+    from worker.engine.loop import UnlearningLoop
+
+    def scripted(self, step, judge_target):  # every step only forgot; the first scores best
+        return {"step": step, "forget_acc": {FORGET: 50.0}, "acc_f": 0.0, "acc_r": 99.0 - step,
+                "score": 99.0 - step, "meets_target": False, "forgets": True}
+
+    monkeypatch.setattr(UnlearningLoop, "_checkpoint_evaluation", scripted)
+    kept = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
+    first = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=1)
+    assert kept.report.selection["selected_by"] == "target" and kept.report.steps == 1 < kept.report.steps_run
+    assert all(torch.equal(first.state_dict[k], v) for k, v in kept.state_dict.items())
 
 
 def test_select_on_eval_forgets_and_keeps_the_others_on_the_test_split(selected_runs, base_accuracy, digits):
