@@ -293,7 +293,7 @@ class Bench:
             "forget_set_acc_after": report.forget_acc_after[task.class_name],
             "acc_f": acc_f, "acc_r": acc_r, "original_acc_f": base_f, "original_acc_r": base_r,
             "per_class": per_class_accuracy(predictions, labels, self.package.card.classes),
-            "selection": report.selection and report.selection["best"],
+            "selection": _selected(report.selection),
         }
 
     def work(self, tasks: list[Task]) -> int:
@@ -321,6 +321,13 @@ class Bench:
 
     def lock(self, task: Task) -> Path:
         return self.runs / f"{self.name(task)}.lock"
+
+
+def _selected(selection: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The checkpoint a select-on-eval run kept and what it met (loop.STOP_RULE or loop.TARGET)."""
+    if not selection or not selection["best"]:
+        return None
+    return {**selection["best"], "selected_by": selection.get("selected_by")}
 
 
 def best_grid_point(results: list[dict[str, Any]]) -> dict[str, Any]:

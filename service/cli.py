@@ -524,6 +524,8 @@ def summary_line(report: dict) -> str:
         line += f"; checkpoint of step {selection['best']['step']} selected on the {selection['half']} split"
         if selection.get("selected_by") == "target":
             line += " (only forgot its images: no checkpoint reached the margin)"
+    elif selection and report.get("steps_run") == 0:
+        line += "; no checkpoint to select: the forget sets met the target before any step"
     elif selection:
         line += f"; no checkpoint selected on the {selection['half']} split (none forgot its images)"
     if report.get("holdout"):

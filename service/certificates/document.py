@@ -94,7 +94,9 @@ def evidence(metrics: dict[str, Any], cls: str) -> dict[str, Any]:
     selection = metrics.get("selection")
     if selection:
         found["checkpoint_selection"] = {"half": selection.get("half"), "images": selection.get("images"),
-                                         "step": selection.get("step"), "selected_by": selection.get("selected_by")}
+                                         "step": selection.get("step")}
+        if "selected_by" in selection:  # runs before it was recorded keep the statements they were signed with
+            found["checkpoint_selection"]["selected_by"] = selection["selected_by"]
     holdout = metrics.get("holdout")
     if holdout:
         found["generalisation_check"] = {

@@ -164,4 +164,6 @@ def test_the_summary_names_the_selected_checkpoint_and_what_it_met():
     assert "checkpoint of step 7 selected on the selection split" in summary_line(report)
     assert "only forgot" not in summary_line(report)
     report["selection"] |= {"best": None, "selected_by": None}
-    assert "no checkpoint selected on the selection split" in summary_line(report)
+    assert "no checkpoint selected on the selection split (none forgot its images)" in summary_line(report)
+    report["steps_run"] = 0  # nothing was trained: nothing to choose from, and nothing missed
+    assert "no checkpoint to select: the forget sets met the target before any step" in summary_line(report)

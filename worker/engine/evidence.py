@@ -98,6 +98,9 @@ class ProbeResult:
     n: int  # audit images of the class
     folds: int
     seed: int
+    # 95 % Wilson interval on ``accuracy`` over the class's n images, in %: with a person's few photos
+    # it spans most of the scale, and a change inside it is not one the probe can show.
+    interval: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -250,10 +253,11 @@ def probe_on_features(x: torch.Tensor, labels: torch.Tensor, class_index: int, *
         warnings.simplefilter("ignore", ConvergenceWarning)  # see PROBE_MAX_ITER
         predicted = cross_val_predict(probe, x.double().numpy(), y, cv=splits)
     mine = y == class_index
+    found = int((predicted[mine] == class_index).sum())
     return ProbeResult(
         accuracy=_percent(predicted[mine] == class_index),
         others_accuracy=_percent(predicted[~mine] == y[~mine]),
-        n=n, folds=folds, seed=seed,
+        n=n, folds=folds, seed=seed, interval=wilson_interval(found, n),
     )
 
 
@@ -314,7 +318,10 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     shrink = 1.0 + z * z / trials
     centre = (p + z * z / (2 * trials)) / shrink
     half = z * math.sqrt(p * (1.0 - p) / trials + z * z / (4 * trials * trials)) / shrink
-    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+    # At 0 or all successes one end is exactly the observed figure; rounding must not leave it outside.
+    low = 0.0 if successes == 0 else 100.0 * max(0.0, centre - half)
+    high = 100.0 if successes == trials else 100.0 * min(1.0, centre + half)
+    return low, high
 
 
 # --- k-shot relearning -----------------------------------------------------------------------
@@ -443,6 +450,7 @@ def parent_and_new(parent: torch.nn.Module, new: torch.nn.Module, *, forget_imag
         probes = [probe_accuracy(m, probe_pixels, probe_labels, class_index, seed=seed, max_folds=config.probe_folds,
                                  batch_size=config.eval_batch_size) for m in (parent, new)]
         report["probe"] = {"before": probes[0].accuracy, "after": probes[1].accuracy, "images": probes[0].n,
+                           "before_interval": probes[0].interval, "after_interval": probes[1].interval,
                            "others_before": probes[0].others_accuracy, "others_after": probes[1].others_accuracy,
                            "folds": probes[0].folds, "seed": seed}
     except ImageSourceError as exc:

@@ -49,7 +49,8 @@ def completed_run_metrics() -> dict:
             "selection": {"half": "selection", "images": 357, "step": 5, "selected_by": "target"},
             "residual_knowledge": {"3": {
                 "measured_on": "audit",
-                "probe": {"before": 94.6, "after": 71.2, "images": 18, "folds": 5, "seed": 0},
+                "probe": {"before": 94.6, "after": 71.2, "images": 18, "folds": 5, "seed": 0,
+                          "before_interval": [74.2, 99.0], "after_interval": [48.0, 87.0]},
                 "mia": {"before": 51.4, "after": 49.0, "before_interval": [40.0, 62.0], "after_interval": [38.0, 60.0],
                         "images_per_side": 18, "forget_images": 140, "unseen_images": 18, "folds": 10, "seed": 0},
                 "relearn": {"before": 100.0, "after": 33.3, "k": 10, "steps": 10, "lr": 2e-4, "images_scored": 18,

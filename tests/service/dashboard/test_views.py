@@ -399,6 +399,7 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     assert "/certificate" in detail and "audit half, 360 images" in detail
     assert "36 images of the class: one is 2.8 points" in detail  # the figure's resolution beside it
     assert "Linear probe on its features" in detail and "71.2 %" in detail and "10-shot fine-tuning" in detail
+    assert "18 unseen images, audit half; 95 % interval 48–87" in detail  # 18 images: a loose figure, said so
     # The head row was reset: the figures the gate judged, the trained network's, stand beside the served ones.
     assert detail.count("before its head row was reset") == 2 and "0.7 %" in detail and "2.8 %" in detail
     assert "/certificate" not in client.get(f"/dashboard/requests/{waiting}").text
@@ -406,6 +407,7 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     assert page.status_code == 200 and "Deletion certificate" in page.text
     assert "The checkpoint (step 5) was chosen on the selection half (357 images)" in page.text
     assert "no checkpoint reached the stop rule's margin" in page.text
+    assert "(95 %: 74–99)" in page.text and "(95 %: 48–87)" in page.text and "(95 %: 38–60)" in page.text
     assert "@media print" in client.get("/dashboard/static/dashboard.css").text  # it prints as a document
     download = client.get(f"/dashboard/requests/{done}/certificate.jws")
     assert download.headers["content-type"] == "application/jose"

@@ -191,6 +191,18 @@ def test_the_probe_folds_follow_the_smallest_class_and_a_seed_gives_one_answer(o
     assert probe_accuracy(original, pixels[keep], labels[keep], CLASS, seed=1) == few
 
 
+def test_the_probes_interval_is_wilsons_over_the_class_images_and_holds_its_figure(original, audit):
+    pixels, labels = audit
+    keep = torch.cat([(labels == c).nonzero().flatten()[:n] for c, n in ((CLASS, 12), (1, 12), (7, 12))])
+    few = probe_accuracy(original, pixels[keep], labels[keep], CLASS, seed=1)
+    whole = probe_accuracy(original, pixels, labels, CLASS, seed=1)
+    for probe in (few, whole):
+        assert probe.interval == wilson_interval(round(probe.accuracy * probe.n / 100), probe.n)
+        assert probe.interval[0] <= probe.accuracy <= probe.interval[1]
+    # 12 photos of a class leave the figure loose: the interval is wider than with all the audit's images.
+    assert few.interval[1] - few.interval[0] > whole.interval[1] - whole.interval[0] and whole.n > few.n
+
+
 @pytest.mark.parametrize("counts, message", [
     ({CLASS: 1, 1: 5}, "1 image"),  # the class itself
     ({CLASS: 5, 1: 1}, "single image"),  # another class: no fold could hold it out
@@ -259,7 +271,8 @@ def test_wilson_interval_known_answers():
     assert wilson_interval(50, 100) == pytest.approx((40.383, 59.617), abs=1e-3)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 100 * 1.959964**2 / (10 + 1.959964**2)), abs=1e-9)
     low, high = wilson_interval(10, 10)
-    assert high == pytest.approx(100.0) and low == pytest.approx(100 * 10 / (10 + 1.959964**2))
+    assert high == 100.0 and low == pytest.approx(100 * 10 / (10 + 1.959964**2))  # exactly: it holds the figure
+    assert wilson_interval(0, 19)[0] == 0.0 and wilson_interval(19, 19)[1] == 100.0
     with pytest.raises(ValueError):
         wilson_interval(0, 0)
 
@@ -351,6 +364,8 @@ def test_a_run_reports_each_measure_for_the_original_and_the_new_model_on_the_au
     found = report.residual_knowledge["3"]
     assert found["measured_on"] == "audit" and set(found) == {"probe", "mia", "relearn", "measured_on"}
     assert found["probe"]["images"] == 19  # the audit half of the test split's 37 images of 3
+    assert found["probe"]["after_interval"][0] <= found["probe"]["after"] <= found["probe"]["after_interval"][1]
+    assert found["probe"]["before_interval"][0] <= found["probe"]["before"] <= found["probe"]["before_interval"][1]
     assert found["mia"]["forget_images"] == report.forget_set_size["3"]
     assert found["mia"]["unseen_images"] == found["probe"]["images"] == found["relearn"]["images_scored"]
     assert all(found[m]["seed"] == 4 for m in ("probe", "mia", "relearn"))  # the check's seed, not the run's

@@ -129,40 +129,81 @@ def test_selection_without_a_checkpoint_at_the_margin_keeps_the_best_that_forgot
     assert report.forget_acc_trained == selection["best"]["forget_acc_argmax"]
 
 
-def test_selection_prefers_a_checkpoint_at_the_margin_to_any_that_only_forgot(digits_model, digits, monkeypatch):
-    # Which checkpoints reach the margin depends on a run's arithmetic, so the evaluations are
-    # scripted over a real run: one that only forgot scores best (step 1), one at the margin scores
-    # less (step 2). Step 2 is kept, and the fallback's extra measure stops once it exists.
+def scripted_selection(monkeypatch, at_margin: set[int], forgot: set[int]) -> tuple[dict, list]:
+    """Which checkpoints reach the margin depends on a run's arithmetic, so a test scripts them over
+    a real run: the steps in ``at_margin`` meet the stop rule's measure, those in ``forgot`` only
+    the target, and a checkpoint's score falls with its step (the first scores best). Returns what
+    each evaluation was asked to judge and the steps scored, in order."""
     from worker.engine.loop import UnlearningLoop
 
-    judged = {}
+    judged, scored = {}, []
 
-    def scripted(self, step, judge_target):
+    def evaluation(self, step, judge_target):
         judged[step] = judge_target
-        at_margin, forgot = step == 2, step in (1, 3)
-        return {"step": step, "forget_acc": {FORGET: 0.0}, "acc_f": 0.0, "acc_r": 99.0 - step,
-                "score": 99.0 - step if (at_margin or forgot) else None, "meets_target": at_margin,
-                **({"forgets": True} if forgot else {})}
+        return {"step": step, "forget_acc": {FORGET: 0.0}, "acc_f": None, "acc_r": None, "score": None,
+                "meets_target": step in at_margin, **({"forgets": True} if step in forgot else {})}
 
-    monkeypatch.setattr(UnlearningLoop, "_checkpoint_evaluation", scripted)
+    def score(self, evaluation):
+        scored.append(evaluation["step"])
+        evaluation.update(acc_f=0.0, acc_r=99.0 - evaluation["step"], score=99.0 - evaluation["step"])
+
+    monkeypatch.setattr(UnlearningLoop, "_checkpoint_evaluation", evaluation)
+    monkeypatch.setattr(UnlearningLoop, "_score", score)
+    return judged, scored
+
+
+def test_selection_prefers_a_checkpoint_at_the_margin_to_any_that_only_forgot(digits_model, digits, monkeypatch):
+    # Step 1 only forgot and would score best; step 2 reached the margin. Step 2 is kept, step 1 is
+    # never scored, and once step 2 exists no checkpoint is judged on the target alone.
+    judged, scored = scripted_selection(monkeypatch, at_margin={2}, forgot={1, 3})
     result = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
     selection = result.report.selection
     assert selection["selected_by"] == "stop rule" and selection["best"]["step"] == 2 == result.report.steps
-    assert judged == {1: True, 2: True, 3: False, 4: False}
+    assert judged == {1: True, 2: True, 3: False, 4: False} and scored == [2]
 
 
 def test_the_fallback_writes_its_checkpoints_weights_not_the_last_steps(digits_model, digits, monkeypatch):
-    from worker.engine.loop import UnlearningLoop
-
-    def scripted(self, step, judge_target):  # every step only forgot; the first scores best
-        return {"step": step, "forget_acc": {FORGET: 50.0}, "acc_f": 0.0, "acc_r": 99.0 - step,
-                "score": 99.0 - step, "meets_target": False, "forgets": True}
-
-    monkeypatch.setattr(UnlearningLoop, "_checkpoint_evaluation", scripted)
+    # No step reaches the margin; every one forgot. They are scored once the run ends, and the best
+    # (step 1) is written, the same weights as a run that stopped there.
+    _, scored = scripted_selection(monkeypatch, at_margin=set(), forgot={1, 2, 3, 4})
     kept = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
+    assert scored == [1, 2, 3, 4]
     first = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=1)
     assert kept.report.selection["selected_by"] == "target" and kept.report.steps == 1 < kept.report.steps_run
+    assert kept.report.selection["best"]["score"] == 98.0
     assert all(torch.equal(first.state_dict[k], v) for k, v in kept.state_dict.items())
+
+
+def test_fallback_checkpoints_past_the_memory_bound_are_scored_in_groups(digits_model, digits, monkeypatch):
+    # A bound smaller than one checkpoint scores each as it comes, keeping only the best: the same
+    # choice and weights as scoring them at the end.
+    from worker.engine import loop
+
+    _, scored = scripted_selection(monkeypatch, at_margin=set(), forgot={1, 2, 3, 4})
+    at_end = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
+    monkeypatch.setattr(loop, "MAX_UNSCORED_CHECKPOINT_BYTES", 0)
+    scored.clear()
+    grouped = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
+    assert scored == [1, 2, 3, 4] and grouped.report.steps == at_end.report.steps == 1
+    assert all(torch.equal(at_end.state_dict[k], v) for k, v in grouped.state_dict.items())
+
+
+def test_a_run_that_reaches_the_margin_selects_as_it_did_before_the_fallback(digits_model, digits, monkeypatch):
+    # The fallback's extra judgement changes nothing for a run that reaches the stop rule's margin:
+    # the same checkpoint, the same evaluations at the margin, the same weights as with no margin
+    # judged at all (what selection was before it). With the few-image margin the forget images
+    # flip some steps before they reach it (1 to 12 of them, measured), so there is something to judge.
+    from worker.engine.loop import UnlearningLoop
+
+    setting = dict(eval_source=digits.val, seed=0, select_on_eval=True, max_forget_prob=0.05)
+    with_fallback = run(digits_model, digits, **setting)
+    monkeypatch.setattr(UnlearningLoop, "has_margin", property(lambda self: False))
+    without = run(digits_model, digits, **setting)
+    assert with_fallback.report.selection["selected_by"] == "stop rule"
+    assert any(e.get("forgets") for e in with_fallback.report.selection["evaluations"])
+    assert with_fallback.report.selection["best"] == without.report.selection["best"]
+    assert with_fallback.report.steps_run == without.report.steps_run
+    assert all(torch.equal(without.state_dict[k], v) for k, v in with_fallback.state_dict.items())
 
 
 def test_select_on_eval_forgets_and_keeps_the_others_on_the_test_split(selected_runs, base_accuracy, digits):
