@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     gate_max_holdout_forget_acc: float = Field(GATE_MAX_HOLDOUT_FORGET_ACC, ge=0, le=100,
                                                description="publish gate: held-back forget images still recognised, %")
     gate_max_probe_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: a linear "
-                                             "probe's accuracy on the forgotten class (audit half), %")
+                                             "probe's accuracy on the forgotten class (audit half), judged by its 95 % "
+                                             "interval's lower end, %")
     gate_max_mia_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: the loss-based "
                                            "membership attack's accuracy, judged by its 95 % interval's lower end, %")
     gate_max_relearn_acc: float | None = Field(None, ge=0, le=100, description="publish gate, off by default: the "

@@ -100,14 +100,15 @@ def holdout_errors(settings: Settings, holdout: dict[str, Any] | None, classes: 
 
 
 def residual_errors(settings: Settings, found: dict[str, Any] | None) -> list[str]:
-    """The residual-knowledge gates (each off unless set): the new version's probe accuracy, the lower
-    end of its membership attack's 95 % interval (a small forget set gives a wide interval, and a
-    point estimate would fail runs on noise), and its accuracy after k-shot fine-tuning."""
+    """The residual-knowledge gates (each off unless set): the lower ends of the 95 % intervals of the
+    new version's probe accuracy and of its membership attack (a person's few photos give wide
+    intervals, and a point estimate would fail runs on noise), and its accuracy after k-shot
+    fine-tuning."""
     if not found:
         return []
     checks = [
-        (settings.gate_max_probe_acc, found["probe"].get("after"), "a linear probe on its features still finds "
-                                                                    "{value:.1f}% of the class (gate {limit}%)"),
+        (settings.gate_max_probe_acc, (found["probe"].get("after_interval") or (None,))[0],
+         "a linear probe on its features still finds the class (95% interval from {value:.1f}%, gate {limit}%)"),
         (settings.gate_max_mia_acc, (found["mia"].get("after_interval") or (None,))[0],
          "a membership attack still tells its forget images from unseen ones (95% interval from {value:.1f}%, "
          "gate {limit}%)"),

@@ -47,8 +47,9 @@ def test_no_check_no_error():
     assert holdout_errors(Settings(), None) == []
 
 
-def residual(probe: float | None, mia_low: float | None, relearn: float | None) -> dict:
-    return {"probe": {"before": 95.0, "after": probe}, "mia": {"after": 60.0, "after_interval": (mia_low, 70.0)},
+def residual(probe_low: float | None, mia_low: float | None, relearn: float | None) -> dict:
+    return {"probe": {"before": 95.0, "after": 50.0, "after_interval": (probe_low, 80.0)},
+            "mia": {"after": 60.0, "after_interval": (mia_low, 70.0)},
             "relearn": {"before": 100.0, "after": relearn, "k": 10}}
 
 
@@ -60,7 +61,7 @@ def test_residual_knowledge_gates_are_off_unless_set():
 def test_each_residual_gate_fails_a_run_above_its_limit_and_names_no_class():
     settings = Settings(gate_max_probe_acc=20, gate_max_mia_acc=60, gate_max_relearn_acc=30)
     probe, mia, relearn = residual_errors(settings, residual(25.0, 61.0, 40.0))
-    assert probe.startswith("a linear probe on its features still finds 25.0% of the class (gate 20.0%)")
+    assert probe.startswith("a linear probe on its features still finds the class (95% interval from 25.0%, gate 20.0%)")
     assert "95% interval from 61.0%" in mia and relearn.startswith("10-shot fine-tuning gives the class back (40.0%")
     assert residual_errors(settings, residual(20.0, 60.0, 30.0)) == []  # at the limits: passes
 
@@ -70,6 +71,14 @@ def test_the_membership_gate_judges_the_intervals_lower_end_not_the_point():
     settings = Settings(gate_max_mia_acc=60)
     assert residual_errors(settings, residual(None, 45.0, None)) == []
     assert residual_errors(settings, residual(None, None, None)) == []  # the attack could not run: not measured
+
+
+def test_the_probe_gate_judges_the_intervals_lower_end_not_the_point():
+    """Two unseen photos of a person: a probe finding one of them (50 %) is no evidence it finds the person."""
+    settings = Settings(gate_max_probe_acc=20)
+    assert residual_errors(settings, residual(9.5, None, None)) == []  # its point, 50 %, is far above the gate
+    assert residual_errors(settings, {**residual(None, None, None), "probe": {"after": None, "images": 1,
+                                                                             "not_measured": "1 image"}}) == []
 
 
 def test_with_reset_head_rows_the_gate_judges_the_trained_network_not_the_reset_candidate(monkeypatch):
