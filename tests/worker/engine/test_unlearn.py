@@ -115,11 +115,11 @@ def test_selection_skips_only_what_it_could_not_select(digits_model, digits, mon
 
 
 def test_selection_without_a_checkpoint_at_the_margin_keeps_the_best_that_forgot_its_images(digits_model, digits):
-    # A probability bound no run reaches in 30 steps: the stop rule's measure is met by no checkpoint,
+    # A probability bound no run reaches in 15 steps: the stop rule's measure is met by no checkpoint,
     # yet several forget their images (the report's target). The weights written are the best-scoring
     # of those, not the last step's, and the report says what they met.
     result = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True,
-                 max_forget_prob=1e-9, max_steps=30)
+                 max_forget_prob=1e-9, max_steps=15)  # the images flip at step 5 or 6 (measured)
     selection, report = result.report.selection, result.report
     assert not any(e["meets_target"] for e in selection["evaluations"])
     forgot = [e for e in selection["evaluations"] if e.get("forgets")]
@@ -195,7 +195,7 @@ def test_a_run_that_reaches_the_margin_selects_as_it_did_before_the_fallback(dig
     # flip some steps before they reach it (1 to 12 of them, measured), so there is something to judge.
     from worker.engine.loop import UnlearningLoop
 
-    setting = dict(eval_source=digits.val, seed=0, select_on_eval=True, max_forget_prob=0.05)
+    setting = dict(eval_source=digits.val, seed=0, select_on_eval=True, max_forget_prob=0.05, patience=2)
     with_fallback = run(digits_model, digits, **setting)
     monkeypatch.setattr(UnlearningLoop, "has_margin", property(lambda self: False))
     without = run(digits_model, digits, **setting)
