@@ -99,7 +99,7 @@ class ProbeResult:
     folds: int
     seed: int
     # 95 % Wilson interval on ``accuracy`` over the class's n images, in %: with a person's few photos
-    # it spans most of the scale, and a change inside it is not one the probe can show.
+    # it spans most of the scale. It treats cross-validated guesses as independent, as the MIA's does.
     interval: tuple[float, float]
 
 

@@ -35,7 +35,7 @@ class GateVerdict:
                 + [r for reasons in self.per_request.values() for r in reasons])
 
 
-def thresholds(settings: Settings, target: float) -> dict[str, float | None]:
+def thresholds(settings: Settings, target: float) -> dict[str, Any]:
     """The limits a candidate is judged by, recorded with the run (a certificate states the ones it passed,
     not whatever the settings say later)."""
     return {
@@ -45,6 +45,8 @@ def thresholds(settings: Settings, target: float) -> dict[str, float | None]:
         "generalisation_check_accuracy_max": settings.gate_max_holdout_forget_acc if settings.gate_holdout_folds else None,
         "probe_accuracy_max": settings.gate_max_probe_acc,
         "mia_accuracy_max": settings.gate_max_mia_acc,
+        # How the two above are judged, so that a certificate's verdict can be checked from its own figures.
+        "probe_and_mia_judged_by": "the lower end of the 95% Wilson interval; undecidable at the images given: failed",
         "relearn_accuracy_max": settings.gate_max_relearn_acc,
     }
 
@@ -103,20 +105,44 @@ def residual_errors(settings: Settings, found: dict[str, Any] | None) -> list[st
     """The residual-knowledge gates (each off unless set): the lower ends of the 95 % intervals of the
     new version's probe accuracy and of its membership attack (a person's few photos give wide
     intervals, and a point estimate would fail runs on noise), and its accuracy after k-shot
-    fine-tuning."""
+    fine-tuning. A set gate that its measure cannot decide fails the run, as the generalisation
+    check does: one that did not run, or whose images are too few for any result to exceed it
+    (then a pass would say nothing). The reason says how many images it would take."""
     if not found:
         return []
-    checks = [
-        (settings.gate_max_probe_acc, (found["probe"].get("after_interval") or (None,))[0],
-         "a linear probe on its features still finds the class (95% interval from {value:.1f}%, gate {limit}%)"),
-        (settings.gate_max_mia_acc, (found["mia"].get("after_interval") or (None,))[0],
-         "a membership attack still tells its forget images from unseen ones (95% interval from {value:.1f}%, "
-         "gate {limit}%)"),
-        (settings.gate_max_relearn_acc, found["relearn"].get("after"), "{k}-shot fine-tuning gives the class back "
-                                                                       "({value:.1f}%, gate {limit}%)"),
-    ]
-    return [message.format(value=value, limit=limit, k=found["relearn"].get("k"))
-            for limit, value, message in checks if limit is not None and value is not None and value > limit]
+    probe, mia, relearn = found["probe"], found["mia"], found["relearn"]
+    errors = _interval_gate(
+        settings.gate_max_probe_acc, "LETHE_GATE_MAX_PROBE_ACC", "the probe", probe.get("after_interval"),
+        trials=probe.get("images") or 0, per_trial="audit images of the class",
+        failed="a linear probe on its features still finds the class (95% interval from {low:.1f}%, gate {limit}%)")
+    errors += _interval_gate(
+        settings.gate_max_mia_acc, "LETHE_GATE_MAX_MIA_ACC", "the membership attack", mia.get("after_interval"),
+        trials=2 * (mia.get("images_per_side") or 0), per_trial="guesses (2 per image a side)",
+        failed="a membership attack still tells its forget images from unseen ones (95% interval from {low:.1f}%, "
+               "gate {limit}%)")
+    limit, value = settings.gate_max_relearn_acc, relearn.get("after")
+    if limit is not None and value is not None and value > limit:
+        errors.append(f"{relearn.get('k')}-shot fine-tuning gives the class back ({value:.1f}%, gate {limit}%)")
+    return errors
+
+
+def _interval_gate(limit: float | None, setting: str, measure: str, interval: list[float] | None, *, trials: int,
+                   per_trial: str, failed: str) -> list[str]:
+    """One gate on a proportion's 95 % Wilson interval: fails when its lower end is above ``limit``,
+    and when the measure could not decide it (see residual_errors)."""
+    from worker.engine.evidence import wilson_interval  # the engine's torch loads in runs, not at import
+
+    if limit is None:
+        return []
+    if interval is None:
+        return [f"{measure} gate ({setting}) could not be judged: {measure} did not run on this evaluation set"]
+    best_possible = wilson_interval(trials, trials)[0]  # every guess right: the highest the lower end can be
+    if best_possible <= limit:
+        needed = next(n for n in range(trials + 1, 100_000) if wilson_interval(n, n)[0] > limit)
+        return [f"{measure} gate ({setting}) cannot be decided with {trials} {per_trial}: even all right, its 95% "
+                f"interval starts at {best_possible:.1f}%, not above the gate {limit}%; it takes at least {needed} "
+                f"(a larger evaluation set), or unset {setting}"]
+    return [failed.format(low=interval[0], limit=limit)] if interval[0] > limit else []
 
 
 def cumulative_retain_drop(settings: Settings, batch: Batch, evaluation: dict[str, Any], forgotten: set[str]) -> float:

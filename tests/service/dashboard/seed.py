@@ -47,6 +47,10 @@ def completed_run_metrics() -> dict:
                            "half": "audit"},
             # No checkpoint reached the stop rule's margin: the best of those that forgot was kept.
             "selection": {"half": "selection", "images": 357, "step": 5, "selected_by": "target"},
+            "gate_thresholds": {"forget_set_accuracy_max": 1.0, "evaluation_class_accuracy_max": 5.0,
+                                "cumulative_retain_drop_max": 12.0, "generalisation_check_accuracy_max": None,
+                                "probe_accuracy_max": 75.0, "mia_accuracy_max": None, "relearn_accuracy_max": None,
+                                "probe_and_mia_judged_by": "the lower end of the 95% Wilson interval"},
             "residual_knowledge": {"3": {
                 "measured_on": "audit",
                 "probe": {"before": 94.6, "after": 71.2, "images": 18, "folds": 5, "seed": 0,

@@ -408,6 +408,9 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     assert "The checkpoint (step 5) was chosen on the selection half (357 images)" in page.text
     assert "no checkpoint reached the stop rule's margin" in page.text
     assert "(95 %: 74–99)" in page.text and "(95 %: 48–87)" in page.text and "(95 %: 38–60)" in page.text
+    # The gates it passed, and how the interval gates judge: a reader can redo the verdict from the page.
+    assert "probe ≤ 75 %; probe and attack judged by the lower end of the 95% Wilson interval" in page.text
+    assert "membership attack ≤" not in page.text  # a gate that was off
     assert "@media print" in client.get("/dashboard/static/dashboard.css").text  # it prints as a document
     download = client.get(f"/dashboard/requests/{done}/certificate.jws")
     assert download.headers["content-type"] == "application/jose"

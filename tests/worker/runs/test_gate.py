@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.config import Settings
 from worker.runs.gate import holdout_errors, residual_errors
 
@@ -47,9 +49,12 @@ def test_no_check_no_error():
     assert holdout_errors(Settings(), None) == []
 
 
-def residual(probe_low: float | None, mia_low: float | None, relearn: float | None) -> dict:
-    return {"probe": {"before": 95.0, "after": 50.0, "after_interval": (probe_low, 80.0)},
-            "mia": {"after": 60.0, "after_interval": (mia_low, 70.0)},
+def residual(probe_low: float | None, mia_low: float | None, relearn: float | None, probe_images: int = 500,
+             mia_images: int = 250) -> dict:
+    return {"probe": {"before": 95.0, "after": 50.0, "images": probe_images,
+                      "after_interval": None if probe_low is None else (probe_low, 80.0)},
+            "mia": {"after": 60.0, "images_per_side": mia_images,
+                    "after_interval": None if mia_low is None else (mia_low, 70.0)},
             "relearn": {"before": 100.0, "after": relearn, "k": 10}}
 
 
@@ -69,16 +74,32 @@ def test_each_residual_gate_fails_a_run_above_its_limit_and_names_no_class():
 def test_the_membership_gate_judges_the_intervals_lower_end_not_the_point():
     """Seven photos give a wide interval: a point estimate of 70 % is no evidence the attack works."""
     settings = Settings(gate_max_mia_acc=60)
-    assert residual_errors(settings, residual(None, 45.0, None)) == []
-    assert residual_errors(settings, residual(None, None, None)) == []  # the attack could not run: not measured
+    assert residual_errors(settings, residual(None, 45.0, None, mia_images=7)) == []
 
 
 def test_the_probe_gate_judges_the_intervals_lower_end_not_the_point():
     """Two unseen photos of a person: a probe finding one of them (50 %) is no evidence it finds the person."""
     settings = Settings(gate_max_probe_acc=20)
-    assert residual_errors(settings, residual(9.5, None, None)) == []  # its point, 50 %, is far above the gate
-    assert residual_errors(settings, {**residual(None, None, None), "probe": {"after": None, "images": 1,
-                                                                             "not_measured": "1 image"}}) == []
+    assert residual_errors(settings, residual(9.5, None, None, probe_images=2)) == []  # its point is 50 %
+
+
+@pytest.mark.parametrize("setting, found, needed", [
+    # Two photos, all found, give an interval from 34.2 %: a gate at 70 % could never fail. 9 would.
+    ({"gate_max_probe_acc": 70}, residual(34.2, None, None, probe_images=2), "it takes at least 9 "),
+    # Seven images a side are 14 guesses, from 78.5 % when all are right: not above 80 %. 16 guesses would.
+    ({"gate_max_mia_acc": 80}, residual(None, 78.5, None, mia_images=7), "it takes at least 16 "),
+])
+def test_a_set_gate_its_measure_cannot_decide_fails_and_says_what_it_would_take(setting, found, needed):
+    [reason] = residual_errors(Settings(**setting), found)
+    assert "cannot be decided" in reason and needed in reason and "a larger evaluation set" in reason
+
+
+@pytest.mark.parametrize("setting, name", [({"gate_max_probe_acc": 70}, "the probe"),
+                                           ({"gate_max_mia_acc": 60}, "the membership attack")])
+def test_a_set_gate_whose_measure_did_not_run_fails(setting, name):
+    """A person with one unseen photo: no probe folds, no attack. A set gate does not pass on no evidence."""
+    [reason] = residual_errors(Settings(**setting), residual(None, None, None, probe_images=1, mia_images=1))
+    assert reason.startswith(f"{name} gate") and "could not be judged" in reason
 
 
 def test_with_reset_head_rows_the_gate_judges_the_trained_network_not_the_reset_candidate(monkeypatch):
