@@ -30,7 +30,7 @@ from worker.engine import (
 )
 from worker.engine.evidence import features
 from worker.engine.images import normalise, read_images
-from worker.engine.loop import SYNTHESISED_PER_CLASS, worst_source
+from worker.engine.loop import MAX_SCORED_FALLBACKS, SYNTHESISED_PER_CLASS, worst_source
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package
 from worker.engine.unlearn import forget_set_facts, read_forget_set
@@ -124,7 +124,9 @@ def test_selection_without_a_checkpoint_at_the_margin_keeps_the_best_that_forgot
     assert not any(e["meets_target"] for e in selection["evaluations"])
     forgot = [e for e in selection["evaluations"] if e.get("forgets")]
     assert forgot and selection["selected_by"] == "target"
-    assert selection["best"] == max(forgot, key=lambda e: e["score"]) and report.steps == selection["best"]["step"]
+    scored = [e for e in forgot if e["score"] is not None]  # at most MAX_SCORED_FALLBACKS, the last included
+    assert scored[-1] == forgot[-1] and len(scored) <= MAX_SCORED_FALLBACKS
+    assert selection["best"] == max(scored, key=lambda e: e["score"]) and report.steps == selection["best"]["step"]
     assert report.target_met and not report.stop_rule_met
     assert report.forget_acc_trained == selection["best"]["forget_acc_argmax"]
 
@@ -186,6 +188,18 @@ def test_fallback_checkpoints_past_the_memory_bound_are_scored_in_groups(digits_
     grouped = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=4)
     assert scored == [1, 2, 3, 4] and grouped.report.steps == at_end.report.steps == 1
     assert all(torch.equal(at_end.state_dict[k], v) for k, v in grouped.state_dict.items())
+
+
+def test_the_fallback_scores_a_bounded_number_of_its_checkpoints_evenly_spaced(digits_model, digits, monkeypatch):
+    # Fifteen checkpoints forgot, none reached the margin: three are scored (the last, and every
+    # fifth before it); the others keep no score, and the best of the three is written.
+    from worker.engine import loop
+
+    monkeypatch.setattr(loop, "MAX_SCORED_FALLBACKS", 3)
+    _, scored = scripted_selection(monkeypatch, at_margin=set(), forgot=set(range(1, 16)))
+    result = run(digits_model, digits, eval_source=digits.val, seed=0, select_on_eval=True, max_steps=15)
+    assert scored == [5, 10, 15] and result.report.steps == 5
+    assert [e["step"] for e in result.report.selection["evaluations"] if e["score"] is not None] == [5, 10, 15]
 
 
 def test_a_run_that_reaches_the_margin_selects_as_it_did_before_the_fallback(digits_model, digits, monkeypatch):
