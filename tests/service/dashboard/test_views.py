@@ -411,6 +411,7 @@ def test_a_completed_requests_page_links_its_certificate_which_prints_and_downlo
     # The gates it passed, and how the interval gates judge: a reader can redo the verdict from the page.
     assert "probe ≤ 75 %; probe and attack judged by the lower end of the 95% Wilson interval" in page.text
     assert "membership attack ≤" not in page.text  # a gate that was off
+    assert re.search(r'mia</th><td>[^<]*</td><td>18</td>', page.text)  # the attack's images a side
     assert "@media print" in client.get("/dashboard/static/dashboard.css").text  # it prints as a document
     download = client.get(f"/dashboard/requests/{done}/certificate.jws")
     assert download.headers["content-type"] == "application/jose"
