@@ -588,8 +588,9 @@ class UnlearningLoop:
         (the earliest of equals, as selection does); the weights being trained are put back."""
         current, pending = self._snapshot(), candidates.pending
         if len(pending) > MAX_SCORED_FALLBACKS:
-            stride = len(pending) / MAX_SCORED_FALLBACKS
-            pending = [pending[i] for i in sorted({len(pending) - 1 - int(k * stride) for k in range(MAX_SCORED_FALLBACKS)})]
+            stride = len(pending) / MAX_SCORED_FALLBACKS  # counted back from the last, which is always scored
+            picked = sorted({len(pending) - 1 - int(k * stride) for k in range(MAX_SCORED_FALLBACKS)})
+            pending = [pending[i] for i in picked]
         for state, evaluation in pending:
             self._restore(state)
             self._score(evaluation)
