@@ -437,12 +437,16 @@ class UnlearningLoop:
         """Each class's accuracy over its whole forget set, or over the stop rule's views of it when
         these are higher: the target must hold on both. Measured on the weights as they would be
         written, adapters merged (adapters.merged_view)."""
-        max_prob, size = self.config.max_forget_prob, self.config.eval_batch_size
+        return self._with_views(self._recognised(self._forget_logits(), self.config.max_forget_prob))
+
+    def _with_views(self, images: list[float]) -> list[float]:
+        """``images`` (each class's figure on its forget images), or the stop rule's views' figure
+        where that is higher."""
+        if self.confirm_views is None:
+            return images
         with merged_view(self.model):
-            images = forget_set_accuracy(self.network, self.inputs, self.runtime, size, max_prob)
-            if self.confirm_views is None:
-                return images
-            views = forget_set_accuracy(self.network, self.confirm_views, self.runtime, size, max_prob)
+            views = forget_set_accuracy(self.network, self.confirm_views, self.runtime, self.config.eval_batch_size,
+                                        self.config.max_forget_prob)
         return [max(a, b) for a, b in zip(images, views)]
 
     def _forget_logits(self, first: int | None = None) -> list[torch.Tensor]:
@@ -565,12 +569,7 @@ class UnlearningLoop:
                 own = self._recognised(self._forget_logits(), 1.0)
                 return evaluation | {"forget_acc_argmax": dict(zip(names, own)), "forgets": self.meets_target(own)}
         logits = self._forget_logits()
-        forget_acc = self._recognised(logits, max_prob)
-        if self.confirm_views is not None:  # the stop rule's views must be forgotten too (forget_accuracy)
-            with merged_view(self.model):
-                views = forget_set_accuracy(self.network, self.confirm_views, self.runtime,
-                                            self.config.eval_batch_size, max_prob)
-            forget_acc = [max(a, b) for a, b in zip(forget_acc, views)]
+        forget_acc = self._with_views(self._recognised(logits, max_prob))  # as forget_accuracy, logits kept
         evaluation |= {"forget_acc": dict(zip(names, forget_acc)), "meets_target": self.meets_target(forget_acc)}
         if judge_target and not evaluation["meets_target"]:
             own = self._recognised(logits, 1.0)
