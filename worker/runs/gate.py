@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,15 +131,16 @@ def _interval_gate(limit: float | None, setting: str, measure: str, interval: li
                    per_trial: str, failed: str) -> list[str]:
     """One gate on a proportion's 95 % Wilson interval: fails when its lower end is above ``limit``,
     and when the measure could not decide it (see residual_errors)."""
-    from worker.engine.evidence import wilson_interval  # the engine's torch loads in runs, not at import
+    from worker.engine.evidence import Z_95, wilson_interval  # the engine's torch loads in runs, not at import
 
-    if limit is None:
+    if limit is None or limit >= 100.0:  # no lower end exceeds 100 %: a gate there admits every run
         return []
     if interval is None:
         return [f"{measure} gate ({setting}) could not be judged: {measure} did not run on this evaluation set"]
     best_possible = wilson_interval(trials, trials)[0]  # every guess right: the highest the lower end can be
     if best_possible <= limit:
-        needed = next(n for n in range(trials + 1, 100_000) if wilson_interval(n, n)[0] > limit)
+        # All of n right puts the lower end at n / (n + z²): above p once n > z² p / (1 - p).
+        needed = math.floor(Z_95 ** 2 * limit / (100.0 - limit)) + 1
         return [f"{measure} gate ({setting}) cannot be decided with {trials} {per_trial}: even all right, its 95% "
                 f"interval starts at {best_possible:.1f}%, not above the gate {limit}%; it takes at least {needed} "
                 f"(a larger evaluation set), or unset {setting}"]

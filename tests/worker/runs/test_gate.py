@@ -94,6 +94,12 @@ def test_a_set_gate_its_measure_cannot_decide_fails_and_says_what_it_would_take(
     assert "cannot be decided" in reason and needed in reason and "a larger evaluation set" in reason
 
 
+def test_an_interval_gate_at_100_admits_every_run():
+    """No interval's lower end exceeds 100 %: the gate cannot fail, and is not taken for undecidable."""
+    assert residual_errors(Settings(gate_max_probe_acc=100, gate_max_mia_acc=100),
+                           residual(99.0, 99.0, None, probe_images=2, mia_images=1)) == []
+
+
 @pytest.mark.parametrize("setting, name", [({"gate_max_probe_acc": 70}, "the probe"),
                                            ({"gate_max_mia_acc": 60}, "the membership attack")])
 def test_a_set_gate_whose_measure_did_not_run_fails(setting, name):
