@@ -237,6 +237,15 @@ class Faces(Case):
         return self.data.forget(cls)  # the person's 9 training photos
 
 
+CIFAR_FORGET_IMAGES = 500  # the many-image case: the class's first 500 training images
+
+
+def cifar_domain(forget_images: int) -> str:
+    """The report's name for CIFAR-10 runs of this forget-set size: a few-image run (the service's
+    few-image setting, a request's handful of photos) is a row of its own, never averaged in."""
+    return "cifar" if forget_images == CIFAR_FORGET_IMAGES else f"cifar ({forget_images} images)"
+
+
 class Cifar(Case):
     """The reference CIFAR-10 package: the service's Acc_r and residual knowledge on natural images.
     Its oracle is the card's own recipe retrained without the class (cifar_oracle.py): about 76
@@ -244,7 +253,7 @@ class Cifar(Case):
 
     def __init__(self, data_dir: Path, model: Path, forget_images: int, faces: Path, threads: int) -> None:
         self.data, self.forget_images, self.faces, self.threads = Cifar10.open(data_dir), forget_images, faces, threads
-        super().__init__("cifar", model, self.data.half("test"))  # 500 images a class, never trained on
+        super().__init__(cifar_domain(forget_images), model, self.data.half("test"))  # 500 images a class, never trained on
 
     def anchor(self) -> Path:
         return self.faces / "train"  # 135 Yale photos: CIFAR-10 has no class of people
@@ -469,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faces", type=Path, default=SHARED / "datasets" / "yalefaces")
     parser.add_argument("--cifar", type=Path, default=SHARED / "datasets" / "cifar10")
     parser.add_argument("--cifar-model", type=Path, default=SHARED / "models" / "cifar10-vit-d6")
-    parser.add_argument("--forget-images", type=int, default=500, help="cifar: the forget set's size (its first training images)")
+    parser.add_argument("--forget-images", type=int, default=CIFAR_FORGET_IMAGES,
+                        help="cifar: the forget set's size (its first training images; another size is reported apart)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                         help="also measure these changes to the service's setting (results in files of their own)")

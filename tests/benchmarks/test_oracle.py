@@ -140,3 +140,15 @@ def test_a_digits_original_is_trained_from_its_own_seed_and_cached_apart(tmp_pat
     assert (seeds, seeded.original.name, seeded.original_seed) == ([2], "digits-vit-s2", 2)
     assert oracle.Digits().original.name == "digits-vit" and seeds == [2, 0]
     assert oracle.Digits(original_seed=2).original == seeded.original and seeds == [2, 0]  # cached, not retrained
+
+
+def test_a_cifar_forget_set_of_another_size_is_a_domain_of_its_own():
+    assert oracle.cifar_domain(oracle.CIFAR_FORGET_IMAGES) == "cifar"
+    few = oracle.cifar_domain(20)
+    assert few == "cifar (20 images)"
+    run = {"class": "automobile", "seed": 0, "original_seed": 0, "forget_images": 20,
+           "models": {"service": {"acc_f": 0.0, "acc_r": 70.0, "probe": 60.0, "mia": 50.0, "mia_interval": None,
+                                  "mia_images_per_side": 20, "relearn": 0.0}}}
+    records = oracle.merged([{**run, "domain": "cifar", "forget_images": 500}, {**run, "domain": few}])
+    assert len(records) == 2  # never merged into the many-image run of the same class and seed
+    assert {r["domain"] for r in oracle.summarise(records)} == {"cifar", few}
