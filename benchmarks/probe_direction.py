@@ -1,30 +1,30 @@
-"""Where the probe's residual knowledge sits on the CIFAR-10 reference model, and why retain-free
-runs have not closed it (the probe target of oracle.py).
+"""Where the probe's residual knowledge sits on the CIFAR-10 reference model, and what it asks of
+a method (the probe target of oracle.py).
 
 The probe (worker/engine/evidence.py) is a logistic regression on standardised pre-logit features.
-On the reference model, the class's knowledge the probe finds beyond a retrained model's is in one
-direction of those features: the class's mean minus the other classes' mean. This script measures
-that claim and what it asks of a method, on the test half (the audit split of oracle.py), per class:
+The question: how much of what it finds in the original, beyond a retrained model (the oracle), lies
+along one direction, the class's mean feature minus the other classes', and could a run without
+retain data remove it there? Per class, on the test half (the audit split of oracle.py):
 
 - the probe as the models are: the original, the service's default run (seed 0), and the oracle
   when cifar_oracle.py's package is in the benchmark cache;
 - the same features with that direction **erased** (every image's component along it set to the
   same value: a rank-1 linear concept erasure), the direction taken on the *other* half of the test
   split (the selection half, "val"), never on the images the probe is scored on;
-- what a forget-set-only edit can do instead: the class's images alone **moved** along it to the
-  other classes' level, and every image's component **halved** (a partial erasure);
-- whether a run without retain data could find the direction: the forget set's mean feature minus
-  an estimate of the other classes' mean from what such a run has (the card's normalisation, noise
-  inputs, the anchor photos of none of the classes, inputs synthesised from the model by inversion,
-  as the feature term's prototypes are); the cosine of each to the held-out direction, and the probe
-  after erasing it.
+- what an edit of the class's images alone can do: those images **moved** along it to the other
+  classes' level (by their own measured offset: the best case), and every component **halved**;
+- retain-free estimates of the direction: the forget set's mean feature minus an estimate of the
+  other classes' mean from what such a run has (nothing, noise inputs, the anchor photos of none of
+  the classes, inputs synthesised from the model by inversion), each one's cosine to the held-out
+  direction, and the probe after erasing along it.
 
-Each row gives Acc_r too: the head applied to the changed features, the class's own logit left out
-(a feature edit that cost the other classes would show here).
+Each row gives Acc_r with the class's logit masked: the head applied to the changed features, each
+other-class image read as the best of the kept classes (oracle.py's Acc_r counts a guess of the
+class as wrong, so its figures are a point or two lower).
 
     .venv/bin/python benchmarks/probe_direction.py --classes airplane automobile --threads 2
 
-About a minute a class on 2 cores (one 16-step default run, features of 10,500 images, 90 inputs
+About 4 minutes a class on 2 cores (one default run, features of 10,500 images per model, 90 inputs
 synthesised). Figures go to ``results/probe_direction.{json,md}``.
 """
 
@@ -50,10 +50,11 @@ from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # n
 from worker.engine.evidence import features, probe_on_features  # noqa: E402
 from worker.engine.images import normalise, read_images  # noqa: E402
 from worker.engine.losses import invert_classes  # noqa: E402
-from worker.engine.package import WEIGHTS_FILE, build_model, load_package  # noqa: E402
+from worker.engine.package import WEIGHTS_FILE, ModelCard, build_model, load_package  # noqa: E402
 from worker.engine.unlearn import forget_set_facts  # noqa: E402
 
-SYNTHETIC_PER_CLASS = 10  # inverted inputs per kept class for the "synthetic" estimate
+SYNTHETIC_PER_CLASS = 10  # inverted inputs per kept class for the "synthetic" estimate (the engine's prototypes: 16)
+BATCH = 512  # images per forward pass
 
 
 # --- the feature edits (pure) ------------------------------------------------------------------
@@ -64,10 +65,10 @@ def class_direction(x: torch.Tensor, labels: torch.Tensor, index: int) -> torch.
     return _unit(x[mine].mean(0) - x[~mine].mean(0))
 
 
-def erased(x: torch.Tensor, direction: torch.Tensor, level: torch.Tensor, keep: float = 0.0) -> torch.Tensor:
-    """Every row's component along ``direction`` (a unit vector), taken from ``level``'s, scaled by
-    ``keep``: 0, all set to the level's, a rank-1 erasure; 0.5, all halved."""
-    return x - (1.0 - keep) * ((x - level) @ direction)[:, None] * direction[None]
+def scaled_along(x: torch.Tensor, direction: torch.Tensor, level: torch.Tensor, factor: float) -> torch.Tensor:
+    """Every row's component along ``direction`` (a unit vector), taken from ``level``'s, times
+    ``factor``: 0 sets them all to the level's (a rank-1 erasure); 0.5 halves them."""
+    return x - (1.0 - factor) * ((x - level) @ direction)[:, None] * direction[None]
 
 
 def moved(x: torch.Tensor, mine: torch.Tensor, direction: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
@@ -78,9 +79,25 @@ def moved(x: torch.Tensor, mine: torch.Tensor, direction: torch.Tensor, by: torc
     return out
 
 
+def edits(x: torch.Tensor, labels: torch.Tensor, held: torch.Tensor, held_labels: torch.Tensor,
+          index: int) -> list[tuple[str, torch.Tensor]]:
+    """The features ``x`` as they are and under each edit. The direction and the other classes'
+    level come from ``held`` (other images of every class), never from the images the probe scores;
+    the move of the class alone is the exception, by design: its size is the scored images' own
+    offset, the best case for an edit of the class's images alone."""
+    direction, level = class_direction(held, held_labels, index), held[held_labels != index].mean(0)
+    mine = labels == index
+    offset = ((x[mine].mean(0) - level) @ direction).item()
+    return [("none", x),
+            ("direction erased", scaled_along(x, direction, level, 0.0)),
+            ("class alone moved to the others' level", moved(x, mine, direction, torch.tensor(-offset))),
+            ("every component halved", scaled_along(x, direction, level, 0.5))]
+
+
 def kept_accuracy(x: torch.Tensor, labels: torch.Tensor, index: int, weight: torch.Tensor,
                   bias: torch.Tensor) -> float:
-    """Acc_r of a linear head on features: the other classes' images, the class's logit left out."""
+    """Acc_r of a linear head on features, the class's logit masked: the other classes' images, each
+    read as the best of the kept classes (oracle.py's Acc_r counts a guess of the class as wrong)."""
     logits = x @ weight.T + bias
     logits[:, index] = float("-inf")
     others = labels != index
@@ -115,30 +132,23 @@ def measure(data: Cifar10, model_dir: Path, anchor: Path, cls: str, forget_image
     rows: list[dict[str, Any]] = []
     estimates: dict[str, float] = {}
     for name, model in models.items():
-        x, held = features(model, test_pixels, 512), features(model, val_pixels, 512)
+        x, held = features(model, test_pixels, BATCH), features(model, val_pixels, BATCH)
         w, b = model.head.weight.detach(), model.head.bias.detach()
-        direction = class_direction(held, val_labels, index)
-        others_level = held[val_labels != index].mean(0)
-        mine = labels == index
-        # The class's own offset along it: the best a move of the class's images alone could do.
-        gap = ((x[mine].mean(0) - others_level) @ direction).item()
-        row = lambda edit, x_: rows.append({"model": name, "edit": edit, "probe": _probe(x_, labels, index, seed),  # noqa: E731
-                                            "acc_r": kept_accuracy(x_, labels, index, w, b)})
-        row("none", x)
-        row("direction erased", erased(x, direction, others_level))
-        row("class alone moved to the others' level", moved(x, mine, direction, torch.tensor(-gap)))
-        row("every component halved", erased(x, direction, others_level, keep=0.5))
+        changed = edits(x, labels, held, val_labels, index)
         if name == "original":
-            forget_mean = features(model, forget_pixels, 512).mean(0)
-            for source, level in _retain_free_levels(model, card, anchor, index, seed).items():
-                estimate = _unit(forget_mean - level)
+            direction, level = class_direction(held, val_labels, index), held[val_labels != index].mean(0)
+            forget_mean = features(model, forget_pixels, BATCH).mean(0)
+            for source, estimate_level in _retain_free_levels(model, card, anchor, index, seed).items():
+                estimate = _unit(forget_mean - estimate_level)
                 estimates[source] = round(torch.dot(estimate, direction).item(), 3)
-                row(f"erased along forget mean - {source}", erased(x, estimate, level))
+                changed.append((f"erased along forget mean - {source}", scaled_along(x, estimate, estimate_level, 0.0)))
+        rows += [{"model": name, "edit": edit, "probe": round(probe_on_features(f, labels, index, seed=seed).accuracy, 1),
+                  "acc_r": kept_accuracy(f, labels, index, w, b)} for edit, f in changed]
     return {"class": cls, "seed": seed, "forget_images": forget_images, "service_steps": service.report.steps,
             "direction_cosine": estimates, "rows": rows}
 
 
-def _retain_free_levels(model: torch.nn.Module, card, anchor: Path, index: int, seed: int) -> dict[str, torch.Tensor]:
+def _retain_free_levels(model: torch.nn.Module, card: ModelCard, anchor: Path, index: int, seed: int) -> dict[str, torch.Tensor]:
     """Estimates of the other classes' mean feature from what a run without retain data has."""
     generator = torch.Generator().manual_seed(seed)
     shape = (len(card.input.mean), *card.input.size)
@@ -149,13 +159,9 @@ def _retain_free_levels(model: torch.nn.Module, card, anchor: Path, index: int, 
     anchor_pixels = normalise(read_images(str(anchor), card.input).pixels, card.input)
     synthetic = invert_classes(model, kept, shape, low, high, generator)
     return {"zero": torch.zeros(model.head.weight.shape[1]),
-            "noise inputs": features(model, noise, 512).mean(0),
-            "anchor photos": features(model, anchor_pixels, 512).mean(0),
-            "synthetic inputs": features(model, synthetic, 512).mean(0)}
-
-
-def _probe(x: torch.Tensor, labels: torch.Tensor, index: int, seed: int) -> float:
-    return probe_on_features(x, labels, index, seed=seed).accuracy
+            "noise inputs": features(model, noise, BATCH).mean(0),
+            "anchor photos": features(model, anchor_pixels, BATCH).mean(0),
+            "synthetic inputs": features(model, synthetic, BATCH).mean(0)}
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -163,12 +169,12 @@ def _probe(x: torch.Tensor, labels: torch.Tensor, index: int, seed: int) -> floa
 def render(records: list[dict[str, Any]]) -> str:
     lines = ["# Where the probe's residual knowledge sits (CIFAR-10 reference model)", "",
              "Probe: the engine's (cross-validated, standardised features) on the test half, scored on the class; "
-             "Acc_r: the model's head on the changed features, the class's logit left out. The direction: the class's "
+             "Acc_r: the model's head on the changed features, the class's logit masked (not oracle.py's Acc_r). The direction: the class's "
              "mean feature minus the other classes', taken on the selection half (val).", ""]
     for record in records:
         lines += [f"## {record['class']} (seed {record['seed']}, {record['forget_images']} forget images, "
                   f"default run {record['service_steps']} steps)", "",
-                  "| model | features | probe | Acc_r |", "|---|---|---|---|"]
+                  "| model | features | probe | Acc_r (class logit masked) |", "|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['edit']} | {r['probe']:.1f} | {r['acc_r']:.1f} |" for r in record["rows"]]
         lines += ["", "Cosine of each retain-free estimate to the held-out direction: " + ", ".join(
             f"{k} {v:.2f}" for k, v in record["direction_cosine"].items()), ""]
@@ -187,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="photos of none of the classes (oracle.py's CIFAR-10 anchor)")
     parser.add_argument("--out", type=Path, default=RESULTS / "probe_direction.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     try:
         if not args.anchor.is_dir() or not args.cifar_model.is_dir():
             raise DataError(f"needs {args.cifar_model} and {args.anchor} (../shared)")
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"probe_direction: {exc}", file=sys.stderr)
         return 2
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     records = [measure(data, args.cifar_model, args.anchor, c, args.forget_images, args.seed) for c in args.classes]
     args.out.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1), "records": records},

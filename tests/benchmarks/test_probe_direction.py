@@ -35,14 +35,26 @@ def test_erasing_the_direction_leaves_the_probe_nothing_but_moving_the_class_alo
     level = x[labels != 0].mean(0)
     assert probe(x, labels) > 95
     # Every image's component set to one value: the three classes are alike, a probe guesses.
-    assert probe(probe_direction.erased(x, direction, level), labels) < 50
-    # Halving every component is a change of scale a standardised probe does not see.
-    assert probe(probe_direction.erased(x, direction, level, keep=0.5), labels) > 95
+    assert probe(probe_direction.scaled_along(x, direction, level, 0.0), labels) < 50
+    # Halving every component is an invertible linear change of the features, which a linear probe undoes.
+    assert probe(probe_direction.scaled_along(x, direction, level, 0.5), labels) > 95
     # The class alone moved to the others' mean lands between them: still a class of its own.
     offset = ((x[labels == 0].mean(0) - level) @ direction).item()
     moved = probe_direction.moved(x, labels == 0, direction, torch.tensor(-offset))
     assert abs(((moved[labels == 0].mean(0) - level) @ direction).item()) < 1e-4
     assert probe(moved, labels) > 80
+
+
+def test_the_edits_take_the_direction_from_the_held_out_images_not_the_scored_ones():
+    # Held out, class 0 stands apart along feature 0; in the scored images, along feature 1 as well.
+    held, held_labels = three_classes_on_a_line()
+    x, labels = three_classes_on_a_line()
+    x[:, 1] += torch.tensor([3.0, -3.0, 0.0])[labels]
+    edited = dict(probe_direction.edits(x, labels, held, held_labels, 0))
+    # Only feature 0's direction is erased: feature 1 still gives the class away.
+    assert probe(edited["direction erased"], labels) > 95
+    assert [name for name in edited] == ["none", "direction erased", "class alone moved to the others' level",
+                                         "every component halved"]
 
 
 def test_kept_accuracy_scores_the_other_classes_with_the_class_logit_left_out():
