@@ -136,7 +136,7 @@ def measure(data: Cifar10, model_dir: Path, anchor: Path, cls: str, forget_image
         w, b = model.head.weight.detach(), model.head.bias.detach()
         changed = edits(x, labels, held, val_labels, index)
         if name == "original":
-            direction, level = class_direction(held, val_labels, index), held[val_labels != index].mean(0)
+            direction = class_direction(held, val_labels, index)  # the held-out direction the estimates are judged against
             forget_mean = features(model, forget_pixels, BATCH).mean(0)
             for source, estimate_level in _retain_free_levels(model, card, anchor, index, seed).items():
                 estimate = _unit(forget_mean - estimate_level)
