@@ -121,6 +121,25 @@ class UnlearnConfig:
     # squared norm, times this): the kept classes' representation, which the feature term moves
     # when it moves the forgotten class's. 0: only the outputs are held (anchor_weight).
     anchor_feature_weight: float = 0.0
+    # Class-direction erasure (0: off; benchmarks/README.md, the oracle table). NOT retain-free: the
+    # evaluation set's selection half (eval_halves: the audit half, which the gate and the evidence
+    # read, stays untouched) trains too. Before every step the current model's pre-logit features of
+    # the whole half give each forgotten class's direction (its mean minus the kept classes') and the
+    # kept classes' level along it (losses.class_direction); the term, times this, is each image's
+    # squared component along it about that level, over a batch of the half's images and the forget
+    # batch, relative to the original's. The kept classes' outputs on the half's images are held
+    # where the original puts them (masked KL, times anchor_weight). Erased from the features once,
+    # that direction took a probe's reading of a class most of the way to a retrained model's
+    # (benchmarks/probe_direction.py); trained in, the model cannot move the class elsewhere unseen.
+    erase_weight: float = 0.0
+    # Stop rule with the erasure: the squared distance between each forgotten class's mean feature and
+    # the kept classes' on the selection half, over the original's, must be at most this (a selection
+    # run's checkpoints too). 1: the forget target alone decides.
+    erase_tol: float = 1.0
+    # The erasure aims (a pass over the whole selection half: 19 s for CIFAR-10's 2,500 images on 2
+    # cores, 4x a step) before every this many updates, its directions held in between; its stop rule
+    # is always judged on a fresh aim. 1: before every step.
+    erase_aim_every: int = 5
     # After training, set the head row of every class forgotten (by this run and, from the card's
     # lineage, earlier ones) to the mean of the kept classes' rows (head.py): the class's template
     # leaves the weights, and its logit sits where a retrained model's does. The forget-set target
@@ -182,6 +201,15 @@ class UnlearnConfig:
             (math.isfinite(self.anchor_feature_weight) and 0 <= self.anchor_feature_weight <= MAX_ANCHOR_WEIGHT,
              f"anchor_feature_weight must be in [0, {MAX_ANCHOR_WEIGHT:g}]"),
             (not self.boundary_anchor or self.synthetic_anchor, "boundary_anchor extends synthetic_anchor: set both"),
+            (math.isfinite(self.erase_weight) and self.erase_weight >= 0, "erase_weight must be zero or positive"),
+            (math.isfinite(self.erase_tol) and 0 < self.erase_tol <= 1, "erase_tol must be in (0, 1]"),
+            (self.erase_tol == 1.0 or self.erase_weight > 0, "erase_tol is the erasure's stop rule: set erase_weight too"),
+            (self.erase_aim_every >= 1, "erase_aim_every must be at least 1"),
+            (self.erase_weight == 0 or self.eval_halves,
+             "erase_weight trains on the evaluation set's selection half: set eval_halves, so that the audit half "
+             "stays untouched"),
+            (self.erase_weight == 0 or not self.method_spec.uses_retain,
+             f"method {self.method!r} trains on retain data; erase_weight is for retain-free methods"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,
              "holdout_folds must be 0 (no generalisation check) or at least 2"),
             (self.holdout_images >= 1, "holdout_images must be at least 1"),

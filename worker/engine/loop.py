@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from worker.engine.adapters import merged_view
 from worker.engine.augment import DEFAULT_AUGMENTATION
 from worker.engine.config import UnlearnConfig
-from worker.engine.errors import NumericalError, UnlearningCancelled
+from worker.engine.errors import ConfigError, ImageSourceError, NumericalError, UnlearningCancelled
 from worker.engine.head import classifier, row_cosines, row_prototypes
 from worker.engine.images import normalise
-from worker.engine.losses import (adversarial_neighbours, feature_match_loss, invert_classes, masked_kl_loss,
-                                  masked_teacher)
+from worker.engine.losses import (adversarial_neighbours, class_direction, direction_erasure_loss, feature_match_loss,
+                                  invert_classes, masked_kl_loss, masked_teacher)
 from worker.engine.metrics import eval_logits, forget_retain_accuracy, predict, selection_score
 from worker.engine.package import InputSpec
 from worker.engine.prefix import base_network, split_frozen_prefix
@@ -119,6 +119,28 @@ class _Candidates:
 
     def pending_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for state, _ in self.pending for t in state)
+
+
+@dataclass
+class _Erasure:
+    """The class-direction erasure's data (UnlearnConfig.erase_weight): the selection half, prepared
+    once, and each forgotten class's direction on the current weights, aimed before every step."""
+
+    inputs: torch.Tensor  # (S, ...) what the network takes: the half's images (their frozen front's tokens)
+    labels: torch.Tensor  # (S,) long, on the device
+    kept: torch.Tensor  # (S,) bool: images of a kept class, whose original outputs are held
+    teacher: torch.Tensor  # (S, K) the original's masked softmax on them
+    sampler: CyclingSampler
+    scales: list[torch.Tensor]  # per forgotten class: the original's erasure term (the loss's unit)
+    gaps: list[torch.Tensor]  # per forgotten class: the original's squared gap between the means (the stop rule's unit)
+    directions: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per class: (direction, level)
+    gaps_now: list[float] = field(default_factory=list)  # per class: its gap over the original's, on the weights aimed at
+    weights_moved: int = 2**62  # updates since the last aim (none yet: aim before the first step)
+
+    @property
+    def value(self) -> float:
+        """The worst class's gap over the original's: the stop rule's figure."""
+        return max(self.gaps_now)
 
 
 class CyclingSampler:
@@ -232,6 +254,10 @@ class UnlearningLoop:
         self._batch_indices: list[torch.Tensor] = []
         self._batch_teachers: list[torch.Tensor] = []
         self._anchor_index: torch.Tensor | None = None
+        # erasure: the selection half's images, with the original's outputs and directions on them.
+        self.erase = self._erasure(eval_data) if config.erase_weight > 0 else None
+        self._erase_index: torch.Tensor | None = None
+        self._erase_term: float | None = None  # the last step's worst erasure term, relative to the original's
         self._eval_tokens: torch.Tensor | None = None  # the selection set through the frozen front, once needed
         self._eval_tokens_decided = False  # whether they fit was judged (once: the set does not change)
 
@@ -326,6 +352,44 @@ class UnlearningLoop:
         found = self._parent_features(inputs)
         return found.view(-1, SYNTHESISED_PER_CLASS, found.shape[1]).mean(1)
 
+    def _erasure(self, data: LabelledData | None) -> _Erasure:
+        """The erasure's data, with the original's terms as their units (the adapters are still at zero)."""
+        if data is None:  # config.check_inputs refuses this first
+            raise ConfigError("erase_weight needs the evaluation set's selection half")
+        inputs = self._front(normalise(data.pixels.to(self.runtime.device), self.spec))
+        labels = data.labels.to(self.runtime.device)
+        forgotten = torch.tensor(self.forget.class_indices, device=labels.device)
+        erase = _Erasure(inputs=inputs, labels=labels, kept=~torch.isin(labels, forgotten), teacher=self._teacher(inputs),
+                         sampler=CyclingSampler(labels.numel(), self.config.batch_size, self.generator), scales=[], gaps=[])
+        found = self._current_features(inputs)
+        for name, index, images in zip(self.forget.class_names, self.forget.class_indices, self.inputs.images):
+            if not (labels == index).any() or not erase.kept.any():
+                raise ImageSourceError(f"erase_weight: the evaluation set's selection half holds no image of {name!r} "
+                                       "or none of a kept class (a class needs two distinct images to have one in each half)")
+            direction, level, gap = class_direction(found, labels == index, erase.kept)
+            union = torch.cat([found, self._current_features(images)])
+            erase.scales.append(direction_erasure_loss(union, direction, level, torch.ones(())).clamp_min(1e-8))
+            erase.gaps.append(gap.clamp_min(1e-12))
+        return erase
+
+    @torch.no_grad()
+    def _current_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The pre-logit features of the weights being trained (adapters live), in eval mode: (N, D) fp32."""
+        with head_inputs(self.model, capture=True) as found:
+            eval_logits(self.network, inputs, self.runtime, self.config.eval_batch_size)
+        return torch.cat(found).float()
+
+    def aim_erasure(self) -> float:
+        """Each forgotten class's direction and level on the current weights, over the whole selection
+        half; returns the worst class's squared gap over the original's (the stop rule's figure)."""
+        erase = self.erase
+        found = self._current_features(erase.inputs)
+        aimed = [class_direction(found, erase.labels == index, erase.kept) for index in self.forget.class_indices]
+        erase.directions = [(direction, level) for direction, level, _ in aimed]
+        erase.gaps_now = [(gap / unit).item() for (_, _, gap), unit in zip(aimed, erase.gaps)]
+        erase.weights_moved = 0
+        return erase.value
+
     # --- one training step -------------------------------------------------------------------
 
     def train_step(self, stop_when_forgotten: bool) -> StepResult:
@@ -340,20 +404,26 @@ class UnlearningLoop:
         images), so the snapshots of the adapters alone are the whole state to restore.
         """
         self.model.eval()
+        if self.erase is not None and self.erase.weights_moved >= self.config.erase_aim_every:
+            with self.timings.phase("erasure aim"):
+                self.aim_erasure()
         inputs, targets, sizes = self._sample_batch()
-        capture = bool(self.feature_targets) or self.anchor_features is not None
+        capture = bool(self.feature_targets) or self.anchor_features is not None or self.erase is not None
         with self.runtime.autocast(), head_inputs(self.model, capture=capture) as features:
             logits = self.network(inputs)
         chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, anchor, retain
         forgets, neighbours = len(self.forget.images), len(self.neighbours)
         anchors = forgets + neighbours + (self.anchor_inputs is not None)
+        erases = anchors + (self.erase is not None)
         forget_chunks, neighbour_chunks = chunks[:forgets], chunks[forgets:forgets + neighbours]
-        anchor_chunk, retain_chunk = chunks[forgets + neighbours:anchors], chunks[anchors:]
+        anchor_chunk, erase_chunk, retain_chunk = chunks[forgets + neighbours:anchors], chunks[anchors:erases], chunks[erases:]
         feature_parts = features[0].split(sizes) if features else ()
         feature_chunks = feature_parts[:forgets] if self.feature_targets else ()
         anchor_features = feature_parts[forgets + neighbours:anchors] if self.anchor_features is not None else ()
         loss = self._loss(forget_chunks, targets, retain_chunk, neighbour_chunks, anchor_chunk, feature_chunks,
                           anchor_features)
+        if erase_chunk:
+            loss = loss + self._erasure_loss(erase_chunk[0], feature_parts[anchors], feature_parts[:forgets])
         estimate = [recognised(c.detach(), i, self.config.max_forget_prob) for c, i in
                     zip(forget_chunks, self.forget.class_indices)]
         if not torch.isfinite(loss):
@@ -362,13 +432,27 @@ class UnlearningLoop:
         loss.backward()  # frees the graph's activations before a confirmation pass needs the memory
         forget_acc = None
         features_met = self._feature_value is None or self._feature_value <= self.config.feature_tol
-        if stop_when_forgotten and features_met and self.meets_target(estimate):
+        if stop_when_forgotten and features_met and self.meets_target(estimate) and self._erasure_met():
             with self.timings.phase("stop-rule check"):
                 forget_acc = self.forget_accuracy()
             if self.meets_target(forget_acc):
                 return StepResult(loss.item(), estimate, forget_acc, updated=False)
         self.optimizer.step()
+        if self.erase is not None:
+            self.erase.weights_moved += 1
         return StepResult(loss.item(), estimate, forget_acc, updated=True)
+
+    def _erasure_met(self) -> bool:
+        """The erasure's stop rule on the current weights: a figure aimed steps ago that misses it waits
+        for the next aim; one that meets it is measured again first, unless aimed on these weights."""
+        if self.erase is None:
+            return True
+        if self.erase.value > self.config.erase_tol:
+            return False
+        if self.erase.weights_moved:
+            with self.timings.phase("erasure aim"):
+                self.aim_erasure()
+        return self.erase.value <= self.config.erase_tol
 
     def _sample_batch(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         self._batch_indices = [s.next().to(x.device) for x, s in zip(self.inputs.images, self.forget_samplers)]
@@ -386,6 +470,9 @@ class UnlearningLoop:
         if self.anchor_inputs is not None:
             self._anchor_index = self.anchor_sampler.next().to(self.anchor_inputs.device)
             parts.append(self.anchor_inputs[self._anchor_index])
+        if self.erase is not None:
+            self._erase_index = self.erase.sampler.next().to(self.erase.inputs.device)
+            parts.append(self.erase.inputs[self._erase_index])
         if self.retain_data is not None:
             index = self.retain_sampler.next()
             parts.append(self._front(normalise(self.retain_data.pixels[index].to(self.runtime.device), self.spec)))
@@ -429,6 +516,20 @@ class UnlearningLoop:
             loss = loss + F.cross_entropy(retain_chunk[0], targets[-1])
         if self.penalty is not None:
             loss = loss + self.config.l1_weight * self.penalty()
+        return loss
+
+    def _erasure_loss(self, logits: torch.Tensor, features: torch.Tensor, forget_features: tuple[torch.Tensor, ...]
+                      ) -> torch.Tensor:
+        """The erasure term on this step's selection images (``logits``, ``features``) and each class's
+        forget batch (``forget_features``), plus the hold on the kept classes' outputs."""
+        erase, index = self.erase, self._erase_index
+        terms = [direction_erasure_loss(torch.cat([features, own]), direction, level, scale) for own, (direction, level), scale
+                 in zip(forget_features, erase.directions, erase.scales)]
+        self._erase_term = torch.stack(terms).max().item()
+        loss = self.config.erase_weight * torch.stack(terms).mean()
+        kept = erase.kept[index]
+        if kept.any():
+            loss = loss + self.config.anchor_weight * masked_kl_loss(logits[kept], erase.teacher[index][kept])
         return loss
 
     # --- measurements ------------------------------------------------------------------------
@@ -570,7 +671,11 @@ class UnlearningLoop:
                 return evaluation | {"forget_acc_argmax": dict(zip(names, own)), "forgets": self.meets_target(own)}
         logits = self._forget_logits()
         forget_acc = self._with_views(self._recognised(logits, max_prob))  # as forget_accuracy, logits kept
-        evaluation |= {"forget_acc": dict(zip(names, forget_acc)), "meets_target": self.meets_target(forget_acc)}
+        meets = self.meets_target(forget_acc)
+        if meets and self.erase is not None:  # the erasure's stop rule holds a selected checkpoint too
+            evaluation["erase_gap"] = self.aim_erasure()
+            meets = evaluation["erase_gap"] <= self.config.erase_tol
+        evaluation |= {"forget_acc": dict(zip(names, forget_acc)), "meets_target": meets}
         if judge_target and not evaluation["meets_target"]:
             own = self._recognised(logits, 1.0)
             evaluation |= {"forget_acc_argmax": dict(zip(names, own)), "forgets": self.meets_target(own)}
@@ -601,8 +706,9 @@ class UnlearningLoop:
     @property
     def has_margin(self) -> bool:
         """Whether the stop rule asks more than the target on the forget images: a probability
-        bound, or views of them that must be forgotten too."""
-        return self.config.max_forget_prob < 1.0 or self.confirm_views is not None
+        bound, views of them that must be forgotten too, or the erasure's gap."""
+        return (self.config.max_forget_prob < 1.0 or self.confirm_views is not None
+                or (self.erase is not None and self.config.erase_tol < 1.0))
 
     def _record(self, outcome: LoopOutcome, step: int, result: StepResult,
                 on_progress: Callable[[Progress], None] | None) -> None:
@@ -612,7 +718,9 @@ class UnlearningLoop:
                             forget_acc=dict(zip(self.forget.class_names, shown)), confirmed=confirmed)
         outcome.history.append({"step": step, "loss": result.loss, "forget_acc": progress.forget_acc,
                                 "confirmed": confirmed, "updated": result.updated,
-                                **({"feature_loss": self._feature_value} if self.feature_targets else {})})
+                                **({"feature_loss": self._feature_value} if self.feature_targets else {}),
+                                **({"erase_gap": self.erase.value, "erase_term": self._erase_term}
+                                   if self.erase is not None else {})})
         if on_progress is not None:
             on_progress(progress)
 

@@ -115,6 +115,33 @@ def feature_match_loss(features: torch.Tensor, targets: torch.Tensor, scale: tor
     return (features.float() - targets).pow(2).sum(1).mean() / scale
 
 
+def class_direction(features: torch.Tensor, of_class: torch.Tensor, others: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(direction, level, gap): the unit vector from the mean feature of the rows ``others`` to that
+    of the rows ``of_class``, the others' mean component along it, and the squared distance between
+    the two means. A linear probe reads a class first along this direction; with the class's mean at
+    the others' (gap 0) no one-against-the-rest linear rule separates them (LEACE, Belrose et al. 2023).
+
+    features: (N, D) float; of_class, others: (N,) bool. Returns (D,), a scalar and a scalar.
+    """
+    difference = features[of_class].mean(0) - features[others].mean(0)
+    gap = difference.pow(2).sum()
+    direction = difference / gap.sqrt().clamp_min(1e-12)
+    return direction, features[others].mean(0) @ direction, gap
+
+
+def direction_erasure_loss(features: torch.Tensor, direction: torch.Tensor, level: torch.Tensor,
+                           scale: torch.Tensor) -> torch.Tensor:
+    """Mean squared component of each row along ``direction`` about ``level``, over ``scale``: 0 when
+    every image, of the class and of the others, sits at one value along it, where a probe finds
+    nothing (moving the class's images alone to the level puts them between the others, and a
+    multi-class probe still finds them there: benchmarks/probe_direction.py).
+
+    features: (N, D) float; direction: (D,) unit; level, scale: scalars. Returns a scalar.
+    """
+    return (features.float() @ direction - level).pow(2).mean() / scale
+
+
 def invert_classes(model: torch.nn.Module, classes: torch.Tensor, shape: tuple[int, ...], low: torch.Tensor,
                    high: torch.Tensor, generator: torch.Generator, *, steps: int = 200, lr: float = 0.05,
                    tv_weight: float = 0.05, l2_weight: float = 1e-3) -> torch.Tensor:

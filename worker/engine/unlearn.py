@@ -112,6 +112,10 @@ class UnlearnReport:
     # forgotten class's row cosine with its forget images' mean feature, which decides it
     # (config.head_template_cosine). None without the term.
     feature_term: dict[str, Any] | None
+    # With config.erase_weight: the selection half's images it trained on (``half``: never the audit
+    # half's) and, on the weights trained, each class's squared gap between its mean feature and the
+    # kept classes' on them, over the original's (the stop rule's figure). None without it.
+    erasure: dict[str, Any] | None
     selection: dict[str, Any] | None
     history: list[dict[str, Any]]
     # Where total_seconds went: {phase: {"seconds", "count"}}, each phase's seconds without those
@@ -204,7 +208,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         training = Training(config, card.input, runtime, retain_data, anchor, should_cancel, timings)
         with timings.phase("generalisation check"):
             holdout = (holdout_check(training, lambda: build_model(card, package.state_dict).to(runtime.device),
-                                     forget, on_progress) if config.holdout_folds else None)
+                                     forget, on_progress, selection_data) if config.holdout_folds else None)
 
         unlearning_started = time.perf_counter()
         with timings.phase("unlearn"):
@@ -214,6 +218,11 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         # the margin it was asked to train for within max_steps (measured: 2 of 7 CIFAR-10 runs of 20
         # images); whether that forgetting generalises is the generalisation check's to say.
         stop_rule_met = loop.meets_target(loop.forget_accuracy())
+        if loop.erase is not None:
+            loop.aim_erasure()
+        erasure = ({"half": SELECTION, "images": int(loop.erase.labels.numel()),
+                    "gap": {c: round(g, 4) for c, g in zip(forget.class_names, loop.erase.gaps_now)}}
+                   if loop.erase is not None else None)
         trainable_parameters = sum(p.numel() for p in loop.trainable)
         with timings.phase("merge adapters"):
             merged = merge_lora(trained) if config.method_spec.adapters else trained
@@ -271,6 +280,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
                                  else int(loop.anchor_inputs.shape[0])),
         feature_term=({"applied": loop.feature_term, "prototypes": config.feature_prototypes,
                        "head_row_cosine": loop.head_row_cosine} if config.feature_weight > 0 else None),
+        erasure=erasure,
         selection=({"best": outcome.best_evaluation, "selected_by": outcome.selected_by, "evaluations": outcome.evaluations,
                     "half": SELECTION if config.eval_halves else WHOLE, "images": int(selection_data.labels.numel())}
                    if config.select_on_eval else None),
@@ -399,7 +409,8 @@ class Training:
 
 
 def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module], forget: ForgetData,
-                  on_progress: Callable[[Progress], None] | None = None) -> HoldoutReport:
+                  on_progress: Callable[[Progress], None] | None = None,
+                  selection_data: LabelledData | None = None) -> HoldoutReport:
     """Does the forgetting generalise beyond the images trained on? Cut each forget set into
     folds (by a permutation drawn from the seed); per fold, a fresh model forgets the other folds
     with the run's own stop rule (selection on an evaluation set is the run's, not the check's),
@@ -411,6 +422,8 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         fresh_model: builds an untouched copy of the original model on the run's device.
         forget: the run's forget sets.
         on_progress: gets each fold's steps, with ``phase`` "holdout i/k".
+        selection_data: the evaluation set's selection half, which the erasure trains on (each fold's
+            run as the run's own); no fold selects a checkpoint on it.
     """
     started, config = time.perf_counter(), training.config
     seed = config.seed if config.check_seed is None else config.check_seed
@@ -440,7 +453,7 @@ def holdout_check(training: Training, fresh_model: Callable[[], torch.nn.Module]
         before = forget_set_accuracy(model, fold_forget, training.runtime, config.eval_batch_size)
         phase = f"holdout {j + 1}/{config.holdout_folds}"
         report_progress = (lambda p: on_progress(dataclasses.replace(p, phase=phase))) if on_progress else None
-        trained, _, outcome = training.run(model, fold_forget, before, on_progress=report_progress, config=fold_config)
+        trained, _, outcome = training.run(model, fold_forget, before, selection_data, report_progress, fold_config)
         for c, ((_, held_out), mask) in enumerate(zip(parts, scoring)):
             scored = held_out[mask]
             unknown[c] += int((~mask).sum())

@@ -137,3 +137,24 @@ def test_target_temperature_and_feature_prototypes_are_refused_where_they_could_
                        ({"method": "lora-kl", "head_template_cosine": 1.5}, "head_template_cosine must be")):
         with pytest.raises(ConfigError, match=match):
             UnlearnConfig(**bad)
+
+
+def test_the_class_direction_points_from_the_others_mean_to_the_class_s():
+    from worker.engine.losses import class_direction
+
+    features = torch.tensor([[3.0, 1.0], [5.0, 1.0], [0.0, 0.0], [0.0, 2.0], [9.0, 9.0]])
+    of_class = torch.tensor([True, True, False, False, False])
+    others = torch.tensor([False, False, True, True, False])  # the last row is of neither (another forgotten class)
+    direction, level, gap = class_direction(features, of_class, others)
+    assert torch.allclose(direction, torch.tensor([1.0, 0.0]))  # (4, 1) - (0, 1)
+    assert level.item() == 0.0 and gap.item() == 16.0
+
+
+def test_the_erasure_loss_is_zero_once_every_image_sits_at_the_level_and_blind_to_the_rest():
+    from worker.engine.losses import direction_erasure_loss
+
+    direction, level, scale = torch.tensor([1.0, 0.0]), torch.tensor(2.0), torch.tensor(4.0)
+    apart = torch.tensor([[4.0, 0.0], [0.0, 0.0]])  # each 2 from the level along the direction
+    assert direction_erasure_loss(apart, direction, level, scale).item() == 1.0
+    erased = torch.tensor([[2.0, -7.0], [2.0, 3.0]])  # at the level; anything across the direction is left alone
+    assert direction_erasure_loss(erased, direction, level, scale).item() == 0.0

@@ -33,6 +33,7 @@ from worker.engine.images import normalise, read_images
 from worker.engine.loop import MAX_SCORED_FALLBACKS, SYNTHESISED_PER_CLASS, worst_source
 from worker.engine.metrics import accuracy, forget_retain_accuracy, predict
 from worker.engine.package import InputSpec, ModelCard, build_model, load_package
+from worker.engine.halves import split_halves
 from worker.engine.unlearn import forget_set_facts, read_forget_set
 from worker.engine.runtime import pick_runtime
 
@@ -661,3 +662,102 @@ def test_a_single_kept_class_has_no_boundary_to_synthesise(digits_model, digits)
     report = run(digits_model, digits, forget=forget, method="lora-kl", synthetic_anchor=True, boundary_anchor=True,
                  max_steps=1, seed=0).report
     assert report.synthetic_anchor_images == SYNTHESISED_PER_CLASS
+
+
+# --- the class-direction erasure (config.erase_weight): trained on the evaluation set's selection half ---
+
+ERASE = dict(method="lora-kl", eval_halves=True)
+
+
+def class_gap(card: ModelCard, state_dict: dict, source: Path, forget: str = FORGET) -> float:
+    """The squared distance between the class's mean pre-logit feature and the other classes' on a
+    labelled split's images: 0 where no one-against-the-rest linear probe finds the class."""
+    images = read_images(str(source), card.input)
+    labels = images.label_indices(card.classes)
+    found = features(build_model(card, state_dict), normalise(images.pixels, card.input), batch_size=512)
+    mine = labels == card.class_index(forget)
+    return (found[mine].mean(0) - found[~mine].mean(0)).pow(2).sum().item()
+
+
+def test_the_erasure_closes_the_class_s_gap_on_images_it_never_saw(digits_model, digits):
+    # The same 30 steps (an erasure stop rule no run meets), with the term and with it all but off:
+    # on the test split, which no run sees, the forgotten class's mean feature ends nearer the other
+    # classes' with the term: it learned the class's direction, not the selection half's images.
+    common = dict(ERASE, erase_tol=1e-6, max_steps=30, seed=0)
+    on, off = (run(digits_model, digits, eval_source=digits.val, erase_weight=w, **common) for w in (1.0, 1e-9))
+    assert on.report.steps == off.report.steps == 30
+    loaded = load_package(digits_model)
+    original, erased, plain = (class_gap(loaded.card, s, digits.test)
+                               for s in (loaded.state_dict, on.state_dict, off.state_dict))
+    assert erased < plain < original, (original, plain, erased)
+    assert on.report.erasure["gap"][FORGET] < off.report.erasure["gap"][FORGET]
+    assert "erase_gap" in on.report.history[-1]
+    assert on.report.forget_acc_after[FORGET] <= 1.0
+    assert off.report.erasure is not None and run(digits_model, digits, max_steps=1).report.erasure is None
+
+
+def test_the_erasure_trains_on_the_selection_half_alone(digits_model, digits):
+    # The audit half, which the gate and the evidence read, is never trained on: the erasure holds
+    # exactly the selection half's images.
+    loaded = load_package(digits_model)
+    val = read_images(str(digits.val), loaded.card.input)
+    halves = split_halves([loaded.card.classes[i] for i in val.label_indices(loaded.card.classes).tolist()], val.sha256)
+    report = run(digits_model, digits, eval_source=digits.val, erase_weight=1.0, max_steps=2, **ERASE).report
+    assert report.erasure["half"] == "selection" and report.erasure["images"] == int(halves.selection.sum())
+    assert report.evaluation.half == "audit" and report.evaluation.images == int(halves.audit.sum())
+
+
+def test_the_erasure_aims_every_few_steps_and_judges_its_stop_rule_on_a_fresh_aim(digits_model, digits):
+    # 10 steps that never meet the stop rule aim before steps 1 and 6; aiming before every step, 10 times.
+    def aims(report) -> int:
+        return next(v["count"] for k, v in report.timings.items() if k.endswith("erasure aim"))
+
+    common = dict(ERASE, erase_weight=1.0, erase_tol=1e-6, max_steps=10, seed=0)
+    every_5, every_step = (run(digits_model, digits, eval_source=digits.val, erase_aim_every=k, **common).report
+                           for k in (5, 1))
+    assert (aims(every_5), aims(every_step)) == (2, 10)
+    # A run that meets its stop rule stops on weights whose gap was measured on them, not steps before.
+    met = run(digits_model, digits, eval_source=digits.val, **dict(common, erase_tol=0.8, max_steps=100)).report
+    assert met.target_met and met.steps < 100 and met.erasure["gap"][FORGET] <= 0.8
+
+
+def test_a_selected_checkpoint_meets_the_erasure_s_stop_rule_too(digits_model, digits):
+    result = run(digits_model, digits, eval_source=digits.val, select_on_eval=True, erase_weight=1.0, erase_tol=0.8,
+                 max_steps=60, seed=0, **ERASE)
+    selection = result.report.selection
+    assert selection["selected_by"] == "stop rule" and selection["best"]["erase_gap"] <= 0.8
+    unmet = [e for e in selection["evaluations"] if "erase_gap" in e and e["erase_gap"] > 0.8]
+    assert all(not e["meets_target"] for e in unmet)
+
+
+def test_the_generalisation_check_s_folds_train_with_the_erasure_too(digits_model, digits):
+    report = run(digits_model, digits, eval_source=digits.val, erase_weight=1.0, holdout_folds=2, holdout_images=5,
+                 max_steps=5, seed=0, **ERASE).report
+    assert report.holdout.folds_run >= 1 and report.erasure is not None
+
+
+def test_erasure_settings_that_could_not_act_or_would_train_on_the_audit_half_are_refused(digits_model, digits,
+                                                                                           retain_manifest, tmp_path):
+    with pytest.raises(ConfigError, match="set eval_halves"):
+        UnlearnConfig(method="lora-kl", erase_weight=1.0)
+    with pytest.raises(ConfigError, match="eval_halves needs a labelled evaluation source"):
+        run(digits_model, digits, erase_weight=1.0, **ERASE)
+    with pytest.raises(ConfigError, match="erase_tol is the erasure's stop rule"):
+        UnlearnConfig(erase_tol=0.5)
+    with pytest.raises(ConfigError, match="erase_weight is for retain-free methods"):
+        UnlearnConfig(method="ng-retain", eval_halves=True, erase_weight=1.0)
+    for bad, match in (({"erase_weight": -1.0}, "erase_weight must be"), ({"erase_weight": float("nan")}, "erase_weight must be"),
+                       ({"erase_weight": 1.0, "erase_tol": 0.0}, "erase_tol must be"),
+                       ({"erase_weight": 1.0, "erase_tol": 1.5}, "erase_tol must be"),
+                       ({"erase_weight": 1.0, "erase_aim_every": 0}, "erase_aim_every must be")):
+        with pytest.raises(ConfigError, match=match):
+            UnlearnConfig(**ERASE, **bad)
+    # A class with one image in the evaluation set has it in the audit half: nothing to erase along.
+    sparse = tmp_path / "val"
+    for folder in digits.val.iterdir():
+        files = sorted(folder.iterdir())[:1 if folder.name == FORGET else None]
+        (sparse / folder.name).mkdir(parents=True)
+        for f in files:
+            (sparse / folder.name / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ImageSourceError, match="selection half holds no image of '3'"):
+        run(digits_model, digits, eval_source=sparse, erase_weight=1.0, **ERASE)
