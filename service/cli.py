@@ -388,6 +388,13 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--anchor-feature-weight", type=float, default=defaults.anchor_feature_weight, metavar="W",
                    help="also hold the anchor's pre-logit features where the original has them (0: outputs only; "
                         "default: %(default)s)")
+    p.add_argument("--erase-weight", type=float, default=defaults.erase_weight, metavar="W",
+                   help="with --eval-halves: erase each forgotten class's feature direction, trained on --eval's "
+                        "selection half (NOT retain-free: images of every class; the audit half stays untouched; "
+                        "0: off; benchmarks/README.md, the oracle table; default: %(default)s)")
+    p.add_argument("--erase-tol", type=float, default=defaults.erase_tol, metavar="T",
+                   help="with --erase-weight: stop only when each class's mean feature gap to the kept classes' on "
+                        "the selection half is at most T of the original's (default: %(default)s)")
     p.add_argument("--reset-head-rows", action="store_true",
                    help="after training, set each forgotten class's head row to the mean of the kept classes' rows "
                         "(classes forgotten by earlier versions too): the class's template leaves the weights, and "
@@ -441,7 +448,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
             head_template_cosine=args.head_template_cosine,
             synthetic_anchor=args.synthetic_anchor, boundary_anchor=args.boundary_anchor,
             anchor_feature_weight=args.anchor_feature_weight, reset_head_rows=args.reset_head_rows,
-            holdout_folds=args.holdout_folds,
+            erase_weight=args.erase_weight, erase_tol=args.erase_tol, holdout_folds=args.holdout_folds,
             **({"holdout_images": args.holdout_images} if args.holdout_images is not None else {}),
         )
         if args.holdout_images is not None and not args.holdout_folds:
@@ -511,6 +518,9 @@ def summary_line(report: dict) -> str:
         cosines = ", ".join(f"{c} {x:.2f}" for c, x in term["head_row_cosine"].items())
         line += (f"; no feature term: the head's rows are not its classes' templates (row cosine {cosines} "
                  f"< {report['config']['head_template_cosine']})")
+    if report.get("erasure"):
+        gaps = ", ".join(f"{c} {g:.2f}" for c, g in report["erasure"]["gap"].items())
+        line += f"; class-direction gap on {report['erasure']['images']} selection-half images: {gaps} of the original's"
     if report.get("evaluation"):
         e = report["evaluation"]
         trained = "" if e.get("acc_f_trained") is None else f" ({e['acc_f_trained']:.1f} before the reset)"
@@ -551,7 +561,7 @@ CONFIG_FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "synthetic_anchor", "boundary_anchor", "reset_head_rows", "holdout_folds",
     "holdout_images", "max_steps",
     "target_forget_acc", "eval_every", "patience", "adapter_blocks", "lr", "rank", "seed", "targets", "device",
-    "precision", "select_on_eval", "eval_halves", "evidence")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
+    "precision", "select_on_eval", "eval_halves", "evidence", "erase_weight", "erase_tol")} | {"lambda (l1_weight)": "--lambda", "batch sizes": "--batch-size"}
 
 
 def as_flags(message: str) -> str:

@@ -90,6 +90,10 @@ def test_the_generalisation_check_on_one_photo_is_refused_before_training(digits
     (["--feature-prototypes", "head"], "--feature-prototypes are the feature term's: set --feature-weight too"),
     (["--anchor-feature-weight", "inf"], "--anchor-feature-weight must be in [0, 1000]"),
     (["--boundary-anchor"], "--boundary-anchor extends --synthetic-anchor: set both"),
+    (["--erase-weight", "1"], "--erase-weight trains on the evaluation set's selection half: set --eval-halves"),
+    (["--erase-weight", "1", "--eval-halves"], "--eval-halves needs a labelled evaluation source"),
+    (["--erase-weight", "-1"], "--erase-weight must be zero or positive"),
+    (["--erase-tol", "0.5"], "--erase-tol is the erasure's stop rule: set --erase-weight too"),
     (["--holdout-images", "10"], "--holdout-images needs --holdout-folds"),
     (["--holdout-folds", "3", "--holdout-images", "0"], "--holdout-images must be at least 1"),
 ])
