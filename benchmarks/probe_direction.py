@@ -49,7 +49,7 @@ from service.config import UnlearnSettings  # noqa: E402
 from worker.engine import ForgetSpec, UnlearnConfig, UnlearnInputs, unlearn  # noqa: E402
 from worker.engine.evidence import features, probe_on_features  # noqa: E402
 from worker.engine.images import normalise, read_images  # noqa: E402
-from worker.engine.losses import invert_classes  # noqa: E402
+from worker.engine.losses import class_direction as engine_direction, invert_classes  # noqa: E402
 from worker.engine.package import WEIGHTS_FILE, ModelCard, build_model, load_package  # noqa: E402
 from worker.engine.unlearn import forget_set_facts  # noqa: E402
 
@@ -60,9 +60,9 @@ BATCH = 512  # images per forward pass
 # --- the feature edits (pure) ------------------------------------------------------------------
 
 def class_direction(x: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
-    """The unit vector from the other classes' mean feature to the class's: (N, D) -> (D,)."""
-    mine = labels == index
-    return _unit(x[mine].mean(0) - x[~mine].mean(0))
+    """The unit vector from the other classes' mean feature to the class's: (N, D) -> (D,). The
+    engine's erasure (UnlearnConfig.erase_weight) aims along the same one."""
+    return engine_direction(x, labels == index, labels != index)[0]
 
 
 def scaled_along(x: torch.Tensor, direction: torch.Tensor, level: torch.Tensor, factor: float) -> torch.Tensor:
