@@ -393,7 +393,7 @@ def add_unlearn_command(commands: argparse._SubParsersAction) -> None:
                         "selection half (NOT retain-free: images of every class; the audit half stays untouched; "
                         "0: off; benchmarks/README.md, the oracle table; default: %(default)s)")
     p.add_argument("--erase-tol", type=float, default=defaults.erase_tol, metavar="T",
-                   help="with --erase-weight: stop only when each class's mean feature gap to the kept classes' on "
+                   help="with --erase-weight: stop only when each class's squared mean-feature gap to the kept classes' on "
                         "the selection half is at most T of the original's (default: %(default)s)")
     p.add_argument("--reset-head-rows", action="store_true",
                    help="after training, set each forgotten class's head row to the mean of the kept classes' rows "
@@ -520,15 +520,16 @@ def summary_line(report: dict) -> str:
                  f"< {report['config']['head_template_cosine']})")
     if report.get("erasure"):
         gaps = ", ".join(f"{c} {g:.2f}" for c, g in report["erasure"]["gap"].items())
-        line += f"; class-direction gap on {report['erasure']['images']} selection-half images: {gaps} of the original's"
+        line += f"; class-direction squared gap on {report['erasure']['images']} selection-half images: {gaps} of the original's"
     if report.get("evaluation"):
         e = report["evaluation"]
         trained = "" if e.get("acc_f_trained") is None else f" ({e['acc_f_trained']:.1f} before the reset)"
         line += (f"; held-out Acc_f {e['acc_f_before']:.1f} -> {e['acc_f_after']:.1f}{trained}, "
                  f"Acc_r {e['acc_r_before']:.1f} -> {e['acc_r_after']:.1f}")
-    asked_margin = report["config"].get("confirm_views") or report["config"].get("max_forget_prob", 1.0) < 1.0
+    asked_margin = (report["config"].get("confirm_views") or report["config"].get("max_forget_prob", 1.0) < 1.0
+                    or report["config"].get("erase_tol", 1.0) < 1.0)
     if asked_margin and report.get("target_met") and not report.get("stop_rule_met", True):
-        line += "; the stop rule's margin (views or probability bound) was not reached within --max-steps"
+        line += "; the stop rule's margin (views, probability bound or erasure gap) was not reached within --max-steps"
     selection = report.get("selection")
     if selection and selection.get("best"):
         line += f"; checkpoint of step {selection['best']['step']} selected on the {selection['half']} split"

@@ -162,7 +162,7 @@ def test_the_summary_names_the_selected_checkpoint_and_what_it_met():
               "config": {"max_forget_prob": 0.05}, "target_met": True, "stop_rule_met": False,
               "selection": {"half": "selection", "best": {"step": 7}, "selected_by": "target"}}
     line = summary_line(report)
-    assert "margin (views or probability bound) was not reached" in line
+    assert "margin (views, probability bound or erasure gap) was not reached" in line
     assert "checkpoint of step 7 selected on the selection split (only forgot its images" in line
     report["selection"] |= {"selected_by": "stop rule"}
     assert "checkpoint of step 7 selected on the selection split" in summary_line(report)

@@ -123,18 +123,19 @@ class UnlearnConfig:
     anchor_feature_weight: float = 0.0
     # Class-direction erasure (0: off; benchmarks/README.md, the oracle table). NOT retain-free: the
     # evaluation set's selection half (eval_halves: the audit half, which the gate and the evidence
-    # read, stays untouched) trains too. Before every step the current model's pre-logit features of
-    # the whole half give each forgotten class's direction (its mean minus the kept classes') and the
-    # kept classes' level along it (losses.class_direction); the term, times this, is each image's
-    # squared component along it about that level, over a batch of the half's images and the forget
-    # batch, relative to the original's. The kept classes' outputs on the half's images are held
-    # where the original puts them (masked KL, times anchor_weight). Erased from the features once,
-    # that direction took a probe's reading of a class most of the way to a retrained model's
-    # (benchmarks/probe_direction.py); trained in, the model cannot move the class elsewhere unseen.
+    # read, is never trained on, nor a near-copy of its photos) trains too, and so selects nothing.
+    # Every erase_aim_every steps the current model's pre-logit features of the whole half give each
+    # forgotten class's direction (its mean minus the kept classes') and the kept classes' level along
+    # it (losses.class_direction); the term, times this, is each image's squared component along it
+    # about that level, over a batch of the half's images and the forget batch, relative to the
+    # original's. The kept classes' outputs on the half's images are held where the original puts
+    # them (masked KL, times anchor_weight). Erased from a model's features once, that direction took
+    # a probe's reading of a class most of the way to a retrained model's (benchmarks/probe_direction.py);
+    # trained in, on CIFAR-10, it removes the class's mean offset and the probe still finds the class.
     erase_weight: float = 0.0
     # Stop rule with the erasure: the squared distance between each forgotten class's mean feature and
-    # the kept classes' on the selection half, over the original's, must be at most this (a selection
-    # run's checkpoints too). 1: the forget target alone decides.
+    # the kept classes' on the selection half, over the original's, must be at most this. 1: the
+    # forget target alone decides.
     erase_tol: float = 1.0
     # The erasure aims (a pass over the whole selection half: 19 s for CIFAR-10's 2,500 images on 2
     # cores, 4x a step) before every this many updates, its directions held in between; its stop rule
@@ -209,7 +210,9 @@ class UnlearnConfig:
              "erase_weight trains on the evaluation set's selection half: set eval_halves, so that the audit half "
              "stays untouched"),
             (self.erase_weight == 0 or not self.method_spec.uses_retain,
-             f"method {self.method!r} trains on retain data; erase_weight is for retain-free methods"),
+             f"method {self.method!r} trains on retain data; erase_weight adds the selection half to retain-free methods"),
+            (self.erase_weight == 0 or not self.select_on_eval,
+             "erase_weight trains on the selection half that select_on_eval chooses the checkpoint on: set one"),
             (self.holdout_folds == 0 or self.holdout_folds >= 2,
              "holdout_folds must be 0 (no generalisation check) or at least 2"),
             (self.holdout_images >= 1, "holdout_images must be at least 1"),

@@ -119,8 +119,9 @@ def class_direction(features: torch.Tensor, of_class: torch.Tensor, others: torc
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(direction, level, gap): the unit vector from the mean feature of the rows ``others`` to that
     of the rows ``of_class``, the others' mean component along it, and the squared distance between
-    the two means. A linear probe reads a class first along this direction; with the class's mean at
-    the others' (gap 0) no one-against-the-rest linear rule separates them (LEACE, Belrose et al. 2023).
+    the two means. With the class's mean at the others' (gap 0), no linear one-against-the-rest
+    predictor does better than a constant on these rows under a convex loss (LEACE, Belrose et al. 2023);
+    a multi-class probe can still find a class that sits between the others.
 
     features: (N, D) float; of_class, others: (N,) bool. Returns (D,), a scalar and a scalar.
     """

@@ -17,7 +17,7 @@ from worker.engine.config import ForgetSpec, UnlearnConfig, UnlearnInputs
 from worker.engine.errors import ImageSourceError
 from worker.engine.evidence import EvidenceConfig, features, parent_and_new
 from worker.engine.head import classifier, reset_class_rows, row_cosines, rows_to_reset
-from worker.engine.duplicates import any_near, distinct_count, first_copies, groups
+from worker.engine.duplicates import any_near, distinct_count, first_copies, groups, near, thumbnails
 from worker.engine.halves import AUDIT, SELECTION, split_halves
 from worker.engine.images import ImageReader, ImageSet, normalise, set_digest
 from worker.engine.loop import (ForgetData, LabelledData, LoopOutcome, Progress, UnlearningLoop, forget_set_accuracy,
@@ -189,6 +189,9 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
                   if inputs.anchor_source else None)
         if eval_data is not None:
             _check_covers(inputs.eval_source, eval_data, card, class_indices)
+        # The erasure trains on the selection half (select_on_eval is refused with it: nothing selects on it).
+        if config.erase_weight > 0:
+            selection_data = _erasure_data(inputs.eval_source, selection_data, eval_data, card, class_indices)
         if retain_data is not None and torch.isin(retain_data.labels, torch.tensor(class_indices)).any():
             raise ImageSourceError(f"{inputs.retain_source}: the retain source holds images of a class being forgotten")
 
@@ -217,9 +220,9 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         # reported apart from the target: a run can forget its images (the target) without reaching
         # the margin it was asked to train for within max_steps (measured: 2 of 7 CIFAR-10 runs of 20
         # images); whether that forgetting generalises is the generalisation check's to say.
-        stop_rule_met = loop.meets_target(loop.forget_accuracy())
         if loop.erase is not None:
             loop.aim_erasure()
+        stop_rule_met = loop.meets_target(loop.forget_accuracy()) and loop.erasure_met()
         erasure = ({"half": SELECTION, "images": int(loop.erase.labels.numel()),
                     "gap": {c: round(g, 4) for c, g in zip(forget.class_names, loop.erase.gaps_now)}}
                    if loop.erase is not None else None)
@@ -403,7 +406,7 @@ class Training:
                                   self.retain_data, self.anchor, timings=self.timings)
         # Nothing left to forget, by the stop rule's own measure (its views and probability bound).
         if loop.meets_target(forget_before) and (loop.confirm_views is None and config.max_forget_prob >= 1.0
-                                                 or loop.meets_target(loop.forget_accuracy())):
+                                                 or loop.meets_target(loop.forget_accuracy())) and loop.erasure_met():
             return trained, loop, LoopOutcome(steps=0, steps_run=0, target_met=True)
         return trained, loop, loop.run(on_progress, self.should_cancel)
 
@@ -574,6 +577,23 @@ def _rows_to_reset(card: ModelCard, class_indices: tuple[int, ...]) -> tuple[int
     checked here so that a model it cannot serve is refused before any training."""
     earlier = tuple(card.class_index(c) for c in card.forgotten_classes if c in card.classes)
     return rows_to_reset(len(card.classes), class_indices + earlier)
+
+
+def _erasure_data(source: str, selection: LabelledData, audit: LabelledData, card: ModelCard,
+                  forgotten: tuple[int, ...]) -> LabelledData:
+    """The selection half's images the erasure trains on: none a near-copy of an audit-half image (the
+    halves keep exact copies together, not a photo re-encoded), with images of every forgotten class
+    and of a kept one among them."""
+    apart = ~near(thumbnails(selection.pixels), thumbnails(audit.pixels)).any(1)
+    data = selection.subset(apart.to(selection.labels.device))
+    for index in forgotten:
+        if not (data.labels == index).any():
+            raise ImageSourceError(f"{source}: erase_weight: the selection half holds no image of "
+                                   f"{card.classes[index]!r} apart from the audit half's (a class needs two "
+                                   "different photos to have one in each half)")
+    if torch.isin(data.labels, torch.tensor(forgotten)).all():
+        raise ImageSourceError(f"{source}: erase_weight: the selection half holds no image of a class kept")
+    return data
 
 
 def _check_covers(source: str, data: LabelledData, card: ModelCard, forgotten: tuple[int, ...]) -> None:
