@@ -61,7 +61,8 @@ BATCH = 512  # images per forward pass
 
 def class_direction(x: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
     """The unit vector from the other classes' mean feature to the class's: (N, D) -> (D,). The
-    engine's erasure (UnlearnConfig.erase_weight) aims along the same one."""
+    engine's erasure (UnlearnConfig.erase_weight) aims along the same one when it forgets one class
+    (with several, its others are the kept classes only)."""
     return engine_direction(x, labels == index, labels != index)[0]
 
 
