@@ -76,6 +76,7 @@ LOGIT_ONLY = {"lr": 3e-3, "targets": ("qkv",), "max_steps": 100, "feature_weight
 FEATURE = LOGIT_ONLY | {"feature_weight": 10.0, "feature_tol": 0.05, "lr": 1e-2, "max_steps": 300, "targets": ALL_LINEAR}
 FEATURE_ANCHOR = FEATURE | {"synthetic_anchor": True}
 W30_AF10 = FEATURE_ANCHOR | {"feature_weight": 30.0, "anchor_feature_weight": 10.0}
+ERASE = {"eval_halves": True, "erase_weight": 1.0}
 # Candidates for closing the gap (--variants), each spelt out in full over the service's setting for
 # the set's size, so that a row means the same whatever the default is.
 VARIANTS = {
@@ -165,8 +166,25 @@ VARIANTS = {
     "sharp-0.3-p0.05": LOGIT_ONLY | {"reset_head_rows": True, "target_temperature": 0.3, "max_forget_prob": 0.05},
     "every-block-sharp-0.3": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.3},
     "every-block-sharp-0.1": LOGIT_ONLY | {"adapter_blocks": "all", "reset_head_rows": True, "target_temperature": 0.1},
+    # The class-direction erasure (UnlearnConfig.erase_weight), NOT retain-free: the case's evaluation
+    # set's selection half trains too (the audit split the figures come from stays unseen), in the
+    # service's setting for the set's size; tol: the stop rule's bound on the class's mean gap. The
+    # first three were measured aiming before every step.
+    "erase-w1": ERASE | {"erase_aim_every": 1},
+    "erase-w1-tol0.25": ERASE | {"erase_tol": 0.25, "erase_aim_every": 1},
+    "erase-w10-tol0.25": ERASE | {"erase_weight": 10.0, "erase_tol": 0.25, "erase_aim_every": 1},
+    # ... trained on for 40 steps whatever the gap (a tol no run meets), on the later half's qkv or
+    # on its four linears (which can write into the residual stream what the class's direction holds).
+    "erase-w1-40-steps": ERASE | {"erase_tol": 0.01, "max_steps": 40},
+    "erase-linear-w1-40-steps": ERASE | {"erase_tol": 0.01, "max_steps": 40, "targets": ALL_LINEAR},
+    "erase-linear-w10-40-steps": ERASE | {"erase_weight": 10.0, "erase_tol": 0.01, "max_steps": 40, "targets": ALL_LINEAR},
 }
 REAL_ANCHOR = {"feature-real-anchor-w30-af10"}  # variants given the case's anchor set
+
+
+def trains_on_evaluation_set(variant: str) -> bool:
+    """Whether the variant is given the case's evaluation set, whose selection half it trains on."""
+    return VARIANTS[variant].get("erase_weight", 0) > 0
 TARGETS = {"probe_gap": 5.0, "relearn_gap": 10.0}
 
 
@@ -187,6 +205,11 @@ class Case(ABC):
     def anchor(self) -> Path:
         """Images of none of the model's classes, for the REAL_ANCHOR variants."""
         raise DataError(f"{self.name} has no anchor set in this benchmark")
+
+    def evaluation(self) -> Path:
+        """A labelled evaluation set apart from ``audit`` (no model trained on it), as a service's
+        registered one: the erasure variants train on its selection half. The audit split stays unseen."""
+        raise DataError(f"{self.name} has no evaluation set apart from its audit split in this benchmark")
 
 
 class Digits(Case):
@@ -219,6 +242,9 @@ class Digits(Case):
 
     def forget(self, cls: str) -> Path:
         return self.data.train_class(cls)
+
+    def evaluation(self) -> Path:
+        return self.data.val
 
 
 class Faces(Case):
@@ -257,6 +283,9 @@ class Cifar(Case):
 
     def anchor(self) -> Path:
         return self.faces / "train"  # 135 Yale photos: CIFAR-10 has no class of people
+
+    def evaluation(self) -> Path:
+        return self.data.half("val")  # the test set's other 500 images a class
 
     def oracle(self, cls: str, seed: int = 0) -> Path:
         return build_oracle(self.data, self.original, cls, seed=seed, threads=self.threads)
@@ -318,7 +347,10 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
         ("service", UnlearnConfig(seed=seed, **service)), ("paper", UnlearnConfig(method="lora-bounded", seed=seed)),
         *[(v, UnlearnConfig(seed=seed, **(base | VARIANTS[v]))) for v in variants]]
     for name, config in configs:
-        result = unlearn(replace(inputs, anchor_source=str(case.anchor())) if name in REAL_ANCHOR else inputs, config)
+        given = replace(inputs, anchor_source=str(case.anchor())) if name in REAL_ANCHOR else inputs
+        if name in VARIANTS and trains_on_evaluation_set(name):
+            given = replace(given, eval_source=str(case.evaluation()))
+        result = unlearn(given, config)
         report = result.report
         models[name] = build_model(card, result.state_dict).to(runtime.device), {
             "method": config.method, "steps": report.steps, "seconds": report.seconds,
