@@ -355,7 +355,7 @@ def measure(case: Case, cls: str, seed: int, variants: tuple[str, ...] = (), ora
         models[name] = build_model(card, result.state_dict).to(runtime.device), {
             "method": config.method, "steps": report.steps, "seconds": report.seconds,
             "forget_set_acc_after": report.forget_acc_after[cls], "target_met": report.target_met,
-            "settings": VARIANTS.get(name)}
+            "settings": VARIANTS.get(name), **({"erasure": report.erasure} if report.erasure else {})}
 
     record: dict[str, Any] = {"domain": case.name, "class": cls, "seed": seed, "original_seed": case.original_seed,
                               "forget_images": forget_pixels.shape[0],
