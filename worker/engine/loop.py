@@ -414,7 +414,7 @@ class UnlearningLoop:
         capture = bool(self.feature_targets) or self.anchor_features is not None or self.erase is not None
         with self.runtime.autocast(), head_inputs(self.model, capture=capture) as features:
             logits = self.network(inputs)
-        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, anchor, retain
+        chunks = logits.float().split(sizes)  # bf16 logits -> fp32 losses: forget, neighbours, anchor, erasure, retain
         forgets, neighbours = len(self.forget.images), len(self.neighbours)
         anchors = forgets + neighbours + (self.anchor_inputs is not None)
         erases = anchors + (self.erase is not None)
