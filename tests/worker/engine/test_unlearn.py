@@ -696,6 +696,27 @@ def test_the_erasure_closes_the_class_s_gap_on_images_it_never_saw(digits_model,
     assert off.report.erasure is not None and run(digits_model, digits, max_steps=1).report.erasure is None
 
 
+def test_the_erasure_holds_the_kept_classes_outputs_on_the_half_s_images(digits_model, digits):
+    # A heavy erasure (weight 10, 30 steps) with its hold on the kept classes' outputs and with the hold
+    # all but off: on the test split's images of the other digits, which no run sees, the held model's
+    # outputs stay nearer the original's.
+    common = dict(ERASE, erase_weight=10.0, erase_tol=1e-6, max_steps=30, seed=0)
+    held, loose = (run(digits_model, digits, eval_source=digits.val, anchor_weight=w, **common) for w in (1.0, 1e-6))
+    loaded = load_package(digits_model)
+    test = read_images(str(digits.test), loaded.card.input)
+    others = normalise(test.pixels[test.label_indices(loaded.card.classes) != loaded.card.class_index(FORGET)],
+                       loaded.card.input)
+
+    @torch.no_grad()
+    def log_probs(state_dict: dict) -> torch.Tensor:
+        return build_model(loaded.card, state_dict).eval()(others).log_softmax(1)
+
+    original = log_probs(loaded.state_dict)
+    drift = [torch.nn.functional.kl_div(log_probs(r.state_dict), original, log_target=True, reduction="batchmean").item()
+             for r in (held, loose)]
+    assert drift[0] < drift[1], drift
+
+
 def test_the_erasure_trains_on_the_selection_half_alone(digits_model, digits):
     # The audit half, which the gate and the evidence read, is never trained on: the erasure holds
     # exactly the selection half's images.
