@@ -527,10 +527,10 @@ class UnlearningLoop:
         """The erasure term on this step's selection images (``logits``, ``features``) and each class's
         forget batch (``forget_features``), plus the hold on the kept classes' outputs."""
         erase, index = self.erase, self._erase_index
-        terms = [direction_erasure_loss(torch.cat([features, own]), direction, level, scale) for own, (direction, level), scale
-                 in zip(forget_features, erase.directions, erase.scales)]
-        self._erase_term = torch.stack(terms).max().item()
-        loss = self.config.erase_weight * torch.stack(terms).mean()
+        terms = torch.stack([direction_erasure_loss(torch.cat([features, own]), direction, level, scale)
+                             for own, (direction, level), scale in zip(forget_features, erase.directions, erase.scales)])
+        self._erase_term = terms.max().item()
+        loss = self.config.erase_weight * terms.mean()
         kept = erase.kept[index]
         if kept.any():
             loss = loss + self.config.anchor_weight * masked_kl_loss(logits[kept], erase.teacher[index][kept])

@@ -220,7 +220,7 @@ def unlearn(inputs: UnlearnInputs, config: UnlearnConfig = UnlearnConfig(), *,
         # reported apart from the target: a run can forget its images (the target) without reaching
         # the margin it was asked to train for within max_steps (measured: 2 of 7 CIFAR-10 runs of 20
         # images); whether that forgetting generalises is the generalisation check's to say.
-        if loop.erase is not None:
+        if loop.erase is not None and loop.erase.weights_moved != 0:  # a stop rule met on a fresh aim needs none
             loop.aim_erasure()
         stop_rule_met = loop.meets_target(loop.forget_accuracy()) and loop.erasure_met()
         erasure = ({"half": SELECTION, "images": int(loop.erase.labels.numel()),
